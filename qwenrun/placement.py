@@ -1,0 +1,122 @@
+"""Plain values that say where a model's tensors go and how its context is set up.
+
+Contract: pure data and pure functions, no third-party imports. The planner (`offload.py`)
+produces a `LoadConfig`; the engine (`backend.py`) consumes one. The override patterns are
+the same regular expressions llama.cpp's own CLI builds for `--cpu-moe`, `--n-cpu-moe N`
+and `-ot PATTERN=BUFT` (common/common.h, common/arg.cpp), matched by llama.cpp with
+`std::regex_search` against tensor names, first match winning.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+# llama.cpp's LLM_FFN_EXPS_REGEX: every routed-expert tensor (separate or fused gate/up,
+# "chexps" variants), and never a shared expert (`_shexp`).
+EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+FlashAttn = Literal["auto", "on", "off"]
+
+
+def layer_experts_pattern(layer: int) -> str:
+    """The pattern llama.cpp's `--n-cpu-moe` adds for one layer (`llm_ffn_block_regex`)."""
+    return rf"blk\.{layer}{EXPS_REGEX}"
+
+
+def expert_tensor_pattern(tensor_name: str) -> str:
+    """A pattern that matches exactly one tensor, e.g. `blk.7.ffn_down_exps.weight`."""
+    return "^" + re.escape(tensor_name) + "$"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which tensors live on which device.
+
+    `n_gpu_layers` follows llama.cpp: -1 means every layer (and the output layer) on the
+    GPU when the build has one; on a CPU-only build everything is on the CPU anyway.
+    Routed experts of the layers in `expert_cpu_layers` (or of every layer with
+    `cpu_moe_all`) and the single tensors in `expert_cpu_tensors` are kept in system RAM
+    and computed by the CPU. `extra_overrides` are raw `(pattern, buffer type)` pairs as
+    given to `-ot`, applied after qwenrun's own patterns.
+    """
+
+    n_gpu_layers: int = -1
+    cpu_moe_all: bool = False
+    expert_cpu_layers: tuple[int, ...] = ()
+    expert_cpu_tensors: tuple[str, ...] = ()
+    extra_overrides: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def n_cpu_moe(cls, n: int, n_gpu_layers: int = -1) -> Placement:
+        """`--n-cpu-moe N`: the routed experts of blocks 0..N-1 on the CPU."""
+        return cls(n_gpu_layers=n_gpu_layers, expert_cpu_layers=tuple(range(max(0, n))))
+
+    def override_patterns(self) -> list[tuple[str, str]]:
+        """The `(pattern, buffer type name)` list handed to llama.cpp, in priority order."""
+        pats: list[tuple[str, str]] = []
+        if self.cpu_moe_all:
+            pats.append((EXPS_REGEX, "CPU"))
+        else:
+            pats.extend((layer_experts_pattern(i), "CPU") for i in self.expert_cpu_layers)
+            pats.extend((expert_tensor_pattern(t), "CPU") for t in self.expert_cpu_tensors)
+        pats.extend(self.extra_overrides)
+        return pats
+
+    @property
+    def overrides_to_cpu(self) -> bool:
+        return any(buft.upper() == "CPU" for _, buft in self.override_patterns())
+
+    def describe(self) -> str:
+        """A short human description: `experts of layers 0-11 on CPU`, `all on GPU`."""
+        if self.cpu_moe_all:
+            return "all routed experts on CPU"
+        parts = []
+        if self.expert_cpu_layers:
+            parts.append(f"experts of {_ranges(self.expert_cpu_layers)} on CPU")
+        if self.expert_cpu_tensors:
+            parts.append(f"{len(self.expert_cpu_tensors)} more expert tensors on CPU")
+        if self.extra_overrides:
+            parts.append(f"{len(self.extra_overrides)} custom overrides")
+        return ", ".join(parts) if parts else "no expert overrides"
+
+
+def _ranges(layers: tuple[int, ...]) -> str:
+    """`(0, 1, 2, 5)` -> `layers 0-2, 5`."""
+    items = sorted(set(layers))
+    spans: list[str] = []
+    start = prev = items[0]
+    for x in [*items[1:], None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    word = "layer" if len(items) == 1 else "layers"
+    return f"{word} {', '.join(spans)}"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Everything llama.cpp needs to load a model and create its context.
+
+    `use_mmap=None` lets the engine decide: off when tensors are overridden to the CPU,
+    as llama.cpp's loader itself advises, on otherwise (fast start, shared page cache).
+    """
+
+    placement: Placement = field(default_factory=Placement)
+    n_ctx: int = 8192
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    kv_type: str = "f16"
+    flash_attn: FlashAttn = "auto"
+    n_threads: int | None = None
+    use_mmap: bool | None = None
+
+    def mmap_enabled(self) -> bool:
+        if self.use_mmap is not None:
+            return self.use_mmap
+        return not self.placement.overrides_to_cpu
