@@ -49,7 +49,7 @@ EXIT_CODES: dict[type[errors.QwenrunError], int] = {
 def exit_code_for(err: errors.QwenrunError) -> int:
     for cls in type(err).__mro__:
         if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
+            return EXIT_CODES[cls]
     return 1
 
 
