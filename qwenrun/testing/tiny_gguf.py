@@ -148,7 +148,8 @@ class _Weights:
         return w
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, arch: str, vocab: Vocab, template: str) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, arch: str, vocab: Vocab, template: str) -> None:
+    """Qwen's tokenizer keys: byte-level BPE, its specials, no BOS, `<|im_end|>` as EOS."""
     writer.add_tokenizer_model("gpt2")
     # llama.cpp knows "qwen2" and "qwen35" pre-tokenizers; "qwen3" is rejected.
     writer.add_tokenizer_pre("qwen35" if arch == "qwen35moe" else "qwen2")
@@ -327,7 +328,7 @@ def write_model(
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=per_shard)
     writer.add_name(stem)
     _add_hparams(writer, arch, n_layer, dims, context_length)
-    _add_tokenizer(writer, arch, vocab, template)
+    add_tokenizer(writer, arch, vocab, template)
     for tname, arr in tensors:
         writer.add_tensor(tname, arr)
     writer.write_header_to_file()
