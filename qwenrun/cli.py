@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 
@@ -106,4 +107,142 @@ def main() -> None:
         sys.exit(130)
 
 
-# Commands are registered by importing their modules below.
+# --------------------------------------------------------------------------------------
+# Shared options of `run` and `chat`
+
+CtxOpt = typer.Option(None, "--ctx", help="Context size in tokens (default: planned).")
+MaxTokensOpt = typer.Option(None, "--max-tokens", help="Stop after this many tokens.")
+TempOpt = typer.Option(None, "--temp", help="Sampling temperature (default: Qwen's preset).")
+TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling threshold.")
+TopKOpt = typer.Option(None, "--top-k", help="Sample from the K most likely tokens.")
+MinPOpt = typer.Option(None, "--min-p", help="Drop tokens below this share of the best.")
+PresenceOpt = typer.Option(None, "--presence-penalty", help="Penalise tokens already used.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+CpuMoeOpt = typer.Option(False, "--cpu-moe", help="Every layer's routed experts on the CPU.")
+NCpuMoeOpt = typer.Option(
+    None, "--n-cpu-moe", help="Routed experts of the first N layers on the CPU."
+)
+GpuLayersOpt = typer.Option(None, "--gpu-layers", help="Layers on the GPU (default: all).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
+KvTypeOpt = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
+VerboseOpt = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
+
+
+def _read_prompt(prompt: str | None) -> str:
+    """The argument, with piped stdin appended as context (as Ollama does)."""
+    piped = ""
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+    parts = [p for p in (prompt, piped.strip()) if p]
+    if not parts:
+        raise errors.UsageError(
+            "no prompt given",
+            hint='pass one as an argument, or pipe it in: echo "hi" | qwenrun run MODEL',
+        )
+    return "\n\n".join(parts)
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="A GGUF file (catalog names and hub references too)."),
+    prompt: str | None = typer.Argument(None, help="The prompt; piped stdin is appended."),
+    ctx: int | None = CtxOpt,
+    max_tokens: int | None = MaxTokensOpt,
+    temp: float | None = TempOpt,
+    top_p: float | None = TopPOpt,
+    top_k: int | None = TopKOpt,
+    min_p: float | None = MinPOpt,
+    presence_penalty: float | None = PresenceOpt,
+    seed: int | None = SeedOpt,
+    think: bool | None = typer.Option(
+        None, "--think/--no-think", help="Thinking or direct mode (default: the model's)."
+    ),
+    cpu_moe: bool = CpuMoeOpt,
+    n_cpu_moe: int | None = NCpuMoeOpt,
+    gpu_layers: int | None = GpuLayersOpt,
+    threads: int | None = ThreadsOpt,
+    kv_type: str | None = KvTypeOpt,
+    verbose: bool = VerboseOpt,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
+) -> None:
+    """Answer one prompt and exit: only the answer goes to stdout."""
+    from qwenrun import launch
+
+    opts = launch.RunOptions(
+        ctx=ctx,
+        cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        kv_type=kv_type,
+        verbose=verbose,
+    )
+    opts.validate()
+    text = _read_prompt(prompt)
+    path = Path(model).expanduser()
+    engine, decision = launch.open_engine(path, opts)
+    overrides = {
+        k: v
+        for k, v in dict(
+            temperature=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            seed=seed,
+        ).items()
+        if v is not None
+    }
+    _one_shot(engine, text, think, max_tokens, as_json, verbose, decision, overrides)
+
+
+def _one_shot(
+    engine: Any,
+    text: str,
+    think: bool | None,
+    max_tokens: int | None,
+    as_json: bool,
+    verbose: bool,
+    decision: Any,
+    overrides: dict[str, Any],
+) -> None:
+    # Interim one-shot path until chat.run_turn lands: render the model's template,
+    # stream the answer, keep thinking off stdout.
+    import json
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from qwenrun.backend import SamplingParams
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(engine.meta.chat_template or "")
+    kwargs = {} if think is None else {"enable_thinking": think}
+    prompt = template.render(
+        messages=[{"role": "user", "content": text}], add_generation_prompt=True, **kwargs
+    )
+    sampling = (
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20)
+        if think is False
+        else SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+    )
+    from dataclasses import replace
+
+    sampling = replace(sampling, **overrides)
+    gen = engine.generate(engine.tokenize(prompt), sampling, max_tokens or 4096)
+    out = "".join(gen)
+    thinking, answer = "", out
+    if "</think>" in out:
+        thinking, answer = out.split("</think>", 1)
+        thinking = thinking.replace("<think>", "").strip()
+        answer = answer.lstrip()
+    if as_json:
+        doc = {
+            "answer": answer,
+            "thinking": thinking,
+            "stats": gen.stats.as_dict() if gen.stats else {},
+            "placement": engine.placement.to_dict(),
+        }
+        print(json.dumps(doc))
+    else:
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,197 @@
+"""`qwenrun run` end to end: a real process, real llama.cpp, generated models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "SYSTEMROOT")
+
+
+def qwenrun(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "qwenrun", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        # No stdin given: behave like a terminal user who typed nothing, not a pipe.
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert text in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+SMALL = ("--max-tokens", "12", "--seed", "1", "--ctx", "512")
+
+
+def test_plain_answer_on_stdout(tiny_models):
+    model = tiny_models("qwen3moe", steer=2)
+    proc = qwenrun("run", str(model), "hello", *SMALL, "--no-think")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != ""
+    assert "\x1b[" not in proc.stdout
+    assert "<think>" not in proc.stdout
+
+
+def test_json_output_schema(tiny_models):
+    model = tiny_models("qwen3moe", steer=2)
+    proc = qwenrun("run", str(model), "hello", *SMALL, "--json", "--n-cpu-moe", "2")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert set(doc) >= {"answer", "thinking", "stats", "placement"}
+    assert set(doc["stats"]) >= {
+        "prompt_tokens",
+        "eval_prompt_tokens",
+        "generated_tokens",
+        "ttft_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "decode_wall_ms",
+        "llama_eval_ms",
+        "llama_sample_ms",
+    }
+    assert doc["stats"]["generated_tokens"] == 12
+    placement = doc["placement"]
+    assert set(placement) >= {"n_gpu_layers", "cpu_moe_layers", "overridden_tensors", "buffers"}
+    assert placement["cpu_moe_layers"] == [0, 1]
+    assert len(placement["overridden_tensors"]) == 6
+
+
+def test_same_seed_same_answer_and_stdin_changes_the_prompt(tiny_models):
+    model = str(tiny_models("qwen3moe", steer=2))
+    a = qwenrun("run", model, "hello", *SMALL, "--json")
+    b = qwenrun("run", model, "hello", *SMALL, "--json")
+    c = qwenrun("run", model, "hello", *SMALL, "--json", stdin="some piped context\n")
+    for p in (a, b, c):
+        assert p.returncode == 0, p.stderr
+    ja, jb, jc = (json.loads(p.stdout) for p in (a, b, c))
+    assert ja["answer"] == jb["answer"]
+    # Piped text is appended to the prompt: more prompt tokens.
+    assert jc["stats"]["prompt_tokens"] > ja["stats"]["prompt_tokens"]
+
+
+def test_prompt_from_stdin_alone(tiny_models):
+    model = str(tiny_models("qwen3moe", steer=2))
+    proc = qwenrun("run", model, *SMALL, stdin="what is this?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_no_prompt_at_all_is_a_usage_error(tiny_models):
+    proc = qwenrun("run", str(tiny_models("qwen3moe")))
+    assert_one_line_error(proc, 2, "no prompt")
+
+
+def test_missing_path(tmp_path):
+    proc = qwenrun("run", str(tmp_path / "missing.gguf"), "hi")
+    assert_one_line_error(proc, 3, "not found")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    proc = qwenrun("run", str(bad), "hi")
+    assert_one_line_error(proc, 3, "not a GGUF")
+
+
+def test_truncated_gguf(tiny_models, tmp_path):
+    data = tiny_models("qwen3moe").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    proc = qwenrun("run", str(cut), "hi")
+    assert_one_line_error(proc, 3, "truncated")
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(path, "qwen9moe")
+    w.add_uint32("qwen9moe.block_count", 1)
+    import numpy as np
+
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    proc = qwenrun("run", str(path), "hi")
+    assert_one_line_error(proc, 3, "qwen9moe")
+
+
+def test_prompt_longer_than_context(tiny_models):
+    model = str(tiny_models("qwen3moe"))
+    proc = qwenrun("run", model, "word " * 600, "--ctx", "256")
+    assert_one_line_error(proc, 4, "context")
+
+
+def test_bad_option_values_are_one_line(tiny_models):
+    model = str(tiny_models("qwen3moe"))
+    proc = qwenrun("run", model, "hi", "--cpu-moe", "--n-cpu-moe", "2")
+    assert_one_line_error(proc, 2, "--cpu-moe")
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = qwenrun("run", str(tmp_path / "missing.gguf"), "hi", env={"QWENRUN_DEBUG": "1"})
+    assert proc.returncode == 3
+    assert "Traceback" in proc.stderr
+
+
+def test_closed_stdout_ends_quietly(tiny_models):
+    model = str(tiny_models("qwen3moe", steer=2))
+    cmd = (
+        f"{sys.executable} -m qwenrun run {model} hello --max-tokens 400 --ctx 1024 "
+        "| head -c 1 >/dev/null"
+    )
+    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert "Traceback" not in proc.stderr
+    assert "BrokenPipe" not in proc.stderr
+    assert proc.stderr.strip() == ""
+
+
+def test_help_does_not_import_llama_cpp():
+    code = (
+        "import sys\n"
+        "from qwenrun.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(app, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'run' in r.output\n"
+        "print('llama_cpp' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_python_dash_m_and_version():
+    proc = qwenrun("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("qwenrun ")
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing a command does may land in the working directory.
+    monkeypatch.chdir(tmp_path)
