@@ -246,3 +246,91 @@ def _one_shot(
     else:
         sys.stdout.write(answer + "\n")
         sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------
+# chat
+
+
+@app.command()
+def chat(
+    model: str | None = typer.Argument(
+        None, help="A GGUF file (default: the best model for this machine)."
+    ),
+    think: bool | None = typer.Option(
+        None, "--think/--no-think", help="Start in thinking or direct mode (default: the model's)."
+    ),
+    show_thinking: bool = typer.Option(
+        False, "--show-thinking/--hide-thinking", help="Keep thinking on screen, not folded."
+    ),
+    budget: int | None = typer.Option(None, "--budget", help="Stop thinking after N tokens."),
+    system: str | None = typer.Option(None, "--system", help="The system prompt."),
+    ctx: int | None = CtxOpt,
+    max_tokens: int | None = MaxTokensOpt,
+    temp: float | None = TempOpt,
+    top_p: float | None = TopPOpt,
+    top_k: int | None = TopKOpt,
+    min_p: float | None = MinPOpt,
+    presence_penalty: float | None = PresenceOpt,
+    seed: int | None = SeedOpt,
+    cpu_moe: bool = CpuMoeOpt,
+    n_cpu_moe: int | None = NCpuMoeOpt,
+    gpu_layers: int | None = GpuLayersOpt,
+    threads: int | None = ThreadsOpt,
+    kv_type: str | None = KvTypeOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
+    from typing import cast
+
+    from qwenrun import chat as chatting
+    from qwenrun import launch, ui
+    from qwenrun.backend import Engine
+
+    opts = launch.RunOptions(
+        ctx=ctx,
+        cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        kv_type=kv_type,
+        verbose=verbose,
+    )
+    opts.validate()
+    if budget is not None and budget < 0:
+        raise errors.UsageError("--budget must be 0 or more tokens")
+    if model is None:
+        raise errors.UsageError(
+            "no model given (choosing one for this machine is not available yet)",
+            hint="pass a GGUF file: qwenrun chat path/to/model.gguf",
+        )
+    path = Path(model).expanduser()
+    with ui.load_progress() as on_progress:
+        loaded, decision = launch.open_engine(
+            path, opts, on_progress=on_progress, on_notice=ui.info
+        )
+    engine = cast(Engine, loaded)
+    settings = {
+        k: v
+        for k, v in dict(
+            temperature=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+        ).items()
+        if v is not None
+    }
+    mode = None if think is None else ("think" if think else "direct")
+    conv = chatting.Conversation.for_engine(
+        engine, system=system, mode=mode, budget=budget, settings=settings, notice=ui.info
+    )
+    ui.show_startup(conv.profile.name, [*decision.reasons, f"context {engine.n_ctx:,} tokens"])
+    out = ui.make_renderer(show_thinking=show_thinking, show_stats=True if verbose else None)
+    try:
+        code = chatting.repl(engine, conv, out)
+    finally:
+        engine.close()
+    raise typer.Exit(code)
