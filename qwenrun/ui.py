@@ -515,7 +515,15 @@ class ChatPrompt:
         if history_file is not None:
             history_file.parent.mkdir(parents=True, exist_ok=True)
             history = FileHistory(str(history_file))
+        # With the answers going to a file (`qwenrun chat M > out.txt`), the prompt is drawn
+        # on the terminal through stderr, so the file gets answers only.
+        output = None
+        if not sys.stdout.isatty() and sys.stderr.isatty():
+            from prompt_toolkit.output import create_output
+
+            output = create_output(stdout=sys.stderr)
         return PromptSession(
+            output=output,
             history=history,
             completer=_command_completer(commands),
             complete_while_typing=True,

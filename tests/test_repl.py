@@ -152,6 +152,23 @@ def test_multi_line_input_with_alt_enter_and_triple_quotes(model, tmp_path):
     assert users == ["line one\nline two", "block start\nmiddle\nend"]
 
 
+def test_thinking_is_folded_to_one_line_on_a_terminal(tiny_models, tmp_path):
+    model = tiny_models("qwen3moe", steer=2, chat_template="qwen3.5", name="t-qwen3.5")
+    child = spawn(model, "--max-tokens", "300", "--budget", "40", cwd=tmp_path)
+    try:
+        child.sendline("think first")
+        child.expect_exact("Thinking")
+        # 40 tokens of budget, then Qwen's wrap-up sentence (about a token per byte here).
+        child.expect(r"Thought for \d+\.\d s · (\d+) tokens")
+        assert 40 <= int(child.match.group(1)) <= 200
+        child.expect(r"300 tokens")
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        assert finish(child) == 0
+    finally:
+        child.terminate(force=True)
+
+
 def test_history_persists_under_the_qwenrun_home(model, tmp_path):
     child = spawn(model, "--max-tokens", "3", cwd=tmp_path)
     try:
