@@ -573,7 +573,9 @@ def run_turn(
 
     opened = prompt_opens_thinking(prepared.prompt)
     splitter = ThinkSplitter(in_thinking=opened)
-    budget = ThinkingBudget(conv.budget, conv.max_tokens)
+    # The cap in force (max-tokens, or the room left in the context) keeps a share for the
+    # answer, so thinking that runs long still leaves a reply.
+    budget = ThinkingBudget(conv.budget, max_tokens)
     clock = _ThinkingClock()
     thinking: list[str] = []
     answer: list[str] = []
