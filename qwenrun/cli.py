@@ -254,9 +254,7 @@ def _one_shot(
 
 @app.command()
 def chat(
-    model: str | None = typer.Argument(
-        None, help="A GGUF file (default: the best model for this machine)."
-    ),
+    model: str | None = typer.Argument(None, help="A GGUF file to chat with."),
     think: bool | None = typer.Option(
         None, "--think/--no-think", help="Start in thinking or direct mode (default: the model's)."
     ),
