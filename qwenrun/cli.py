@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Literal, NoReturn
 
 import typer
 
@@ -126,6 +126,8 @@ GpuLayersOpt = typer.Option(None, "--gpu-layers", help="Layers on the GPU (defau
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
 KvTypeOpt = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
 VerboseOpt = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
+BudgetOpt = typer.Option(None, "--budget", help="Stop thinking after N tokens.")
+SystemOpt = typer.Option(None, "--system", help="The system prompt.")
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -157,6 +159,11 @@ def run(
     think: bool | None = typer.Option(
         None, "--think/--no-think", help="Thinking or direct mode (default: the model's)."
     ),
+    show_thinking: bool = typer.Option(
+        False, "--show-thinking/--hide-thinking", help="Thinking on stderr (never on stdout)."
+    ),
+    budget: int | None = BudgetOpt,
+    system: str | None = SystemOpt,
     cpu_moe: bool = CpuMoeOpt,
     n_cpu_moe: int | None = NCpuMoeOpt,
     gpu_layers: int | None = GpuLayersOpt,
@@ -178,74 +185,66 @@ def run(
         verbose=verbose,
     )
     opts.validate()
+    _check_budget(budget)
     text = _read_prompt(prompt)
     path = Path(model).expanduser()
-    engine, decision = launch.open_engine(path, opts)
-    overrides = {
-        k: v
-        for k, v in dict(
-            temperature=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            presence_penalty=presence_penalty,
-            seed=seed,
-        ).items()
-        if v is not None
-    }
-    _one_shot(engine, text, think, max_tokens, as_json, verbose, decision, overrides)
+    from qwenrun import chat as chatting
+    from qwenrun import ui
+
+    engine, decision = launch.open_engine(path, opts, on_notice=ui.info)
+    try:
+        conv = chatting.Conversation.for_engine(
+            engine,
+            system=system,
+            mode=_mode(think),
+            budget=budget,
+            settings=_sampling_settings(
+                temp, top_p, top_k, min_p, presence_penalty, seed, max_tokens
+            ),
+            notice=ui.info,
+        )
+        if verbose:
+            ui.show_startup(conv.profile.name, decision.reasons)
+        out = ui.make_renderer(
+            as_json=as_json,
+            show_thinking=show_thinking,
+            show_stats=True if verbose else None,
+            extra={"placement": engine.placement.to_dict()},
+        )
+        chatting.one_shot(engine, conv, text, out)
+    finally:
+        engine.close()
 
 
-def _one_shot(
-    engine: Any,
-    text: str,
-    think: bool | None,
+def _check_budget(budget: int | None) -> None:
+    if budget is not None and budget < 0:
+        raise errors.UsageError("--budget must be 0 or more tokens")
+
+
+def _mode(think: bool | None) -> Literal["think", "direct"] | None:
+    return None if think is None else ("think" if think else "direct")
+
+
+def _sampling_settings(
+    temp: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+    presence_penalty: float | None,
+    seed: int | None,
     max_tokens: int | None,
-    as_json: bool,
-    verbose: bool,
-    decision: Any,
-    overrides: dict[str, Any],
-) -> None:
-    # Interim one-shot path until chat.run_turn lands: render the model's template,
-    # stream the answer, keep thinking off stdout.
-    import json
-
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from qwenrun.backend import SamplingParams
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string(engine.meta.chat_template or "")
-    kwargs = {} if think is None else {"enable_thinking": think}
-    prompt = template.render(
-        messages=[{"role": "user", "content": text}], add_generation_prompt=True, **kwargs
+) -> dict[str, float | int]:
+    """The sampling flags the user gave; the rest comes from the model's preset."""
+    given = dict(
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
     )
-    sampling = (
-        SamplingParams(temperature=0.7, top_p=0.8, top_k=20)
-        if think is False
-        else SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
-    )
-    from dataclasses import replace
-
-    sampling = replace(sampling, **overrides)
-    gen = engine.generate(engine.tokenize(prompt), sampling, max_tokens or 4096)
-    out = "".join(gen)
-    thinking, answer = "", out
-    if "</think>" in out:
-        thinking, answer = out.split("</think>", 1)
-        thinking = thinking.replace("<think>", "").strip()
-        answer = answer.lstrip()
-    if as_json:
-        doc = {
-            "answer": answer,
-            "thinking": thinking,
-            "stats": gen.stats.as_dict() if gen.stats else {},
-            "placement": engine.placement.to_dict(),
-        }
-        print(json.dumps(doc))
-    else:
-        sys.stdout.write(answer + "\n")
-        sys.stdout.flush()
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------
@@ -261,8 +260,8 @@ def chat(
     show_thinking: bool = typer.Option(
         False, "--show-thinking/--hide-thinking", help="Keep thinking on screen, not folded."
     ),
-    budget: int | None = typer.Option(None, "--budget", help="Stop thinking after N tokens."),
-    system: str | None = typer.Option(None, "--system", help="The system prompt."),
+    budget: int | None = BudgetOpt,
+    system: str | None = SystemOpt,
     ctx: int | None = CtxOpt,
     max_tokens: int | None = MaxTokensOpt,
     temp: float | None = TempOpt,
@@ -279,11 +278,9 @@ def chat(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
-    from typing import cast
 
     from qwenrun import chat as chatting
     from qwenrun import launch, ui
-    from qwenrun.backend import Engine
 
     opts = launch.RunOptions(
         ctx=ctx,
@@ -295,8 +292,7 @@ def chat(
         verbose=verbose,
     )
     opts.validate()
-    if budget is not None and budget < 0:
-        raise errors.UsageError("--budget must be 0 or more tokens")
+    _check_budget(budget)
     if model is None:
         raise errors.UsageError(
             "no model given (choosing one for this machine is not available yet)",
@@ -304,26 +300,12 @@ def chat(
         )
     path = Path(model).expanduser()
     with ui.load_progress() as on_progress:
-        loaded, decision = launch.open_engine(
+        engine, decision = launch.open_engine(
             path, opts, on_progress=on_progress, on_notice=ui.info
         )
-    engine = cast(Engine, loaded)
-    settings = {
-        k: v
-        for k, v in dict(
-            temperature=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            presence_penalty=presence_penalty,
-            seed=seed,
-            max_tokens=max_tokens,
-        ).items()
-        if v is not None
-    }
-    mode = None if think is None else ("think" if think else "direct")
+    settings = _sampling_settings(temp, top_p, top_k, min_p, presence_penalty, seed, max_tokens)
     conv = chatting.Conversation.for_engine(
-        engine, system=system, mode=mode, budget=budget, settings=settings, notice=ui.info
+        engine, system=system, mode=_mode(think), budget=budget, settings=settings, notice=ui.info
     )
     ui.show_startup(conv.profile.name, [*decision.reasons, f"context {engine.n_ctx:,} tokens"])
     out = ui.make_renderer(show_thinking=show_thinking, show_stats=True if verbose else None)
@@ -332,3 +314,22 @@ def chat(
     finally:
         engine.close()
     raise typer.Exit(code)
+
+
+@app.command("doctor")
+def doctor_command(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+) -> None:
+    """Check llama-cpp-python and the GPU, and say how to fix what is wrong."""
+    import json
+
+    from qwenrun import doctor
+
+    diagnosis = doctor.collect()
+    if as_json:
+        print(json.dumps(diagnosis.as_dict(), indent=2))
+    else:
+        sys.stdout.write(doctor.render_text(diagnosis))
+    # Exit 1 only when qwenrun cannot run; warnings (a GPU left unused) still exit 0.
+    if not diagnosis.ok:
+        raise typer.Exit(1)
