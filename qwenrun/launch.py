@@ -13,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwenrun import config, errors
 from qwenrun.placement import KV_TYPES, LoadConfig, Placement
+
+if TYPE_CHECKING:
+    from qwenrun.backend import Engine
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def open_engine(
     *,
     on_progress: Callable[[float], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
-) -> tuple[object, Decision]:
+) -> tuple[Engine, Decision]:
     """Load the model as decided; on a GPU out-of-memory, retry once with experts on CPU."""
     from qwenrun.backend import Engine
 

@@ -195,3 +195,27 @@ def test_python_dash_m_and_version():
 def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing a command does may land in the working directory.
     monkeypatch.chdir(tmp_path)
+
+
+def test_thinking_goes_to_stderr_only_with_show_thinking(tiny_models):
+    # Qwen3.5's template opens <think> itself; steer=2 never closes it, so the budget does:
+    # 6 thinking tokens, then the forced wrap-up (a token per byte in this tiny vocabulary)
+    # and `</think>`, then the answer.
+    model = str(tiny_models("qwen35moe", steer=2))
+    args = ("run", model, "hello", "--think", "--budget", "6", "--max-tokens", "400", "--seed", "3")
+    as_json = qwenrun(*args, "--json", "--ctx", "512")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["thinking"] and doc["answer"]
+
+    shown = qwenrun(*args, "--show-thinking", "--ctx", "512")
+    assert shown.returncode == 0, shown.stderr
+    # Text-mode pipes read "\r" as "\n"; the JSON string kept it as written.
+    answer = doc["answer"].replace("\r\n", "\n").replace("\r", "\n")
+    assert shown.stdout.strip() == answer.strip()
+    assert doc["thinking"].strip()[:20] in shown.stderr
+    assert "\x1b[" not in shown.stdout + shown.stderr
+
+    hidden = qwenrun(*args, "--ctx", "512")
+    assert hidden.stdout == shown.stdout
+    assert doc["thinking"].strip()[:20] not in hidden.stderr
