@@ -143,6 +143,8 @@ def diagnose(
         *_offload_findings(hw, llama_version, gpu_offload, pin, offload_error),
         *_gpu_findings(hw),
         _host_finding(hw),
+        # What the probe could not tell (e.g. an unmeasured RAM bandwidth): said, not judged.
+        *(Finding("ok", "probe", f"note: {note}") for note in hw.notes),
     ]
     return Diagnosis(llama_version, pin, gpu_offload, tuple(hw.gpus), tuple(findings))
 
