@@ -1,0 +1,411 @@
+"""What is on disk: GGUF quants in the Hugging Face cache, and qwenrun's notes about them.
+
+Contract: this module reads the standard huggingface_hub cache (through `scan_cache_dir`, so
+files fetched by other tools count) and keeps two kinds of notes under `QWENRUN_HOME`:
+verification records (a blob whose sha256 was checked, keyed by its path, size and mtime, so a
+100 GB file is hashed once) and pull records (which files a started `pull` wants, so a partial
+download can be listed and resumed). It groups file names into quants (single files, split
+sets `-0000k-of-0000N`, per-quant folders; `mmproj-*` apart), plans and executes removals
+through huggingface_hub's own deletion strategy, and never touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from qwenrun import catalog, config
+
+_SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+@dataclass(frozen=True)
+class FileGroup:
+    """The files of one quant, by repo path: one file, or the shards of a split set in order."""
+
+    quant: str
+    paths: tuple[str, ...]
+    n_expected: int  # shards the names promise (1 for a single file)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.paths) == self.n_expected
+
+
+def is_mmproj(path: str) -> bool:
+    return PurePosixPath(path).name.lower().startswith("mmproj")
+
+
+def quant_from_name(path: str) -> str:
+    """The quant a GGUF path names: from the file name, else its folder, else the file's stem."""
+    p = PurePosixPath(path)
+    m = _SPLIT_RE.match(p.name)
+    stem = m["base"] if m else re.sub(r"\.gguf$", "", p.name, flags=re.IGNORECASE)
+    found = catalog.parse_quant_from_filename(p.name)
+    if found is None and len(p.parts) > 1:
+        found = catalog.parse_quant_from_filename(f"{p.parts[-2]}.gguf")
+    return catalog.normalize_quant(found) if found else stem
+
+
+def group_files(paths: Iterable[str]) -> tuple[list[FileGroup], list[str]]:
+    """GGUF repo paths → quants (sorted best first) and mmproj files; other files are ignored."""
+    sets: dict[tuple[str, str, int], dict[int, str]] = {}
+    mmproj: list[str] = []
+    for path in paths:
+        p = PurePosixPath(path)
+        if not p.name.lower().endswith(".gguf"):
+            continue
+        if is_mmproj(path):
+            mmproj.append(path)
+            continue
+        m = _SPLIT_RE.match(p.name)
+        folder = str(p.parent)
+        if m:
+            sets.setdefault((folder, m["base"], int(m["n"])), {})[int(m["k"])] = path
+        else:
+            sets.setdefault((folder, p.name, 1), {})[1] = path
+    groups: list[FileGroup] = []
+    seen: set[str] = set()
+    for (_folder, _base, n), shards in sorted(sets.items()):
+        ordered = tuple(shards[k] for k in sorted(shards))
+        quant = quant_from_name(ordered[0])
+        if quant.lower() in seen:  # the same quant twice (two folders): keep both, tell apart
+            quant = PurePosixPath(ordered[0]).name
+        seen.add(quant.lower())
+        groups.append(FileGroup(quant=quant, paths=ordered, n_expected=n))
+    groups.sort(key=lambda g: (catalog.quant_rank(g.quant), g.quant))
+    return groups, sorted(mmproj)
+
+
+def repo_folder(cache: Path, repo: str) -> Path:
+    """huggingface_hub's folder for a model repo: `models--owner--name`."""
+    return cache / ("models--" + repo.replace("/", "--"))
+
+
+# ------------------------------------------------------------------------------ notes
+
+
+def _notes_dir(kind: str) -> Path:
+    return config.qwenrun_home() / kind
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a missing or half-written note only means "not known": check again
+
+
+def _verified_note(blob: Path) -> Path:
+    key = hashlib.sha1(str(blob.resolve()).encode()).hexdigest()
+    return _notes_dir("verified") / f"{key}.json"
+
+
+def record_verified(blob: Path, sha256: str) -> None:
+    """Note that `blob` (as it is now: size and mtime) hashed to `sha256`."""
+    st = blob.stat()
+    _write_json(
+        _verified_note(blob),
+        {
+            "blob": str(blob.resolve()),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256,
+            "verified_at": time.time(),
+        },
+    )
+
+
+def is_verified(blob: Path, sha256: str | None = None) -> bool:
+    """Whether `blob` was hashed by qwenrun and has not changed since (and matched `sha256`)."""
+    note = _read_json(_verified_note(blob))
+    if not isinstance(note, dict) or not blob.exists():
+        return False
+    st = blob.stat()
+    same = note.get("size") == st.st_size and note.get("mtime_ns") == st.st_mtime_ns
+    return same and (sha256 is None or note.get("sha256") == sha256)
+
+
+def forget_verified(blob: Path) -> None:
+    _verified_note(blob).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PulledFile:
+    path: str
+    size: int
+    sha256: str | None
+    etag: str | None  # the blob name in the cache, once the hub told it
+
+
+@dataclass(frozen=True)
+class PullRecord:
+    """What one `pull` of a quant set out to fetch."""
+
+    repo: str
+    revision: str
+    quant: str
+    files: tuple[PulledFile, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _pull_note(repo: str, quant: str) -> Path:
+    safe_quant = re.sub(r"[^A-Za-z0-9._-]", "_", quant)
+    return _notes_dir("pulls") / ("models--" + repo.replace("/", "--")) / f"{safe_quant}.json"
+
+
+def record_pull(record: PullRecord) -> None:
+    _write_json(
+        _pull_note(record.repo, record.quant),
+        {
+            "repo": record.repo,
+            "revision": record.revision,
+            "quant": record.quant,
+            "files": [f.__dict__ for f in record.files],
+        },
+    )
+
+
+def forget_pull(repo: str, quant: str) -> None:
+    _pull_note(repo, quant).unlink(missing_ok=True)
+
+
+def pull_records() -> list[PullRecord]:
+    root = _notes_dir("pulls")
+    records: list[PullRecord] = []
+    for note in sorted(root.glob("*/*.json")) if root.is_dir() else []:
+        data = _read_json(note)
+        if not isinstance(data, dict):
+            continue
+        files = tuple(PulledFile(**f) for f in data.get("files", []))
+        records.append(PullRecord(data["repo"], data["revision"], data["quant"], files))
+    return records
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True)
+class CachedQuant:
+    """One quant of one repo revision as found in the cache (complete or not)."""
+
+    repo: str
+    revision: str
+    quant: str
+    paths: tuple[Path, ...]  # snapshot paths of the files present, shard order
+    n_expected: int
+    size_on_disk: int  # bytes of present files plus partial downloads
+    expected_size: int | None  # from a pull record, when qwenrun started this download
+    verified: bool
+    refs: tuple[str, ...] = ()
+    partial_blobs: tuple[Path, ...] = ()  # `.incomplete` files of this quant
+    # huggingface_hub's view of the present files, for deletion
+    cached_files: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.paths) == self.n_expected and not self.partial_blobs
+
+    @property
+    def first(self) -> Path | None:
+        return self.paths[0] if self.paths else None
+
+
+def _scan(cache: Path) -> Any:
+    from huggingface_hub import scan_cache_dir
+
+    if not cache.is_dir():
+        return None
+    return scan_cache_dir(cache)
+
+
+def cached_quants(cache: Path | None = None) -> list[CachedQuant]:
+    """Every GGUF quant in the cache, plus the partial downloads qwenrun has records of."""
+    cache = cache or config.hf_hub_cache()
+    info = _scan(cache)
+    found: dict[tuple[str, str, str], CachedQuant] = {}
+    for repo in info.repos if info is not None else ():
+        if repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            for cq in _revision_quants(repo.repo_id, rev):
+                found[(cq.repo.lower(), cq.revision, cq.quant.lower())] = cq
+    for record in pull_records():
+        key = (record.repo.lower(), record.revision, record.quant.lower())
+        found[key] = _with_record(cache, found.get(key), record)
+    return sorted(found.values(), key=lambda c: (c.repo.lower(), catalog.quant_rank(c.quant)))
+
+
+def _revision_quants(repo_id: str, rev: Any) -> list[CachedQuant]:
+    by_rel = {f.file_path.relative_to(rev.snapshot_path).as_posix(): f for f in rev.files}
+    groups, _mmproj = group_files(by_rel)
+    out = []
+    for g in groups:
+        files = [by_rel[p] for p in g.paths]
+        out.append(
+            CachedQuant(
+                repo=repo_id,
+                revision=rev.commit_hash,
+                quant=g.quant,
+                paths=tuple(f.file_path for f in files),
+                n_expected=g.n_expected,
+                size_on_disk=sum(f.size_on_disk for f in files),
+                expected_size=None,
+                verified=all(is_verified(f.blob_path) for f in files),
+                refs=tuple(sorted(rev.refs)),
+                cached_files=tuple(files),
+            )
+        )
+    return out
+
+
+def _with_record(cache: Path, found: CachedQuant | None, record: PullRecord) -> CachedQuant:
+    """Merge what a pull record knows: the files still to come and their partial bytes."""
+    blobs = repo_folder(cache, record.repo) / "blobs"
+    partial = tuple(
+        p
+        for f in record.files
+        if f.etag is not None and (p := blobs / f"{f.etag}.incomplete").exists()
+    )
+    partial_bytes = sum(p.stat().st_size for p in partial)
+    if found is None:
+        return CachedQuant(
+            repo=record.repo,
+            revision=record.revision,
+            quant=record.quant,
+            paths=(),
+            n_expected=len(record.files),
+            size_on_disk=partial_bytes,
+            expected_size=record.total_size,
+            verified=False,
+            partial_blobs=partial,
+        )
+    return CachedQuant(
+        repo=found.repo,
+        revision=found.revision,
+        quant=found.quant,
+        paths=found.paths,
+        n_expected=max(found.n_expected, len(record.files)),
+        size_on_disk=found.size_on_disk + partial_bytes,
+        expected_size=record.total_size,
+        verified=found.verified,
+        refs=found.refs,
+        partial_blobs=partial,
+        cached_files=found.cached_files,
+    )
+
+
+def find_cached(
+    repos: Sequence[str], quant: str | None, cache: Path | None = None
+) -> CachedQuant | None:
+    """The best complete copy of `quant` (any quant when None) of one of `repos`.
+
+    Prefers the revision a ref (`main`) points to, then the earlier repo in `repos`, then the
+    better quant; None when nothing complete is cached.
+    """
+    order = {r.lower(): i for i, r in enumerate(repos)}
+    want = quant.lower() if quant else None
+    candidates = [
+        c
+        for c in cached_quants(cache)
+        if c.repo.lower() in order and c.complete and (want is None or c.quant.lower() == want)
+    ]
+    if not candidates:
+        return None
+    candidates.sort(
+        key=lambda c: (not c.refs, order[c.repo.lower()], catalog.quant_rank(c.quant), c.quant)
+    )
+    return candidates[0]
+
+
+def partial_for(
+    repos: Sequence[str], quant: str | None, cache: Path | None = None
+) -> list[CachedQuant]:
+    """Incomplete copies of `quant` of `repos` (for messages saying what is missing)."""
+    wanted = {r.lower() for r in repos}
+    return [
+        c
+        for c in cached_quants(cache)
+        if c.repo.lower() in wanted
+        and not c.complete
+        and (quant is None or c.quant.lower() == quant.lower())
+    ]
+
+
+# ------------------------------------------------------------------------------ removal
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `rm` will delete and the bytes that frees, before anything is touched."""
+
+    quants: tuple[CachedQuant, ...]
+    freed_bytes: int
+    strategy: Any  # huggingface_hub's DeleteCacheStrategy (None when only partial files)
+    partial_blobs: tuple[Path, ...]
+
+    def execute(self, cache: Path | None = None) -> None:
+        if self.strategy is not None:
+            self.strategy.execute()
+        for p in self.partial_blobs:
+            p.unlink(missing_ok=True)
+        for cq in self.quants:
+            for f in cq.cached_files:
+                forget_verified(f.blob_path)
+            forget_pull(cq.repo, cq.quant)
+        _drop_empty_revisions(cache or config.hf_hub_cache(), {c.repo for c in self.quants})
+
+
+def plan_removal(quants: Sequence[CachedQuant], cache: Path | None = None) -> Removal:
+    """Delete these quants' files through huggingface_hub (blobs shared elsewhere are kept)."""
+    cache = cache or config.hf_hub_cache()
+    files = [f for cq in quants for f in cq.cached_files]
+    strategy = None
+    freed = 0
+    if files:
+        info = _scan(cache)
+        strategy = info.delete_files(*files)
+        freed = strategy.expected_freed_size
+    partial = tuple(p for cq in quants for p in cq.partial_blobs)
+    freed += sum(p.stat().st_size for p in partial if p.exists())
+    return Removal(tuple(quants), freed, strategy, partial)
+
+
+def _drop_empty_revisions(cache: Path, repos: set[str]) -> None:
+    """Revisions left without files go too (and the repo folder with its last one)."""
+    info = _scan(cache)
+    if info is None:
+        return
+    wanted = {r.lower() for r in repos}
+    empty = [
+        rev.commit_hash
+        for repo in info.repos
+        if repo.repo_id.lower() in wanted
+        # A repo folder can go with its last revision: keep it while it holds partial downloads.
+        and not any((repo.repo_path / "blobs").glob("*.incomplete"))
+        for rev in repo.revisions
+        if not rev.files
+    ]
+    if empty:
+        info.delete_revisions(*empty).execute()
