@@ -9,15 +9,20 @@ import what they need when they run. Every `QwenrunError` becomes one line on st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import typer
 
 from qwenrun import __version__, config, errors
+
+if TYPE_CHECKING:
+    from qwenrun import download
 
 app = typer.Typer(
     name="qwenrun",
@@ -333,3 +338,196 @@ def doctor_command(
     # Exit 1 only when qwenrun cannot run; warnings (a GPU left unused) still exit 0.
     if not diagnosis.ok:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# pull, list, rm: models in the Hugging Face cache
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+@app.command("pull")
+def pull_command(
+    model: str = typer.Argument(
+        ..., help="MODEL[:QUANT]: a catalog name or owner/repo (hf.co/owner/repo), with a quant."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before downloading."),
+) -> None:
+    """Download a model's GGUF files into the Hugging Face cache (resumable, verified)."""
+    from qwenrun import download, refs, ui
+
+    ref = refs.parse_ref(model)
+    if ref.kind == "file":
+        raise errors.UsageError(
+            f"{model} is a local file: nothing to download", hint=f"run it: qwenrun run {model}"
+        )
+    # Only a quant qwenrun chose is worth a question; one the user named is what they asked for.
+    ask = ref.quant is None and not yes and _interactive()
+    with _pull_progress() as on_progress:
+        paths = download.pull(
+            ref, on_progress=on_progress, confirm=lambda t: _confirm_pull(t, ask=ask)
+        )
+    ui.info(f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache")
+    for path in paths:
+        print(path)
+
+
+def _confirm_pull(target: download.PullTarget, *, ask: bool) -> bool:
+    """Say what will be fetched (and its size); on a terminal, ask when qwenrun chose it."""
+    from qwenrun import download, ui
+
+    n = len(target.quant.files)
+    what = (
+        f"{target.reference} · {target.repo} · {download.format_bytes(target.total_size)}"
+        f" in {n} file{'s' if n > 1 else ''}"
+    )
+    if download.cached_copy(target) is not None:
+        ui.info(f"{what} · already downloaded")
+        return True
+    ui.info(what)
+    if not ask:
+        return True
+    import click
+
+    return click.confirm("Download it?", default=True, err=True)
+
+
+@contextlib.contextmanager
+def _pull_progress() -> Iterator[Callable[[download.PullProgress], None]]:
+    """One progress bar for the whole quant on a terminal; a line per file elsewhere."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from qwenrun import ui
+
+    con = ui.console()
+    progress: Progress | None = None
+    task = None
+    last_file = (0, "")
+
+    def on_progress(p: download.PullProgress) -> None:
+        nonlocal progress, task, last_file
+        verb = "verifying" if p.phase == "verify" else "downloading"
+        label = f"{verb} {p.file_index}/{p.n_files} {p.file.rsplit('/', 1)[-1]}"
+        if not con.is_terminal:
+            if (p.file_index, p.phase) != last_file:
+                last_file = (p.file_index, p.phase)
+                ui.info(label)
+            return
+        if progress is None:
+            progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=False),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=con,
+                transient=False,
+            )
+            progress.start()
+            # Start at the bytes already there, so a resumed pull's speed is not inflated.
+            task = progress.add_task(label, total=p.total_bytes, completed=p.done_bytes)
+        assert task is not None
+        progress.update(task, description=label, completed=p.done_bytes)
+
+    try:
+        yield on_progress
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+@app.command("list")
+def list_command(
+    as_json: bool = typer.Option(False, "--json", help="A JSON array instead of a table."),
+) -> None:
+    """Show the GGUF models in the Hugging Face cache: complete or partial, verified or not."""
+    import json
+
+    from qwenrun import download, modelcache, refs, ui
+
+    rows = [
+        {
+            "reference": refs.reference_for(c.repo, c.quant),
+            "repo": c.repo,
+            "revision": c.revision,
+            "quant": c.quant,
+            "size_bytes": c.size_on_disk,
+            "expected_bytes": c.expected_size,
+            "status": "complete" if c.complete else "partial",
+            "verified": c.verified,
+            "files": len(c.paths),
+            "n_files": c.n_expected,
+            "path": str(c.first) if c.first else None,
+        }
+        for c in modelcache.cached_quants()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        ui.info(f"no models in {config.hf_hub_cache()} yet: qwenrun pull MODEL downloads one")
+        return
+    header = ("REFERENCE", "SIZE", "STATUS", "VERIFIED", "PATH")
+    lines = [
+        (
+            str(r["reference"]),
+            download.format_bytes(int(str(r["size_bytes"]))),
+            str(r["status"])
+            + ("" if r["status"] == "complete" else f" ({r['files']}/{r['n_files']} files)"),
+            "yes" if r["verified"] else "no",
+            str(r["path"] or "-"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header) - 1)]
+    for line in [header, *lines]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1])
+
+
+@app.command("rm")
+def rm_command(
+    model: str = typer.Argument(..., help="MODEL[:QUANT]; without a quant, every quant of it."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
+) -> None:
+    """Delete a downloaded model from the Hugging Face cache, and say how much that frees."""
+    from qwenrun import download, modelcache, refs, ui
+
+    ref = refs.parse_ref(model)
+    if ref.kind == "file":
+        raise errors.UsageError(
+            f"{model} is a local file, not a downloaded model", hint="delete it yourself"
+        )
+    repos = {r.lower() for r in ref.repos}
+    matches = [
+        c
+        for c in modelcache.cached_quants()
+        if c.repo.lower() in repos and (ref.quant is None or c.quant.lower() == ref.quant.lower())
+    ]
+    if not matches:
+        raise errors.ModelNotFoundError(
+            f"{ref} is not downloaded", hint="qwenrun list shows what is"
+        )
+    removal = modelcache.plan_removal(matches)
+    for c in matches:
+        ui.info(f"{refs.reference_for(c.repo, c.quant)} · {download.format_bytes(c.size_on_disk)}")
+    freed = download.format_bytes(removal.freed_bytes)
+    if not yes:
+        if not _interactive():
+            raise errors.UsageError(
+                f"not deleting {ref} without confirmation", hint="pass --yes to delete it"
+            )
+        import click
+
+        if not click.confirm(f"Delete, freeing {freed}?", default=False, err=True):
+            raise typer.Exit(1)
+    removal.execute()
+    print(f"deleted {ref}: {freed} freed")
