@@ -865,15 +865,17 @@ def _write_body(
     meter: _Meter,
 ) -> None:
     """Append the body to `partial` in large chunks; on any error, what arrived is written."""
-    buf = bytearray()
-    with partial.open("ab") as out:
+    pieces: list[bytes] = []
+    pending = 0
+    with partial.open("ab", buffering=0) as out:
 
         def flush() -> None:
-            nonlocal have
-            if not buf:
+            nonlocal have, pending
+            if not pieces:
                 return
-            data = bytes(buf)
-            buf.clear()
+            data = b"".join(pieces)  # one copy; the same bytes go to the file and the hash
+            pieces.clear()
+            pending = 0
             out.write(data)
             if hasher is not None:
                 hasher.feed(data)
@@ -882,8 +884,9 @@ def _write_body(
 
         try:
             for piece in r.iter_raw():
-                buf += piece
-                if len(buf) >= _CHUNK:
+                pieces.append(piece)
+                pending += len(piece)
+                if pending >= _CHUNK:
                     flush()
                     if have > size:
                         raise errors.DownloadError(

@@ -253,7 +253,9 @@ def cached_quants(cache: Path | None = None) -> list[CachedQuant]:
                 found[(cq.repo.lower(), cq.revision, cq.quant.lower())] = cq
     for record in pull_records():
         key = (record.repo.lower(), record.revision, record.quant.lower())
-        found[key] = _with_record(cache, found.get(key), record)
+        merged = _with_record(cache, found.get(key), record)
+        if merged.paths or merged.partial_blobs:  # a record of nothing on disk is no entry
+            found[key] = merged
     return sorted(found.values(), key=lambda c: (c.repo.lower(), catalog.quant_rank(c.quant)))
 
 

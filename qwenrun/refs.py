@@ -6,13 +6,13 @@ Contract: `parse_ref(text)` turns a user's model argument into a `ModelRef`, one
   `hf.co/owner/repo:Q4_K_M`, `huggingface.co/owner/repo` (optionally with `https://`);
 - a local `.gguf` file.
 Quant names match case-insensitively and come back in the catalog's spelling. Unknown names
-raise `ModelNotFoundError` with the closest catalog names. This module is pure: it looks at
-the file system only to ask whether a path exists, and never touches the network or the cache.
+raise `ModelNotFoundError` with the closest catalog names (from `catalog.lookup`). This module
+is pure: it looks at the file system only to ask whether a path exists, and never touches the
+network or the cache.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,6 +72,11 @@ def parse_ref(text: str) -> ModelRef:
     name, quant = _split_quant(raw)
     if _REPO_RE.match(name):
         return _hub_ref(raw, raw)
+    if "/" in name:
+        raise errors.UsageError(
+            f"{raw!r} is neither a hub repo nor a .gguf file",
+            hint="write owner/repo:QUANT for a hub repo, or give the path of a .gguf file",
+        )
     return _catalog_ref(raw, name, quant)
 
 
@@ -155,27 +160,6 @@ def _hub_ref(text: str, body: str) -> ModelRef:
 
 
 def _catalog_ref(text: str, name: str, quant: str | None) -> ModelRef:
-    known = _known_names()
-    if name.lower() not in known:
-        raise _unknown_name(name, sorted(known))
+    # lookup is case-insensitive and raises ModelNotFoundError naming the closest entries.
     spec = catalog.lookup(name)
     return ModelRef(kind="catalog", text=text, spec=spec, repos=tuple(spec.repos), quant=quant)
-
-
-def _known_names() -> set[str]:
-    names: set[str] = set()
-    for spec in catalog.CATALOG:
-        names.add(spec.name.lower())
-        names.update(a.lower() for a in spec.aliases)
-    return names
-
-
-def _unknown_name(name: str, known: list[str]) -> errors.ModelNotFoundError:
-    close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)
-    message = f"unknown model {name!r}"
-    if close:
-        message += f"; did you mean {', '.join(close)}?"
-    return errors.ModelNotFoundError(
-        message,
-        hint="name a catalog model, a hub repo as owner/repo:QUANT, or a .gguf file",
-    )

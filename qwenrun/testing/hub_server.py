@@ -566,3 +566,27 @@ def copy_into(server_file: ServedFile, dest: Path) -> None:
     """Write a served file's real bytes to `dest` (handy for comparing downloads)."""
     with server_file.open() as src, dest.open("wb") as out:
         shutil.copyfileobj(src, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve local files as one repo until stdin closes (benchmarks run the hub apart).
+
+    python -m qwenrun.testing.hub_server owner/repo path/in/repo=local/file ...
+    Prints the endpoint URL on its first line of stdout.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("repo")
+    parser.add_argument("files", nargs="+", help="REPO_PATH=LOCAL_FILE")
+    args = parser.parse_args(argv)
+    files = dict(spec.split("=", 1) for spec in args.files)
+    with HubServer() as server:
+        server.add_repo(args.repo, {k: Path(v) for k, v in files.items()})
+        print(server.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

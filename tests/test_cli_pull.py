@@ -1,0 +1,179 @@
+"""`qwenrun pull`, `list` and `rm` as real processes against a loopback hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwenrun import catalog
+from qwenrun.testing.hub_server import HubServer
+
+SPEC = catalog.CATALOG[0]
+REPO = SPEC.repos[0]
+SINGLE = f"{SPEC.display}-Q4_K_M.gguf"
+SHARDS = tuple(f"Q8_0/{SPEC.display}-Q8_0-0000{k}-of-00002.gguf" for k in (1, 2))
+ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "PYTHONPATH")
+TOKEN = "hf_tEsTtOkEn0123456789"
+
+
+@pytest.fixture
+def hub(tiny_models) -> HubServer:
+    single = tiny_models("qwen3moe", steer=2)
+    first = tiny_models("qwen3moe", steer=2, split=2)
+    second = first.with_name(first.name.replace("-00001-of-", "-00002-of-"))
+    server = HubServer().start()
+    server.add_repo(REPO, {SINGLE: single, SHARDS[0]: first, SHARDS[1]: second})
+    yield server
+    server.stop()
+
+
+def qwenrun(hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    full["HF_ENDPOINT"] = hub.url  # huggingface_hub reads it at import: set it per process
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "qwenrun", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def list_json(hub: HubServer) -> list[dict[str, object]]:
+    proc = qwenrun(hub, "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def run_answers(path: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwenrun", "run", path, "hi", "--max-tokens", "4", "--ctx", "512"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k in ENV_KEEP},
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_pull_list_run_rm(hub):
+    single = qwenrun(hub, "pull", f"{SPEC.name}:q4_k_m")
+    assert single.returncode == 0, single.stderr
+    (path,) = single.stdout.split()
+    assert Path(path).read_bytes() == hub.file(REPO, SINGLE).source.read_bytes()
+    assert f"{SPEC.name}:Q4_K_M" in single.stderr and "1.3 MB" in single.stderr
+
+    split = qwenrun(hub, "pull", f"hf.co/{REPO}:Q8_0")
+    assert split.returncode == 0, split.stderr
+    shard_paths = split.stdout.split()
+    assert [p.rsplit("/", 2)[-2:] for p in shard_paths] == [s.split("/") for s in SHARDS]
+    run_answers(path)
+    run_answers(shard_paths[0])
+
+    listed = {e["quant"]: e for e in list_json(hub)}
+    assert set(listed) == {"Q4_K_M", "Q8_0"}
+    assert listed["Q8_0"]["reference"] == f"{SPEC.name}:Q8_0"
+    assert listed["Q8_0"]["status"] == "complete" and listed["Q8_0"]["verified"] is True
+    assert listed["Q8_0"]["path"] == shard_paths[0]
+    assert listed["Q8_0"]["size_bytes"] == sum(hub.file(REPO, s).size for s in SHARDS)
+
+    table = qwenrun(hub, "list")
+    assert f"{SPEC.name}:Q4_K_M" in table.stdout and "complete" in table.stdout
+
+    refused = qwenrun(hub, "rm", f"{SPEC.name}:Q8_0")
+    assert "--yes" in one_error_line(refused, 2)
+    removed = qwenrun(hub, "rm", f"{SPEC.name}:Q8_0", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "1.3 MB freed" in removed.stdout
+    assert [e["quant"] for e in list_json(hub)] == ["Q4_K_M"]
+    assert qwenrun(hub, "rm", SPEC.name, "--yes").returncode == 0
+    assert list_json(hub) == []
+    assert "not downloaded" in one_error_line(qwenrun(hub, "rm", SPEC.name, "--yes"), 3)
+
+
+def test_pull_without_quant_shows_the_choice(hub):
+    proc = qwenrun(hub, "pull", SPEC.name)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{SPEC.name}:Q4_K_M" in proc.stderr and REPO in proc.stderr
+    again = qwenrun(hub, "pull", SPEC.name)
+    assert "already downloaded" in again.stderr
+
+
+def test_cut_connection_resumes(hub):
+    hub.cut_after(REPO, SINGLE, 500_000, times=1)
+    proc = qwenrun(hub, "pull", f"{REPO}:Q4_K_M")
+    assert proc.returncode == 0, proc.stderr
+    ranges = [r.range for r in hub.requests_for(SINGLE, "GET")]
+    assert ranges == [None, "bytes=500000-"]
+
+
+def test_wrong_sha256_is_refused_and_not_listed(hub):
+    hub.advertise_sha256(REPO, SINGLE, "ab" * 32)
+    line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
+    assert "failed its sha256 check" in line and "deleted" in line
+    assert list_json(hub) == []
+    offline = qwenrun(hub, "pull", f"{REPO}:Q4_K_M", HF_HUB_OFFLINE="1")
+    assert "not in the cache" in one_error_line(offline, 5)
+
+
+def test_too_big_for_the_disk_is_refused_before_any_byte(hub):
+    hub.advertise_size(REPO, SINGLE, 10**18)
+    line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
+    assert "not enough disk space" in line and "still to download" in line and "free on" in line
+    assert hub.requests_for(SINGLE, "GET") == []
+
+
+def test_token_needed_and_never_shown(hub):
+    hub.token = TOKEN
+    outputs = []
+    without = qwenrun(hub, "pull", f"{REPO}:Q4_K_M")
+    assert "HF_TOKEN" in one_error_line(without, 5)
+    wrong = qwenrun(hub, "pull", f"{REPO}:Q4_K_M", HF_TOKEN=TOKEN[::-1])
+    assert "token in HF_TOKEN" in one_error_line(wrong, 5)
+    right = qwenrun(hub, "pull", f"{REPO}:Q4_K_M", HF_TOKEN=TOKEN)
+    assert right.returncode == 0, right.stderr
+    debug = qwenrun(hub, "pull", f"{REPO}:Q8_0", HF_TOKEN=TOKEN[::-1], QWENRUN_DEBUG="1")
+    assert debug.returncode == 5
+    outputs = [p.stdout + p.stderr for p in (without, wrong, right, debug)]
+    assert not any(TOKEN in out or TOKEN[::-1] in out for out in outputs)
+
+
+def test_offline_after_pull_uses_the_cache(hub):
+    pulled = qwenrun(hub, "pull", f"{REPO}:Q4_K_M")
+    assert pulled.returncode == 0, pulled.stderr
+    hub.clear_requests()
+    offline = qwenrun(hub, "pull", f"{REPO}:Q4_K_M", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout == pulled.stdout
+    assert hub.requests == []
+    run_answers(offline.stdout.strip())
+    missing = qwenrun(hub, "pull", f"{REPO}:Q8_0", HF_HUB_OFFLINE="1")
+    assert "offline" in one_error_line(missing, 5)
+
+
+def test_escaping_path_in_the_tree_is_refused(hub):
+    hub.add_tree_entry(REPO, "../../../outside-Q4_K_M.gguf")
+    line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
+    assert "outside the cache" in line
+
+
+def test_local_file_is_not_pulled(hub, tiny_models):
+    line = one_error_line(qwenrun(hub, "pull", str(tiny_models("qwen3moe"))), 2)
+    assert "nothing to download" in line

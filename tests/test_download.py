@@ -1,0 +1,361 @@
+"""The downloader against a loopback hub: cache layout, resume, verification, refusals."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import hf_hub_download, scan_cache_dir
+
+from qwenrun import download, errors, modelcache
+from qwenrun.testing.hub_server import HubServer
+
+REPO = "acme/Tiny-GGUF"
+SINGLE = "Tiny-Q4_K_M.gguf"
+SHARDS = ("Q8_0/Tiny-Q8_0-00001-of-00002.gguf", "Q8_0/Tiny-Q8_0-00002-of-00002.gguf")
+FAST = download.RetryPolicy(attempts=3, base_wait_s=0.001, max_wait_s=0.01)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tiny_models) -> HubServer:
+    single = tiny_models("qwen3moe")
+    first = tiny_models("qwen3moe", split=2)
+    second = first.with_name(first.name.replace("-00001-of-", "-00002-of-"))
+    server = HubServer().start()
+    server.add_repo(
+        REPO,
+        {
+            SINGLE: single,
+            SHARDS[0]: first,
+            SHARDS[1]: second,
+            "mmproj-F16.gguf": b"not a model",
+            "README.md": b"# tiny\n",
+        },
+    )
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
+
+
+def cache() -> Path:
+    return Path(os.environ["HF_HOME"]) / "hub"
+
+
+def storage() -> Path:
+    return cache() / "models--acme--Tiny-GGUF"
+
+
+def content_gets(hub: HubServer, path: str) -> list[str | None]:
+    """The Range header of every GET of the file's bytes."""
+    return [r.range for r in hub.requests_for(path, "GET") if r.path.startswith("/_content/")]
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+@pytest.mark.parametrize(
+    ("paths", "quants"),
+    [
+        (["M-Q4_K_M.gguf", "M-Q8_0.gguf"], {"Q4_K_M": 1, "Q8_0": 1}),
+        (
+            ["Q8_0/M-Q8_0-00002-of-00002.gguf", "Q8_0/M-Q8_0-00001-of-00002.gguf"],
+            {"Q8_0": 2},
+        ),
+        (["UD-Q4_K_XL/M-UD-Q4_K_XL-00001-of-00003.gguf"], {"UD-Q4_K_XL": 1}),
+        (["mmproj-F16.gguf", "README.md", "M-Q6_K.gguf"], {"Q6_K": 1}),
+    ],
+)
+def test_group_files_makes_quants(paths, quants):
+    groups, mmproj = modelcache.group_files(paths)
+    assert {g.quant: len(g.paths) for g in groups} == quants
+    assert mmproj == [p for p in paths if p.startswith("mmproj")]
+
+
+def test_split_set_is_ordered_and_knows_its_size():
+    groups, _ = modelcache.group_files(
+        ["Q8_0/M-Q8_0-00002-of-00003.gguf", "Q8_0/M-Q8_0-00001-of-00003.gguf"]
+    )
+    (g,) = groups
+    assert g.paths == ("Q8_0/M-Q8_0-00001-of-00003.gguf", "Q8_0/M-Q8_0-00002-of-00003.gguf")
+    assert g.n_expected == 3 and not g.complete
+
+
+@pytest.mark.parametrize("bad", ["../escape.gguf", "a/../../b.gguf", "/etc/x.gguf", "a//b.gguf"])
+def test_unsafe_repo_paths_are_refused(bad):
+    with pytest.raises(errors.DownloadError, match="outside the cache"):
+        download.safe_repo_path("o/r", bad)
+
+
+# ------------------------------------------------------------------------------ listing
+
+
+def test_list_quants_groups_the_repo(hub):
+    listing = download.list_repo(REPO)
+    assert listing.revision == hub.repos[REPO].commit
+    by_name = {q.quant: q for q in listing.quants}
+    assert set(by_name) == {"Q4_K_M", "Q8_0"}
+    assert by_name["Q8_0"].paths == SHARDS
+    single = by_name["Q4_K_M"].files[0]
+    assert single.size == hub.file(REPO, SINGLE).size
+    assert single.sha256 == hub.file(REPO, SINGLE).sha256
+    assert [f.path for f in listing.mmproj] == ["mmproj-F16.gguf"]
+
+
+def test_tree_entry_escaping_the_cache_refuses_the_repo(hub):
+    hub.add_tree_entry(REPO, "../../evil.gguf")
+    with pytest.raises(errors.DownloadError, match="outside the cache"):
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert not storage().exists()
+    assert not content_gets(hub, "evil.gguf")
+
+
+# ------------------------------------------------------------------------------ pulling
+
+
+def test_single_file_lands_in_the_standard_cache(hub):
+    (path,) = download.pull(f"{REPO}:q4_k_m", retry=FAST)
+    served = hub.file(REPO, SINGLE)
+    commit = hub.repos[REPO].commit
+    assert path == storage() / "snapshots" / commit / SINGLE
+    assert path.is_symlink() and not os.path.isabs(os.readlink(path))
+    assert path.resolve() == storage() / "blobs" / served.sha256
+    assert path.read_bytes() == served.source.read_bytes()
+    assert (storage() / "refs" / "main").read_text() == commit
+    # Other tools find it: huggingface_hub's own lookup and its cache scan.
+    found = hf_hub_download(REPO, SINGLE, cache_dir=cache(), local_files_only=True)
+    assert Path(found) == path
+    info = scan_cache_dir(cache())
+    assert not info.warnings and not info.incomplete_files
+
+
+def test_split_quant_in_a_folder_is_pulled_whole(hub):
+    paths = download.pull(REPO, "Q8_0", retry=FAST)
+    assert [p.relative_to(storage() / "snapshots" / hub.repos[REPO].commit) for p in paths] == [
+        Path(s) for s in SHARDS
+    ]
+    for p, s in zip(paths, SHARDS, strict=True):
+        assert p.read_bytes() == hub.file(REPO, s).source.read_bytes()
+    (cq,) = [c for c in modelcache.cached_quants() if c.quant == "Q8_0"]
+    assert cq.complete and cq.verified and cq.n_expected == 2
+
+
+def test_progress_covers_the_whole_quant(hub):
+    seen: list[download.PullProgress] = []
+    download.pull(REPO, "Q8_0", on_progress=seen.append, retry=FAST)
+    total = sum(hub.file(REPO, s).size for s in SHARDS)
+    assert {p.total_bytes for p in seen} == {total}
+    assert {p.file_index for p in seen} == {1, 2} and {p.n_files for p in seen} == {2}
+    assert seen[-1].done_bytes == total
+    assert [p.done_bytes for p in seen] == sorted(p.done_bytes for p in seen)
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(hub):
+    cut = 300_000
+    hub.cut_after(REPO, SINGLE, cut, times=1)
+    (path,) = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert path.read_bytes() == hub.file(REPO, SINGLE).source.read_bytes()
+    assert content_gets(hub, SINGLE) == [None, f"bytes={cut}-"]
+
+
+def test_interrupted_pull_resumes_in_the_next_run(hub):
+    cut = 400_000
+    hub.cut_after(REPO, SINGLE, cut, times=None)  # every attempt dies at the same byte
+    with pytest.raises(errors.DownloadError, match=r"connection dropped.*400.0 kB of 1.3 MB") as e:
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert "resumes" in (e.value.hint or "")
+    sha = hub.file(REPO, SINGLE).sha256
+    partial = storage() / "blobs" / f"{sha}.incomplete"
+    assert partial.stat().st_size == cut
+    (cq,) = modelcache.cached_quants()
+    assert (
+        not cq.complete
+        and cq.size_on_disk == cut
+        and cq.expected_size == hub.file(REPO, SINGLE).size
+    )
+
+    hub.heal(REPO, SINGLE)
+    hub.clear_requests()
+    (path,) = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert path.read_bytes() == hub.file(REPO, SINGLE).source.read_bytes()
+    assert content_gets(hub, SINGLE) == [f"bytes={cut}-"]  # resumed, never restarted
+    assert not partial.exists()
+
+
+def test_ctrl_c_between_shards_keeps_the_finished_shard(hub):
+    def interrupt(p: download.PullProgress) -> None:
+        if p.file_index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download.pull(REPO, "Q8_0", on_progress=interrupt, retry=FAST)
+    hub.clear_requests()
+    download.pull(REPO, "Q8_0", retry=FAST)
+    assert content_gets(hub, SHARDS[0]) == []  # not fetched again
+    assert content_gets(hub, SHARDS[1]) == [None]
+
+
+def test_wrong_sha256_fails_and_nothing_is_used(hub):
+    hub.advertise_sha256(REPO, SINGLE, "0" * 64)
+    with pytest.raises(errors.IntegrityError, match=r"sha256 check.*deleted"):
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    blobs = storage() / "blobs"
+    assert not list(blobs.iterdir())
+    assert not (storage() / "snapshots").exists() or not list(
+        (storage() / "snapshots").rglob("*.gguf")
+    )
+    assert modelcache.find_cached([REPO], "Q4_K_M") is None
+
+
+def test_verified_file_is_not_hashed_again_until_it_changes(hub):
+    download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    phases: list[str] = []
+    download.pull(f"{REPO}:Q4_K_M", on_progress=lambda p: phases.append(p.phase), retry=FAST)
+    assert "verify" not in phases
+    blob = storage() / "blobs" / hub.file(REPO, SINGLE).sha256
+    later = time.time() + 5
+    os.utime(blob, (later, later))
+    phases.clear()
+    download.pull(f"{REPO}:Q4_K_M", on_progress=lambda p: phases.append(p.phase), retry=FAST)
+    assert "verify" in phases
+
+
+def test_corrupted_cached_file_is_taken_out_of_use(hub):
+    (path,) = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    blob = path.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(errors.IntegrityError, match="cached file was deleted"):
+        download.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=False)
+    assert not blob.exists() and not path.is_symlink()
+    assert not scan_cache_dir(cache()).warnings  # no dangling link left behind
+
+
+def test_huge_advertised_size_is_refused_before_any_byte(hub):
+    hub.advertise_size(REPO, SINGLE, 10**18)
+    with pytest.raises(errors.DiskSpaceError) as info:
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    message = info.value.message
+    assert "1000000.0 TB still to download" in message and "free on" in message
+    assert content_gets(hub, SINGLE) == []
+    blobs = storage() / "blobs"
+    assert not blobs.exists() or not list(blobs.iterdir())
+
+
+def test_files_fetched_by_huggingface_hub_are_reused(hub):
+    hf_hub_download(REPO, SINGLE, cache_dir=cache(), endpoint=hub.url)
+    hub.clear_requests()
+    phases: list[str] = []
+    paths = download.resolve_local(
+        f"{REPO}:Q4_K_M", pull_if_missing=False, on_progress=lambda p: phases.append(p.phase)
+    )
+    assert paths[0].read_bytes() == hub.file(REPO, SINGLE).source.read_bytes()
+    assert "verify" in phases  # checked once against the sha256 its blob name carries
+    assert hub.requests == []
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+def test_token_required_gives_a_clear_auth_error(hub, monkeypatch):
+    hub.token = "hf_secret_value"
+    with pytest.raises(errors.AuthError) as info:
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert "HF_TOKEN" in (info.value.hint or "")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(errors.AuthError, match="token in HF_TOKEN"):
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    hub.clear_requests()
+    (path,) = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert path.exists()
+    # The token goes to the hub only, never to the storage URL the file bytes come from.
+    gets = [r for r in hub.requests if r.path.startswith("/_content/")]
+    assert gets and not any(r.authorization for r in gets)
+    assert all(r.authorization for r in hub.requests if not r.path.startswith("/_content/"))
+
+
+# ------------------------------------------------------------------------------ offline
+
+
+def test_offline_uses_the_cache_without_the_network(hub, monkeypatch):
+    pulled = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    hub.clear_requests()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=True) == pulled
+    assert download.pull(f"{REPO}:Q4_K_M") == pulled
+    assert hub.requests == []
+
+
+def test_offline_without_the_files_says_what_is_missing(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(errors.OfflineError, match=r"acme/Tiny-GGUF:Q8_0 is not in the cache"):
+        download.resolve_local(f"{REPO}:Q8_0", pull_if_missing=True)
+    assert hub.requests == []
+
+
+def test_offline_with_half_a_split_model_says_so(hub, monkeypatch):
+    def interrupt(p: download.PullProgress) -> None:
+        if p.file_index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download.pull(REPO, "Q8_0", on_progress=interrupt, retry=FAST)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(errors.OfflineError, match=r"partly downloaded \(1 of 2 files"):
+        download.resolve_local(f"{REPO}:Q8_0", pull_if_missing=True)
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hub, monkeypatch):
+    pulled = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    hub.stop()
+    assert download.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=True) == pulled
+    with pytest.raises(download.HubUnreachableError, match="cannot reach the hub"):
+        download.resolve_local(f"{REPO}:Q8_0", pull_if_missing=True)
+
+
+def test_resolve_local_without_pulling_names_the_command(hub):
+    with pytest.raises(errors.ModelNotFoundError, match="not downloaded") as info:
+        download.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=False)
+    assert "qwenrun pull acme/Tiny-GGUF:Q4_K_M" in (info.value.hint or "")
+    assert hub.requests == []
+
+
+def test_confirm_can_decline_before_any_byte(hub):
+    seen: list[download.PullTarget] = []
+
+    def decline(t: download.PullTarget) -> bool:
+        seen.append(t)
+        return False
+
+    with pytest.raises(errors.UsageError, match="not confirmed"):
+        download.resolve_local(REPO, pull_if_missing=True, confirm=decline)
+    (target,) = seen
+    assert target.quant.quant == "Q4_K_M"  # the stand-in's 4-bit default
+    assert target.total_size == hub.file(REPO, SINGLE).size
+    assert content_gets(hub, SINGLE) == []
+
+
+# ------------------------------------------------------------------------------ removal
+
+
+def test_removal_frees_the_quant_and_keeps_the_others(hub):
+    download.pull(REPO, "Q8_0", retry=FAST)
+    download.pull(REPO, "Q4_K_M", retry=FAST)
+    (q8,) = [c for c in modelcache.cached_quants() if c.quant == "Q8_0"]
+    removal = modelcache.plan_removal([q8])
+    assert removal.freed_bytes == sum(hub.file(REPO, s).size for s in SHARDS)
+    removal.execute()
+    assert [c.quant for c in modelcache.cached_quants()] == ["Q4_K_M"]
+    assert not scan_cache_dir(cache()).warnings
+
+
+def test_local_split_file_brings_its_shards(tiny_models):
+    first = tiny_models("qwen3moe", split=2)
+    paths = download.resolve_local(str(first), pull_if_missing=False)
+    assert [p.name for p in paths] == [
+        first.name,
+        first.name.replace("-00001-of-", "-00002-of-"),
+    ]
