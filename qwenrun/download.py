@@ -37,7 +37,12 @@ from urllib.parse import urlsplit
 import httpx2
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import (
+    WeakFileLock,
+    build_hf_headers,
+    get_session,
+    hf_raise_for_status,
+)
 
 from qwenrun import __version__, catalog, config, errors, modelcache
 from qwenrun.refs import ModelRef, parse_ref, reference_for
@@ -321,19 +326,21 @@ def plan_pull(
     """
     wanted = catalog.normalize_quant(quant) if quant else ref.quant
     listings: list[RepoListing] = []
-    missing_repo: errors.QwenrunError | None = None
+    unusable: list[errors.QwenrunError] = []
     for repo in ref.repos:
         try:
             listing = list_repo(repo)
-        except errors.ModelNotFoundError as err:  # a catalog repo gone: try the next one
-            missing_repo = err
+        except (errors.ModelNotFoundError, errors.AuthError) as err:
+            # A catalog repo gone or made private (the hub answers 401 for both): try the
+            # next one; with nothing usable, the first repo's error is the one to show.
+            unusable.append(err)
             continue
         listings.append(listing)
         found = listing.find(wanted) if wanted else (choose or choose_quant)(ref, listing)
         if found is not None:
             return PullTarget(repo, listing.revision, "main", found, ref.spec)
-    if not listings and missing_repo is not None:
-        raise missing_repo
+    if not listings:
+        raise unusable[0]
     raise _no_such_quant(ref, wanted, listings)
 
 
@@ -617,13 +624,22 @@ def fetch(
     meter = _Meter(target, on_progress)
     paths = []
     for i, (f, meta) in enumerate(zip(target.quant.files, metas, strict=True), start=1):
-        blob = _ensure_blob(target, f, meta, storage, meter, retry, i)
+        # huggingface_hub's own lock for this blob: two pulls (or a pull and an
+        # `hf download`) never write the same file at once; the second waits, then finds it.
+        lock = cache / ".locks" / storage.name / f"{meta.etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            blob = _ensure_blob(target, f, meta, storage, meter, retry, i)
         paths.append(_link(storage, target.revision, f.path, blob))
     meter.set(target.quant.files[-1].size, force=True)
     return paths
 
 
 def _write_ref(storage: Path, target: PullTarget) -> None:
+    """`refs/<branch>` → the commit, and that commit's (maybe empty) snapshot folder, as
+    huggingface_hub writes them before a download: a ref to a missing snapshot would make
+    `scan_cache_dir` skip the whole repo as corrupted."""
+    (storage / "snapshots" / target.revision).mkdir(parents=True, exist_ok=True)
     if target.branch is None or target.branch == target.revision:
         return
     ref = storage / "refs" / target.branch

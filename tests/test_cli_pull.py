@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from qwenrun import catalog
@@ -177,3 +178,47 @@ def test_escaping_path_in_the_tree_is_refused(hub):
 def test_local_file_is_not_pulled(hub, tiny_models):
     line = one_error_line(qwenrun(hub, "pull", str(tiny_models("qwen3moe"))), 2)
     assert "nothing to download" in line
+
+
+def spawn_tty(hub: HubServer, *args: str) -> pexpect.spawn:
+    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    env.update(HF_ENDPOINT=hub.url, TERM="xterm-256color")
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "qwenrun", *args],
+        env=env,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(30, 140),
+    )
+
+
+def test_terminal_asks_before_a_chosen_quant_and_draws_one_bar(hub):
+    declined = spawn_tty(hub, "pull", SPEC.name)
+    declined.expect_exact(f"{SPEC.name}:Q4_K_M")
+    declined.expect_exact("Download it?")
+    declined.sendline("n")
+    declined.expect_exact("not confirmed")
+    declined.expect(pexpect.EOF)
+    declined.close()
+    assert declined.exitstatus == 2
+    assert hub.requests_for(SINGLE, "GET") == []
+
+    accepted = spawn_tty(hub, "pull", SPEC.name)
+    accepted.expect_exact("Download it?")
+    accepted.sendline("y")
+    accepted.expect(r"downloading 1/1 .*MB")  # the bar: file k of n, bytes
+    accepted.expect_exact("ready")
+    accepted.expect(pexpect.EOF)
+    accepted.close()
+    assert accepted.exitstatus == 0
+    assert [e["quant"] for e in list_json(hub)] == ["Q4_K_M"]
+
+
+def test_terminal_does_not_ask_for_a_named_quant_or_with_yes(hub):
+    for args in (("pull", f"{SPEC.name}:Q8_0"), ("pull", SPEC.name, "--yes")):
+        child = spawn_tty(hub, *args)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.before
+        assert "Download it?" not in (child.before or "")

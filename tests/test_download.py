@@ -174,6 +174,9 @@ def test_interrupted_pull_resumes_in_the_next_run(hub):
         and cq.size_on_disk == cut
         and cq.expected_size == hub.file(REPO, SINGLE).size
     )
+    info = scan_cache_dir(cache())  # the half-done pull leaves a cache other tools accept
+    assert not info.warnings
+    assert [f.size_on_disk for f in info.incomplete_files] == [cut]
 
     hub.heal(REPO, SINGLE)
     hub.clear_requests()
@@ -359,3 +362,25 @@ def test_local_split_file_brings_its_shards(tiny_models):
         first.name,
         first.name.replace("-00001-of-", "-00002-of-"),
     ]
+
+
+def test_catalog_model_is_found_in_its_next_repo(monkeypatch, tiny_models):
+    from qwenrun import catalog
+
+    spec = next(s for s in catalog.CATALOG if len(s.repos) >= 2)
+    model = tiny_models("qwen3moe")
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        # The preferred repo is missing altogether: the next one serves.
+        server.add_repo(spec.repos[1], {f"{spec.display}-Q4_K_M.gguf": model})
+        (path,) = download.pull(f"{spec.name}:Q4_K_M", retry=FAST)
+        assert f"models--{spec.repos[1].replace('/', '--')}" in str(path)
+        # The preferred repo exists but lacks the quant: still the next one.
+        server.add_repo(spec.repos[0], {f"{spec.display}-Q8_0.gguf": model})
+        target = download.plan_pull(download.parse_ref(f"{spec.name}:Q4_K_M"))
+        assert target.repo == spec.repos[1]
+        # No quant named: the preferred repo's own choice wins.
+        assert download.plan_pull(download.parse_ref(spec.name)).repo == spec.repos[0]
+        with pytest.raises(errors.ModelNotFoundError, match="no quant Q2_K") as info:
+            download.plan_pull(download.parse_ref(f"{spec.name}:Q2_K"))
+        assert "Q4_K_M" in (info.value.hint or "") and "Q8_0" in (info.value.hint or "")
