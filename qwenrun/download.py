@@ -930,8 +930,9 @@ def pull(
 ) -> list[Path]:
     """Fetch a quant of a model into the HF cache (nothing when it is there and verified).
 
-    `confirm` sees what will be fetched before any byte and may say no (UsageError). Offline,
-    a complete cached copy is returned and anything else raises OfflineError.
+    `confirm` sees what will be fetched before any byte and may say no (UsageError). Offline
+    (or with the hub unreachable), a complete cached copy is returned; with none, OfflineError
+    (or HubUnreachableError) says what is missing.
     """
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if ref.kind == "file":
@@ -941,7 +942,14 @@ def pull(
         ref = ref.with_quant(quant)
     if offline():
         return _cached_or_offline_error(ref, on_progress)
-    target = plan_pull(ref, choose=choose)
+    try:
+        target = plan_pull(ref, choose=choose)
+    except HubUnreachableError:
+        # No network: a complete copy in the cache is as good as an up-to-date one.
+        cached = modelcache.find_cached(ref.repos, ref.quant)
+        if cached is None:
+            raise
+        return verify_cached(cached, on_progress)
     if confirm is not None and not confirm(target):
         raise errors.UsageError(
             f"download of {target.reference} not confirmed", hint="pass --yes to skip the question"

@@ -315,6 +315,7 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, monkeypatch):
     pulled = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
     hub.stop()
     assert download.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=True) == pulled
+    assert download.pull(f"{REPO}:Q4_K_M", retry=FAST) == pulled
     with pytest.raises(download.HubUnreachableError, match="cannot reach the hub"):
         download.resolve_local(f"{REPO}:Q8_0", pull_if_missing=True)
 
@@ -384,3 +385,24 @@ def test_catalog_model_is_found_in_its_next_repo(monkeypatch, tiny_models):
         with pytest.raises(errors.ModelNotFoundError, match="no quant Q2_K") as info:
             download.plan_pull(download.parse_ref(f"{spec.name}:Q2_K"))
         assert "Q4_K_M" in (info.value.hint or "") and "Q8_0" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("etag", ["../../../evil", "a/b", ".."])
+def test_hostile_etag_never_names_a_blob(hub, etag):
+    hub.advertise_sha256(REPO, SINGLE, etag)
+    with pytest.raises(errors.DownloadError, match="no usable ETag"):
+        download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+    assert content_gets(hub, SINGLE) == []
+    assert not list(cache().parent.rglob("evil*"))
+
+
+def test_hub_without_storage_redirect(monkeypatch, tiny_models):
+    """Some mirrors serve the bytes from `resolve` itself: Range and resume work the same."""
+    with HubServer(redirect=False) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        server.add_repo(REPO, {SINGLE: tiny_models("qwen3moe")})
+        server.cut_after(REPO, SINGLE, 123_456, times=1)
+        (path,) = download.pull(f"{REPO}:Q4_K_M", retry=FAST)
+        assert path.read_bytes() == server.file(REPO, SINGLE).source.read_bytes()
+        gets = [r.range for r in server.requests_for(SINGLE, "GET")]
+        assert gets == [None, "bytes=123456-"]
