@@ -430,6 +430,11 @@ def _shard_names(name: str) -> list[str] | None:
     return [f"{m['base']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
+def _shard_number(name: str) -> int | None:
+    m = _SPLIT_RE.match(name)
+    return int(m["no"]) if m else None
+
+
 def _merge(headers: Sequence[_Header], files: Sequence[str], estimated: bool = False) -> GGUFInfo:
     first = headers[0].metadata
     arch = first.get("general.architecture")
@@ -637,11 +642,14 @@ def _offline() -> bool:
 
 
 def _expand_urls(urls: Sequence[str]) -> list[str]:
-    """One URL of a split model stands for all its shards (same folder, llama.cpp naming)."""
+    """Shard URLs in shard order; one URL of a split model stands for all its shards."""
     if len(urls) != 1:
-        return list(urls)
+        numbers = [_shard_number(_url_name(u)) for u in urls]
+        if None in numbers:
+            return list(urls)
+        return [u for _, u in sorted(zip(numbers, urls, strict=True), key=lambda p: p[0] or 0)]
     base, _, name = urls[0].rpartition("/")
-    names = _shard_names(urlsplit(urls[0]).path.rsplit("/", 1)[-1])
+    names = _shard_names(_url_name(urls[0]))
     if names is None or "?" in name:
         return list(urls)
     return [f"{base}/{n}" for n in names]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import threading
@@ -191,6 +192,7 @@ class Served:
     status: int | None = None  # answer every request with this status instead
     sent: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    auth: dict[str, list[str | None]] = field(default_factory=dict)  # Authorization by file
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -204,6 +206,7 @@ def _handler(served: Served) -> type[BaseHTTPRequestHandler]:
             rng = self.headers.get("Range")
             with served.lock:
                 served.requests.append((name, rng))
+                served.auth.setdefault(name, []).append(self.headers.get("Authorization"))
             if served.status is not None:
                 self.send_error(served.status)
                 return
@@ -245,19 +248,26 @@ def _handler(served: Served) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Served, str]]:
-    served = Served(tmp_path / "www")
-    served.root.mkdir()
+@contextlib.contextmanager
+def _serve(served: Served) -> Iterator[str]:
+    """Serve `served.root` on a loopback port; yields the base URL of a hub-like folder."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(served))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield served, f"http://127.0.0.1:{httpd.server_address[1]}/repo/resolve/main"
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/repo/resolve/main"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Served, str]]:
+    served = Served(tmp_path / "www")
+    served.root.mkdir()
+    with _serve(served) as base:
+        yield served, base
 
 
 def test_read_remote_fetches_only_the_header(server: tuple[Served, str]) -> None:
@@ -292,7 +302,11 @@ def test_read_remote_split_model_from_the_first_url(
     info = read_remote([f"{base}/{first.name}"])
     assert len(info.files) == 2 and info.files[1].endswith("-00002-of-00002.gguf")
     assert info_view(info) == info_view(read_local(first))
-    assert set(served.sent) == {first.name, first.name.replace("00001-of", "00002-of")}
+    second = first.name.replace("00001-of", "00002-of")
+    assert set(served.sent) == {first.name, second}
+    # Both URLs, in any order, read the same model.
+    both = read_remote([f"{base}/{second}", f"{base}/{first.name}"])
+    assert both.files == info.files and info_view(both) == info_view(info)
 
 
 def test_read_remote_from_a_server_that_ignores_range(server: tuple[Served, str]) -> None:
@@ -339,6 +353,26 @@ def test_read_remote_missing_shard(server: tuple[Served, str], tiny_models) -> N
     shutil.copy(first, served.root / first.name)
     with pytest.raises(errors.ModelNotFoundError, match="00002-of-00002"):
         read_remote([f"{base}/{first.name}"])
+
+
+def test_the_token_goes_to_the_hub_only(
+    server: tuple[Served, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, base = server
+    write_gguf(served.root / "m.gguf")
+    hub = base.split("/repo/")[0]
+    monkeypatch.setenv("HF_ENDPOINT", hub)
+    monkeypatch.setenv("HF_TOKEN", "hf_testtoken")
+    # (huggingface_hub's session may call the endpoint on its own: only m.gguf counts.)
+    read_remote([f"{base}/m.gguf"])
+    assert set(served.auth.pop("m.gguf")) == {"Bearer hf_testtoken"}
+    # Another origin (the same files on another port) gets no token ...
+    with _serve(served) as elsewhere:
+        read_remote([f"{elsewhere}/m.gguf"])
+    assert set(served.auth.pop("m.gguf")) == {None}
+    # ... and headers given by the caller are sent as they are.
+    read_remote([f"{base}/m.gguf"], headers={"Authorization": "Bearer other"})
+    assert set(served.auth.pop("m.gguf")) == {"Bearer other"}
 
 
 def test_read_remote_refuses_in_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
