@@ -341,6 +341,70 @@ def doctor_command(
 
 
 # --------------------------------------------------------------------------------------
+# probe and plan: what this (or another) machine can run, before any download
+
+
+@app.command("probe")
+def probe_command(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of tables."),
+    measure: bool = typer.Option(
+        False, "--measure", help="Measure RAM bandwidth (about a second) and remember it."
+    ),
+) -> None:
+    """Show this machine, and the best plan for each catalog model on it."""
+    from qwenrun import planning
+
+    hw = planning.probe_machine(measure=measure)
+    rows = planning.catalog_rows(hw)
+    if as_json:
+        print(planning.probe_json(hw, rows))
+        return
+    from qwenrun import report
+
+    report.show(report.hardware_table(hw))
+    print()
+    report.show(report.models_table(rows))
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Argument(..., help="A catalog name (qwen3-30b-a3b) or a local .gguf file."),
+    quant: str | None = typer.Option(None, "--quant", help="Plan this quant (default: best fit)."),
+    ctx: int | None = CtxOpt,
+    n_cpu_moe: int | None = NCpuMoeOpt,
+    gpu_layers: int | None = GpuLayersOpt,
+    kv_type: str | None = KvTypeOpt,
+    gpu_mem: str | None = typer.Option(
+        None, "--gpu-mem", help="Plan for a GPU with this much memory (24GiB; 0: no GPU)."
+    ),
+    ram: str | None = typer.Option(None, "--ram", help="Plan for this much RAM (64GiB)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of tables."),
+) -> None:
+    """One plan: quant, context, experts on CPU, bytes per device, speed, and why."""
+    from qwenrun import offload, planning
+
+    wishes = offload.Wishes(
+        quant=quant,
+        n_ctx=ctx,
+        n_cpu_moe=n_cpu_moe,
+        n_gpu_layers=gpu_layers,
+        kv_type=kv_type,
+        gpu_mem_bytes=None if gpu_mem is None else offload.parse_size(gpu_mem, "--gpu-mem"),
+        ram_bytes=None if ram is None else offload.parse_size(ram, "--ram"),
+    )
+    wishes.validate()
+    plan = planning.plan_model(model, wishes)
+    if as_json:
+        import json
+
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    from qwenrun import report
+
+    report.show(report.plan_view(plan))
+
+
+# --------------------------------------------------------------------------------------
 # pull, list, rm: models in the Hugging Face cache
 
 

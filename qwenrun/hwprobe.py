@@ -486,7 +486,8 @@ def store_cpu_bandwidth(cpu_model: str, gbs: float) -> None:
 # The probe
 
 
-def _gpu_offload() -> bool | None:
+def gpu_offload_supported() -> bool | None:
+    """Can the installed llama.cpp offload to a GPU (None: its library does not load)."""
     try:
         from qwenrun import backend
     except ImportError:
@@ -526,7 +527,7 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
         cpu_flags=cpu.flags,
         disk_free_bytes=disk_free(config.hf_hub_cache()),
         cpu_bandwidth_gbs=gbs,
-        gpu_offload=_gpu_offload() if check_backend else None,
+        gpu_offload=gpu_offload_supported() if check_backend else None,
         cpu_bandwidth_source=source,
         notes=tuple(notes),
     )
