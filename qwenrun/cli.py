@@ -9,20 +9,14 @@ import what they need when they run. Every `QwenrunError` becomes one line on st
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NoReturn
+from typing import Literal, NoReturn
 
 import typer
 
 from qwenrun import __version__, config, errors
-
-if TYPE_CHECKING:
-    from qwenrun import download
 
 app = typer.Typer(
     name="qwenrun",
@@ -131,6 +125,7 @@ GpuLayersOpt = typer.Option(None, "--gpu-layers", help="Layers on the GPU (defau
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
 KvTypeOpt = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
 VerboseOpt = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
+YesOpt = typer.Option(False, "--yes", "-y", help="Download a missing model without asking.")
 BudgetOpt = typer.Option(None, "--budget", help="Stop thinking after N tokens.")
 SystemOpt = typer.Option(None, "--system", help="The system prompt.")
 
@@ -151,7 +146,9 @@ def _read_prompt(prompt: str | None) -> str:
 
 @app.command()
 def run(
-    model: str = typer.Argument(..., help="A GGUF file (catalog names and hub references too)."),
+    model: str = typer.Argument(
+        ..., help="MODEL[:QUANT] (qwen3-30b-a3b:Q4_K_M), owner/repo:QUANT, or a .gguf file."
+    ),
     prompt: str | None = typer.Argument(None, help="The prompt; piped stdin is appended."),
     ctx: int | None = CtxOpt,
     max_tokens: int | None = MaxTokensOpt,
@@ -176,6 +173,7 @@ def run(
     kv_type: str | None = KvTypeOpt,
     verbose: bool = VerboseOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
+    yes: bool = YesOpt,
 ) -> None:
     """Answer one prompt and exit: only the answer goes to stdout."""
     from qwenrun import launch
@@ -192,10 +190,11 @@ def run(
     opts.validate()
     _check_budget(budget)
     text = _read_prompt(prompt)
-    path = Path(model).expanduser()
     from qwenrun import chat as chatting
     from qwenrun import ui
 
+    # stdin may carry the prompt, so only a terminal on both ends can answer a question.
+    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info)
     engine, decision = launch.open_engine(path, opts, on_notice=ui.info)
     try:
         conv = chatting.Conversation.for_engine(
@@ -258,7 +257,9 @@ def _sampling_settings(
 
 @app.command()
 def chat(
-    model: str | None = typer.Argument(None, help="A GGUF file to chat with."),
+    model: str | None = typer.Argument(
+        None, help="MODEL[:QUANT], owner/repo:QUANT or a .gguf file (default: best for you)."
+    ),
     think: bool | None = typer.Option(
         None, "--think/--no-think", help="Start in thinking or direct mode (default: the model's)."
     ),
@@ -281,6 +282,7 @@ def chat(
     threads: int | None = ThreadsOpt,
     kv_type: str | None = KvTypeOpt,
     verbose: bool = VerboseOpt,
+    yes: bool = YesOpt,
 ) -> None:
     """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
 
@@ -298,12 +300,14 @@ def chat(
     )
     opts.validate()
     _check_budget(budget)
+    startup: tuple[str, ...] = ()
     if model is None:
-        raise errors.UsageError(
-            "no model given (choosing one for this machine is not available yet)",
-            hint="pass a GGUF file: qwenrun chat path/to/model.gguf",
-        )
-    path = Path(model).expanduser()
+        from qwenrun import hwprobe
+
+        name, quant, startup = launch.default_model(hwprobe.probe(check_backend=True))
+        model = f"{name}:{quant}"
+        ui.info(startup[0])
+    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info)
     with ui.load_progress() as on_progress:
         engine, decision = launch.open_engine(
             path, opts, on_progress=on_progress, on_notice=ui.info
@@ -312,7 +316,9 @@ def chat(
     conv = chatting.Conversation.for_engine(
         engine, system=system, mode=_mode(think), budget=budget, settings=settings, notice=ui.info
     )
-    ui.show_startup(conv.profile.name, [*decision.reasons, f"context {engine.n_ctx:,} tokens"])
+    ui.show_startup(
+        conv.profile.name, [*startup, *decision.reasons, f"context {engine.n_ctx:,} tokens"]
+    )
     out = ui.make_renderer(show_thinking=show_thinking, show_stats=True if verbose else None)
     try:
         code = chatting.repl(engine, conv, out)
@@ -417,7 +423,7 @@ def pull_command(
     model: str = typer.Argument(
         ..., help="MODEL[:QUANT]: a catalog name or owner/repo (hf.co/owner/repo), with a quant."
     ),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before downloading."),
+    yes: bool = YesOpt,
 ) -> None:
     """Download a model's GGUF files into the Hugging Face cache (resumable, verified)."""
     from qwenrun import download, refs, ui
@@ -429,84 +435,18 @@ def pull_command(
         )
     # Only a quant qwenrun chose is worth a question; one the user named is what they asked for.
     ask = ref.quant is None and not yes and _interactive()
-    with _pull_progress() as on_progress:
+    from qwenrun import launch
+
+    with ui.pull_progress() as on_progress:
         paths = download.pull(
-            ref, on_progress=on_progress, confirm=lambda t: _confirm_pull(t, ask=ask)
+            ref,
+            on_progress=on_progress,
+            confirm=lambda t: ui.confirm_pull(t, ask=ask),
+            choose=launch.planner_chooser(),
         )
     ui.info(f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache")
     for path in paths:
         print(path)
-
-
-def _confirm_pull(target: download.PullTarget, *, ask: bool) -> bool:
-    """Say what will be fetched (and its size); on a terminal, ask when qwenrun chose it."""
-    from qwenrun import download, ui
-
-    n = len(target.quant.files)
-    what = (
-        f"{target.reference} · {target.repo} · {download.format_bytes(target.total_size)}"
-        f" in {n} file{'s' if n > 1 else ''}"
-    )
-    if download.cached_copy(target) is not None:
-        ui.info(f"{what} · already downloaded")
-        return True
-    ui.info(what)
-    if not ask:
-        return True
-    import click
-
-    return click.confirm("Download it?", default=True, err=True)
-
-
-@contextlib.contextmanager
-def _pull_progress() -> Iterator[Callable[[download.PullProgress], None]]:
-    """One progress bar for the whole quant on a terminal; a line per file elsewhere."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    from qwenrun import ui
-
-    con = ui.console()
-    progress: Progress | None = None
-    task = None
-    last_file = (0, "")
-
-    def on_progress(p: download.PullProgress) -> None:
-        nonlocal progress, task, last_file
-        verb = "verifying" if p.phase == "verify" else "downloading"
-        label = f"{verb} {p.file_index}/{p.n_files} {p.file.rsplit('/', 1)[-1]}"
-        if not con.is_terminal:
-            if (p.file_index, p.phase) != last_file:
-                last_file = (p.file_index, p.phase)
-                ui.info(label)
-            return
-        if progress is None:
-            progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=False),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=con,
-                transient=False,
-            )
-            progress.start()
-            # Start at the bytes already there, so a resumed pull's speed is not inflated.
-            task = progress.add_task(label, total=p.total_bytes, completed=p.done_bytes)
-        assert task is not None
-        progress.update(task, description=label, completed=p.done_bytes)
-
-    try:
-        yield on_progress
-    finally:
-        if progress is not None:
-            progress.stop()
 
 
 @app.command("list")

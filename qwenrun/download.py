@@ -296,10 +296,9 @@ DEFAULT_QUANTS = ("UD-Q4_K_XL", "Q4_K_M")
 def choose_quant(ref: ModelRef, listing: RepoListing) -> QuantFiles:
     """The quant to pull when the user names none.
 
-    TODO(lead): ask the planner (`offload.plan` over `QuantOption`s built from
-    `gguf_info.estimate(spec, quant)` or `gguf_info.read_remote`, with `hwprobe.probe()`) for
-    the best quant for this machine; this stand-in takes a 4-bit default when the repo has
-    one, else the best quant smaller than Q4_K_M, else the smallest.
+    For catalog models `launch.planner_chooser` asks the planner instead; this rule serves
+    repos outside the catalog: a 4-bit default when the repo has one, else the best quant
+    smaller than Q4_K_M, else the smallest.
     """
     if not listing.quants:
         raise errors.ModelNotFoundError(f"{listing.repo} holds no GGUF files")
@@ -964,6 +963,7 @@ def resolve_local(
     confirm: Confirm | None = None,
     on_progress: ProgressFn | None = None,
     on_notice: Callable[[str], None] | None = None,
+    choose: Chooser | None = None,
 ) -> list[Path]:
     """Any model reference → local GGUF paths (first shard first), for `run` and `chat`.
 
@@ -986,7 +986,7 @@ def resolve_local(
         )
     if on_notice is not None:
         on_notice(f"{ref} is not downloaded yet: pulling it")
-    return pull(ref, on_progress=on_progress, confirm=confirm)
+    return pull(ref, on_progress=on_progress, confirm=confirm, choose=choose)
 
 
 def _cached_or_offline_error(ref: ModelRef, on_progress: ProgressFn | None) -> list[Path]:

@@ -34,6 +34,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
 
+    from qwenrun import download
     from qwenrun.backend import GenStats
 
 _err_console: Console | None = None
@@ -561,3 +562,76 @@ class ChatPrompt:
                 break
             lines.append(more)
         return strip_triple_quotes("".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# Downloads
+
+
+def confirm_pull(target: download.PullTarget, *, ask: bool) -> bool:
+    """Say what will be fetched (and its size); on a terminal, ask when qwenrun chose it."""
+    from qwenrun import download
+
+    n = len(target.quant.files)
+    what = (
+        f"{target.reference} · {target.repo} · {download.format_bytes(target.total_size)}"
+        f" in {n} file{'s' if n > 1 else ''}"
+    )
+    if download.cached_copy(target) is not None:
+        info(f"{what} · already downloaded")
+        return True
+    info(what)
+    if not ask:
+        return True
+    import typer
+
+    return typer.confirm("Download it?", default=True, err=True)
+
+
+@contextmanager
+def pull_progress() -> Iterator[Callable[[download.PullProgress], None]]:
+    """One progress bar for the whole quant on a terminal; a line per file elsewhere."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    con = console()
+    progress: Progress | None = None
+    task = None
+    last_file = (0, "")
+
+    def on_progress(p: download.PullProgress) -> None:
+        nonlocal progress, task, last_file
+        verb = "verifying" if p.phase == "verify" else "downloading"
+        label = f"{verb} {p.file_index}/{p.n_files} {p.file.rsplit('/', 1)[-1]}"
+        if not con.is_terminal:
+            if (p.file_index, p.phase) != last_file:
+                last_file = (p.file_index, p.phase)
+                info(label)
+            return
+        if progress is None:
+            progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=False),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=con,
+                transient=False,
+            )
+            progress.start()
+            # Start at the bytes already there, so a resumed pull's speed is not inflated.
+            task = progress.add_task(label, total=p.total_bytes, completed=p.done_bytes)
+        assert task is not None
+        progress.update(task, description=label, completed=p.done_bytes)
+
+    try:
+        yield on_progress
+    finally:
+        if progress is not None:
+            progress.stop()

@@ -222,3 +222,39 @@ def test_terminal_does_not_ask_for_a_named_quant_or_with_yes(hub):
         child.close()
         assert child.exitstatus == 0, child.before
         assert "Download it?" not in (child.before or "")
+
+
+# ---- run and chat take references: a missing model is pulled first, then planned and run
+
+
+def test_run_pulls_a_missing_reference_then_works_offline(hub):
+    ref = f"{SPEC.name}:Q4_K_M"
+    args = ("run", ref, "hello", "--max-tokens", "6", "--ctx", "512", "--seed", "1")
+    first = qwenrun(hub, *args, "--yes", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["stats"]["generated_tokens"] == 6
+    assert any(r["path"].endswith(SINGLE) for r in list_json(hub))
+    gets = [r for r in hub.requests if r.method == "GET" and r.path.endswith(SINGLE)]
+    assert len(gets) == 1
+
+    # Offline, the cached copy is used and nothing is asked of the hub.
+    before = len(hub.requests)
+    offline = qwenrun(hub, *args, "--json", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)["answer"] == json.loads(first.stdout)["answer"]
+    assert len(hub.requests) == before
+
+
+def test_run_refuses_a_file_whose_hash_is_wrong(hub):
+    hub.advertise_sha256(REPO, SINGLE, "0" * 64)
+    proc = qwenrun(hub, "run", f"{SPEC.name}:Q4_K_M", "hello", "--yes", "--ctx", "512")
+    line = one_error_line(proc, 5)
+    assert "sha256" in line or "hash" in line
+    assert proc.stdout == ""
+    assert not any(r["path"] and r["path"].endswith(SINGLE) for r in list_json(hub))
+
+
+def test_run_offline_without_the_files_says_what_is_missing(hub):
+    proc = qwenrun(hub, "run", f"{SPEC.name}:Q4_K_M", "hello", HF_HUB_OFFLINE="1")
+    line = one_error_line(proc, 5)
+    assert "Q4_K_M" in line

@@ -104,7 +104,7 @@ def test_no_prompt_at_all_is_a_usage_error(tiny_models):
 
 def test_missing_path(tmp_path):
     proc = qwenrun("run", str(tmp_path / "missing.gguf"), "hi")
-    assert_one_line_error(proc, 3, "not found")
+    assert_one_line_error(proc, 3, "no such file")
 
 
 def test_not_a_gguf(tmp_path):
