@@ -505,7 +505,7 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
     total, available, swap, ram_note = _ram()
     notes = [ram_note] if ram_note else []
     if measure:
-        gbs: float = measure_cpu_bandwidth()
+        gbs: float = round(measure_cpu_bandwidth(), 2)  # as stored, so later probes agree
         store_cpu_bandwidth(cpu.model, gbs)
         source: BandwidthSource = "measured"
     elif (cached := cached_cpu_bandwidth(cpu.model)) is not None:

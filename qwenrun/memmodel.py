@@ -23,12 +23,13 @@ src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, ggml-backen
   conv values plus `d_state·d_inner` state values, f32, one sequence.
 - Compute buffer: llama.cpp reserves the graph of one n_ubatch-token batch and keeps the
   peak of live tensors. Measured on this commit (CPU, real Qwen3-30B/Qwen3.5-35B shapes),
-  the peak is the output phase: logits (n_vocab × n_ubatch f32) plus two hidden states;
-  without flash attention the attention phase (n_ctx × n_ubatch × n_head f32 scores plus
-  the mask) takes over. With a GPU, the CPU weights of big batches are copied into the GPU's
-  compute buffer one split at a time (op offload, batches of 32+ tokens), so the GPU buffer
-  also holds the largest CPU layer's weights; the host side holds the inputs (mask,
-  embeddings). The figure used is that peak + 1 % + 4 MiB.
+  the peak is the output phase (logits, n_vocab × n_ubatch f32, plus two hidden states)
+  up to ~200k cells; beyond, the attention phase (the f16 mask, n_ctx × n_ubatch, plus
+  ~11 query-width activations per token) takes over, and without flash attention at once
+  (n_ctx × n_ubatch × n_head f32 scores). With a GPU, the host-memory weights of big
+  batches (32+ tokens) are copied into the GPU's compute buffer one split at a time (ggml's
+  op offload), so the GPU buffer also holds the largest CPU layer's weights; the host side
+  holds the graph inputs (mask, embeddings). The figure used is that peak + 1 % + 4 MiB.
 - Output buffer: one row of logits (n_vocab f32) in host memory.
 - CPU repacking: on a CPU-only run, Q4_0/Q4_K/IQ4_NL/MXFP4 (AVX2) and Q2_K (AVX-512) matmul
   weights are copied into a CPU_REPACK buffer. With mmap the file pages stay mapped too
@@ -484,10 +485,13 @@ def compute_bytes(
     cells = pad_ctx(layout.n_ctx)
     hidden = 2 * facts.n_embd * ub * 4
     logits = facts.n_vocab * ub * 4 + hidden
-    mask = cells * ub * 4  # counted as f32: flash attention's f16 mask is half this
-    attn = mask + 4 * facts.n_embd * ub * 4
+    # Attention phase, measured on CPU (Qwen3-30B shapes, 196k-320k cells): the f16 mask
+    # (cells × n_ubatch) plus about 11 f32 activations of the query width per token.
+    q_width = facts.n_head * facts.head_dim_k
+    attn = cells * ub * 2 + 11 * q_width * ub * 4
     if not layout.flash_attn:
-        attn += cells * ub * facts.n_head * 4  # the materialized score matrix
+        # the materialized f32 scores, and the mask in f32
+        attn += cells * ub * facts.n_head * 4 + cells * ub * 2
     moe = ub * facts.n_expert_used * (3 * facts.expert_ff + facts.n_embd) * 4
     moe += ub * facts.n_expert * 4 + hidden
     ssm = ub * facts.ssm_conv_dim * 4 * 2 + hidden if facts.is_hybrid else 0
@@ -496,7 +500,8 @@ def compute_bytes(
     gpu_peak = max(attn, moe + host_copy, ssm, logits if output_on_gpu else 0)
     # Host side: graph inputs (mask, token ids, positions) and the embedding lookup; the
     # logits too when the output layer stays on the CPU.
-    cpu_peak = max(mask + hidden, logits if not output_on_gpu else 0)
+    mask_f32 = cells * ub * 4  # the host builds the mask; counted in f32 to be safe
+    cpu_peak = max(mask_f32 + hidden, logits if not output_on_gpu else 0)
     return _with_slack(gpu_peak), _with_slack(cpu_peak)
 
 

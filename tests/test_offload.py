@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -403,18 +402,29 @@ def test_parse_size_rejects_nonsense(text: str):
 
 
 def _tolerance(actual: int) -> float:
-    # 3 % (the target), and 1 MiB for llama.cpp's log rounding of small buffers
-    return max(0.03 * actual, 1 * MIB)
+    # 3 % (the target is 3 % or 64 MiB); 8 MiB covers the planner's fixed slack on
+    # the compute buffer and llama.cpp's log rounding of small buffers.
+    return max(0.03 * actual, 8 * MIB)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen35moe", "qwen3next", "qwen3"])
-@pytest.mark.parametrize("n_ctx", [4096, 16384])
-def test_cpu_buffers_match_llama_cpp(tmp_path: Path, arch: str, n_ctx: int):
+# (arch, vocab, context): Qwen's real vocabulary makes the logits phase the compute peak; a
+# small vocabulary at a long context makes it the attention phase (the mask).
+ACCURACY_CASES = [
+    ("qwen3moe", 151936, 8192),
+    ("qwen35moe", 151936, 8192),
+    ("qwen3next", 151936, 8192),
+    ("qwen3", 151936, 8192),
+    ("qwen3moe", None, 131072),
+    ("qwen35moe", None, 131072),
+]
+
+
+@pytest.mark.parametrize("arch,vocab,n_ctx", ACCURACY_CASES)
+def test_cpu_buffers_match_llama_cpp(tiny_models, arch: str, vocab: int | None, n_ctx: int):
     from qwenrun.backend import Engine
     from qwenrun.hwprobe import probe
-    from qwenrun.testing.tiny_gguf import write_model
 
-    path = write_model(tmp_path, arch, n_layer=4, vocab_size=151936, dtype="f16")
+    path = tiny_models(arch, vocab_size=vocab, dtype="f16")
     hw = probe()
     p = offload.plan_for_file(path, replace(hw, gpus=()), Wishes(n_ctx=n_ctx))
     assert p.gpu is None
@@ -425,4 +435,5 @@ def test_cpu_buffers_match_llama_cpp(tmp_path: Path, arch: str, n_ctx: int):
         actual = report.total(kind, "CPU")
         guess = predicted.get((kind, "CPU"), 0)
         assert abs(guess - actual) <= _tolerance(actual), (kind, guess, actual)
-    assert predicted.get(("rs", "CPU"), 0) > 0 or arch not in ("qwen35moe", "qwen3next")
+    hybrid = arch in ("qwen35moe", "qwen3next")
+    assert (predicted.get(("rs", "CPU"), 0) > 0) == hybrid

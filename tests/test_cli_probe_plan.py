@@ -1,0 +1,216 @@
+"""`qwenrun probe` and `qwenrun plan` as a user runs them: real processes, this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qwenrun import catalog
+
+ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "SYSTEMROOT")
+GIB = 1 << 30
+
+
+def qwenrun(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+    return subprocess.run(
+        [sys.executable, "-m", "qwenrun", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def plan_json(*args: str) -> dict:
+    proc = qwenrun("plan", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# --------------------------------------------------------------------------------------
+# probe
+
+
+def test_probe_json_schema():
+    proc = qwenrun("probe", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    hw = data["hardware"]
+    for key in (
+        "gpus",
+        "ram_total_bytes",
+        "ram_available_bytes",
+        "swap_total_bytes",
+        "cpu_model",
+        "physical_cores",
+        "logical_cores",
+        "cpu_flags",
+        "disk_free_bytes",
+        "cpu_bandwidth_gbs",
+        "gpu_offload",
+    ):
+        assert key in hw
+    assert hw["ram_total_bytes"] > 0
+    assert isinstance(hw["cpu_flags"], list)
+    names = [m["model"] for m in data["models"]]
+    assert names == [s.name for s in catalog.CATALOG]
+    fitting = [m for m in data["models"] if m["fits"]]
+    for m in data["models"]:
+        if m["fits"]:
+            p = m["plan"]
+            assert p["quant"] in catalog.QUANT_LADDER
+            assert p["n_ctx"] >= 4096
+            assert p["estimated"] is True
+            assert p["predicted"]["decode_tok_s"] > 0
+            assert m["problem"] is None
+        else:
+            assert m["plan"] is None
+            assert "needs" in m["problem"]
+    # This machine (≥ 16 GiB RAM) runs the small models at least.
+    if hw["ram_total_bytes"] >= 16 * GIB:
+        assert any(m["model"] == "qwen3-30b-a3b" for m in fitting)
+    assert not any(m["model"] == "qwen3.5-397b-a17b" for m in fitting) or (
+        hw["ram_total_bytes"] > 100 * GIB
+    )
+
+
+def test_probe_tables_on_a_pipe_have_no_escape_codes():
+    proc = qwenrun("probe")
+    assert proc.returncode == 0, proc.stderr
+    assert "This machine" in proc.stdout
+    assert "qwen3-30b-a3b" in proc.stdout
+    assert "\x1b[" not in proc.stdout
+
+
+def test_probe_measure_remembers_the_bandwidth():
+    proc = qwenrun("probe", "--measure", "--json")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout)["hardware"]
+    assert first["cpu_bandwidth_source"] == "measured"
+    cache = Path(os.environ["QWENRUN_HOME"]) / "cpu_bandwidth.json"
+    assert cache.is_file()
+    again = json.loads(qwenrun("probe", "--json").stdout)["hardware"]
+    assert again["cpu_bandwidth_source"] == "measured"
+    assert again["cpu_bandwidth_gbs"] == first["cpu_bandwidth_gbs"]
+
+
+# --------------------------------------------------------------------------------------
+# plan, catalog models (offline estimates)
+
+
+def test_plan_12gib_gpu_and_32gib_ram_picks_4bit_or_better_with_most_experts_on_cpu():
+    p = plan_json("qwen3-30b-a3b", "--gpu-mem", "12GiB", "--ram", "32GiB")
+    assert catalog.quant_rank(p["quant"]) <= catalog.quant_rank("Q4_0")  # 4-bit class or better
+    assert p["n_layer"] == 48
+    assert p["cpu_expert_layers"] > 24
+    assert p["n_gpu_layers"] == -1
+    gpu, cpu = p["devices"]
+    assert gpu["device"] == "gpu" and cpu["device"] == "cpu"
+    assert gpu["capacity"] == 12 * GIB and cpu["capacity"] == 32 * GIB
+    assert gpu["used"] <= gpu["budget"] and cpu["used"] <= cpu["budget"]
+    assert p["override_patterns"][0]["buffer"] == "CPU"
+    assert p["reasons"]
+
+
+def test_plan_gpu_mem_0_puts_everything_on_the_cpu():
+    p = plan_json("qwen3-30b-a3b", "--gpu-mem", "0", "--ram", "64G")
+    assert p["n_gpu_layers"] == 0
+    assert [d["device"] for d in p["devices"]] == ["cpu"]
+    assert p["override_patterns"] == []
+    assert p["use_mmap"] is True
+    cpu = p["devices"][0]
+    assert cpu["weights_experts"] > 10 * GIB
+
+
+def test_plan_honours_fixed_settings():
+    p = plan_json(
+        "qwen3.5-35b",
+        "--quant",
+        "q4_k_m",
+        "--ctx",
+        "65536",
+        "--kv-type",
+        "q8_0",
+        "--n-cpu-moe",
+        "20",
+        "--gpu-mem",
+        "16G",
+        "--ram",
+        "64G",
+    )
+    assert p["quant"] == "Q4_K_M"
+    assert p["n_ctx"] == 65536
+    assert p["kv_type"] == "q8_0"
+    assert p["expert_cpu_layers"] == list(range(20))
+    assert p["expert_cpu_tensors"] == []
+
+
+def test_plan_tables_on_a_pipe():
+    proc = qwenrun("plan", "qwen3-30b-a3b", "--gpu-mem", "24G", "--ram", "64G")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("Memory by device", "Why:", "KV cache", "predicted decode"):
+        assert text in proc.stdout
+    assert "\x1b[" not in proc.stdout
+
+
+def test_plan_bad_size_is_one_line_exit_2():
+    line = one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--gpu-mem", "12 parsecs"), 2)
+    assert "--gpu-mem" in line
+    one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--ram", "lots"), 2)
+
+
+def test_plan_unknown_model_is_exit_3():
+    line = one_line_error(qwenrun("plan", "qwen9-1t"), 3)
+    assert "unknown model" in line
+
+
+def test_plan_that_cannot_fit_is_exit_4_with_alternatives():
+    line = one_line_error(qwenrun("plan", "qwen3.5-397b", "--gpu-mem", "0", "--ram", "32G"), 4)
+    assert "does not fit" in line
+    assert "needs about" in line
+    assert "hint: try" in line and "smaller" in line
+
+
+def test_plan_unknown_quant_is_exit_2():
+    one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--quant", "Q9_Z"), 2)
+
+
+# --------------------------------------------------------------------------------------
+# plan, a local file (exact bytes)
+
+
+def test_plan_local_gguf_uses_its_exact_bytes(tiny_models):
+    path = tiny_models("qwen35moe", vocab_size=2048)
+    p = plan_json(str(path), "--gpu-mem", "0")
+    assert p["files"] == [str(path)]
+    assert p["estimated"] is False
+    assert p["arch"] == "qwen35moe"
+    assert p["quant"] == "F32"
+    cpu = p["devices"][0]
+    size = path.stat().st_size
+    assert 0.9 * size < cpu["weights_dense"] + cpu["weights_experts"] <= size
+    assert cpu["recurrent_state"] > 0
+
+
+def test_plan_local_gguf_rejects_quant(tiny_models):
+    path = tiny_models("qwen3moe")
+    one_line_error(qwenrun("plan", str(path), "--quant", "Q4_K_M"), 2)
+
+
+def test_plan_missing_local_file_is_exit_3(tmp_path):
+    line = one_line_error(qwenrun("plan", str(tmp_path / "nope.gguf")), 3)
+    assert "not found" in line
