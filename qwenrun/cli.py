@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import typer
 
 from qwenrun import __version__, config, errors
+
+if TYPE_CHECKING:
+    from qwenrun import launch
 
 app = typer.Typer(
     name="qwenrun",
@@ -178,17 +181,7 @@ def run(
     """Answer one prompt and exit: only the answer goes to stdout."""
     from qwenrun import launch
 
-    opts = launch.RunOptions(
-        ctx=ctx,
-        cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        kv_type=kv_type,
-        verbose=verbose,
-    )
-    opts.validate()
-    _check_budget(budget)
+    opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
     text = _read_prompt(prompt)
     from qwenrun import chat as chatting
     from qwenrun import ui
@@ -220,9 +213,32 @@ def run(
         engine.close()
 
 
-def _check_budget(budget: int | None) -> None:
+def _run_options(
+    ctx: int | None,
+    cpu_moe: bool,
+    n_cpu_moe: int | None,
+    gpu_layers: int | None,
+    threads: int | None,
+    kv_type: str | None,
+    verbose: bool,
+    budget: int | None,
+) -> launch.RunOptions:
+    """The flags `run` and `chat` share, checked before anything is loaded."""
+    from qwenrun import launch
+
     if budget is not None and budget < 0:
         raise errors.UsageError("--budget must be 0 or more tokens")
+    opts = launch.RunOptions(
+        ctx=ctx,
+        cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        kv_type=kv_type,
+        verbose=verbose,
+    )
+    opts.validate()
+    return opts
 
 
 def _mode(think: bool | None) -> Literal["think", "direct"] | None:
@@ -289,17 +305,7 @@ def chat(
     from qwenrun import chat as chatting
     from qwenrun import launch, ui
 
-    opts = launch.RunOptions(
-        ctx=ctx,
-        cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        kv_type=kv_type,
-        verbose=verbose,
-    )
-    opts.validate()
-    _check_budget(budget)
+    opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
     startup: tuple[str, ...] = ()
     if model is None:
         from qwenrun import hwprobe
