@@ -29,7 +29,9 @@ from qwenrun.backend import Engine, SamplingParams, _llama
 from qwenrun.placement import LoadConfig
 from qwenrun.testing.tiny_gguf import QWEN_VOCAB_SIZE, write_model
 
-PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>user\nWrite a short story about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
+)
 SAMPLING = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0, seed=42)
 
 
@@ -37,9 +39,7 @@ def run_qwenrun(engine: Engine, prompt: list[int], n: int) -> float:
     engine.reset()
     gen = engine.generate(prompt, SAMPLING, max_tokens=n)
     t_first = 0.0
-    count = 0
     for _piece in gen:
-        count += 1
         if not t_first:
             t_first = time.perf_counter()
     t_end = time.perf_counter()
@@ -90,9 +90,7 @@ def run_high_level(llm: object, prompt_text: str, n: int) -> float:
         stream=True,
     )
     t_first = 0.0
-    chunks = 0
     for _chunk in stream:
-        chunks += 1
         if not t_first:
             t_first = time.perf_counter()
     t_end = time.perf_counter()
