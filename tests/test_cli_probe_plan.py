@@ -5,34 +5,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from qwenrun import catalog
+from qwenrun.testing.proc import error_line, run_qwenrun
 
-ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "SYSTEMROOT")
 GIB = 1 << 30
 
 
 def qwenrun(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
-    return subprocess.run(
-        [sys.executable, "-m", "qwenrun", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_qwenrun(*args)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    assert proc.returncode == code, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+    return error_line(proc, code)
 
 
 def plan_json(*args: str) -> dict:

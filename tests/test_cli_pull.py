@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ import pytest
 
 from qwenrun import catalog
 from qwenrun.testing.hub_server import HubServer
+from qwenrun.testing.proc import child_env, error_line, run_qwenrun
 
 SPEC = catalog.CATALOG[0]
 REPO = SPEC.repos[0]
 SINGLE = f"{SPEC.display}-Q4_K_M.gguf"
 SHARDS = tuple(f"Q8_0/{SPEC.display}-Q8_0-0000{k}-of-00002.gguf" for k in (1, 2))
-ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "PYTHONPATH")
 TOKEN = "hf_tEsTtOkEn0123456789"
 
 
@@ -34,25 +33,12 @@ def hub(tiny_models) -> HubServer:
 
 
 def qwenrun(hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
-    full["HF_ENDPOINT"] = hub.url  # huggingface_hub reads it at import: set it per process
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "qwenrun", *args],
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    # huggingface_hub reads HF_ENDPOINT at import: set it per process.
+    return run_qwenrun(*args, env={"HF_ENDPOINT": hub.url, **env})
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    assert proc.returncode == code, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[-1]
+    return error_line(proc, code, only=False)
 
 
 def list_json(hub: HubServer) -> list[dict[str, object]]:
@@ -62,14 +48,7 @@ def list_json(hub: HubServer) -> list[dict[str, object]]:
 
 
 def run_answers(path: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwenrun", "run", path, "hi", "--max-tokens", "4", "--ctx", "512"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k in ENV_KEEP},
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_qwenrun("run", path, "hi", "--max-tokens", "4", "--ctx", "512")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
 
@@ -181,8 +160,7 @@ def test_local_file_is_not_pulled(hub, tiny_models):
 
 
 def spawn_tty(hub: HubServer, *args: str) -> pexpect.spawn:
-    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
-    env.update(HF_ENDPOINT=hub.url, TERM="xterm-256color")
+    env = child_env({"HF_ENDPOINT": hub.url, "TERM": "xterm-256color"})
     return pexpect.spawn(
         sys.executable,
         ["-m", "qwenrun", *args],

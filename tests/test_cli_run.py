@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,33 +10,17 @@ from pathlib import Path
 import gguf
 import pytest
 
-ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "SYSTEMROOT")
+from qwenrun.testing.proc import child_env, error_line, run_qwenrun
 
 
 def qwenrun(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "qwenrun", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        # No stdin given: behave like a terminal user who typed nothing, not a pipe.
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+    return run_qwenrun(*args, stdin=stdin, env=env)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
-    assert proc.returncode == code, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    assert text in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert text in error_line(proc, code)
     assert proc.stdout == ""
 
 
@@ -161,9 +144,12 @@ def test_closed_stdout_ends_quietly(tiny_models):
         f"{sys.executable} -m qwenrun run {model} hello --max-tokens 400 --ctx 1024 "
         "| head -c 1 >/dev/null"
     )
-    env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
     proc = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=120
+        ["bash", "-o", "pipefail", "-c", cmd],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
     )
     assert "Traceback" not in proc.stderr
     assert "BrokenPipe" not in proc.stderr
