@@ -230,6 +230,8 @@ _OVERRIDE_RE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)"
 _BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
 _OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+# How llama.cpp and ggml say that a buffer did not fit (host or device memory).
+_OOM_RE = re.compile(r"out of memory|failed to allocate|unable to allocate", re.IGNORECASE)
 # ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (ggml.h). llama-cpp-python's
 # own table has these shuffled, so its `verbose=False` hides errors; we keep our own.
 _LEVEL_NAMES = {1: "debug", 2: "info", 3: "warn", 4: "error"}
@@ -319,8 +321,8 @@ def _load_failure(path: Path, lines: list[str]) -> errors.QwenrunError:
             f"{path.name} is truncated or corrupt",
             hint="download it again (qwenrun pull resumes and verifies)",
         )
-    if re.search(r"out of memory|failed to allocate|unable to allocate", text, re.IGNORECASE):
-        return errors.BackendError(
+    if _OOM_RE.search(text):
+        return errors.OutOfMemoryError(
             f"not enough memory to load {path.name}",
             hint="put more experts on the CPU (--n-cpu-moe) or use a smaller quant",
         )
@@ -414,21 +416,30 @@ class Engine:
         arr, encoded = _override_array(patterns) if patterns else (None, [])
         if arr is not None:
             mparams.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        progress_cb = None
-        if on_progress is not None:
-            user_cb = on_progress
+        # An exception (Ctrl-C above all) raised inside a ctypes callback would be printed
+        # and swallowed; the callback stores it, cancels the load, and it is raised after.
+        interrupted: list[BaseException] = []
 
-            def _progress(p: float, _user: Any) -> bool:
-                user_cb(float(p))
-                return True  # returning false would cancel the load
+        def _progress(p: float, _user: Any) -> bool:
+            try:
+                if on_progress is not None:
+                    on_progress(float(p))
+            except BaseException as exc:
+                interrupted.append(exc)
+                return False  # false cancels the load
+            return True
 
-            progress_cb = lc.llama_progress_callback(_progress)
-            mparams.progress_callback = progress_cb
+        progress_cb = lc.llama_progress_callback(_progress)
+        mparams.progress_callback = progress_cb
         # The override array and its strings must outlive the model (llama.cpp keeps the
         # pointer in the model's params), so the engine holds them until close().
         self._keep = (arr, encoded, progress_cb)
 
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if interrupted:
+            if model:
+                lc.llama_model_free(model)
+            raise interrupted[0]
         if not model:
             lines = [ln for _, ln in _LOG.since(mark)]
             raise _load_failure(path, lines)
@@ -458,6 +469,11 @@ class Engine:
             lines = [ln for _, ln in _LOG.since(mark)]
             self.close()
             reason = next((ln for ln in reversed(lines) if ln.strip()), "")
+            if _OOM_RE.search("\n".join(lines)):
+                raise errors.OutOfMemoryError(
+                    f"not enough memory for a context of {config.n_ctx} tokens",
+                    hint="try a smaller --ctx, or --kv-type q8_0",
+                )
             raise errors.BackendError(
                 f"llama.cpp could not create a context of {config.n_ctx} tokens: {reason.strip()}",
                 hint="try a smaller --ctx, or a quantized KV cache with flash attention",
@@ -623,9 +639,15 @@ class Engine:
             del cache[n:]
         return n
 
-    def _decode_chunk(self, tokens: list[int]) -> None:
+    def _decode_chunk(self, tokens: list[int], cancel: threading.Event | None = None) -> bool:
+        """Evaluate `tokens` in batches; False if `cancel` was set between two batches.
+
+        The cache grows only by batches that were evaluated, so it stays true either way.
+        """
         lc = _llama()
         for start in range(0, len(tokens), self.n_batch):
+            if cancel is not None and cancel.is_set():
+                return False
             chunk = tokens[start : start + self.n_batch]
             arr = (lc.llama_token * len(chunk))(*chunk)
             rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
@@ -637,6 +659,7 @@ class Engine:
                     hint="the context may be full; raise --ctx or start a new conversation",
                 )
             self._cache.extend(chunk)
+        return True
 
     def _sampler_chain(self, s: SamplingParams) -> Any:
         lc = _llama()
@@ -732,7 +755,12 @@ class Generation:
         try:
             n_keep = eng._reuse_prefix(self._prompt)
             new = self._prompt[n_keep:]
-            eng._decode_chunk(new)
+            if not eng._decode_chunk(new, self._cancel):
+                # Ctrl-C during a long prompt: stop before the first token.
+                self.finish_reason = "cancelled"
+                t = time.perf_counter()
+                self.stats = self._stats(lc, chain, t0, t, 0.0, t, len(eng._cache) - n_keep)
+                return
             t_prefill = time.perf_counter()
 
             # The hot loop: sample, piece, decode. Everything else is kept out of it or

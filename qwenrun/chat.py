@@ -375,6 +375,7 @@ class Conversation:
         """
         n_ctx = engine.n_ctx
         want = min(self.max_tokens or n_ctx, n_ctx // 4)
+        kept = list(self.turns)
         dropped = 0
         while True:
             prompt = self.render(pending)
@@ -383,8 +384,11 @@ class Conversation:
             if room >= want or (room > 0 and not self.turns):
                 return Prepared(prompt, tokens, dropped)
             if not self.turns:
+                # A message that cannot fit even alone must not cost the conversation.
+                self.turns = kept
+                with_system = " with the system prompt" if self.system else ""
                 raise errors.ContextOverflowError(
-                    f"the message is {len(tokens)} tokens with the system prompt, "
+                    f"the message is {len(tokens)} tokens{with_system}, "
                     f"but the context holds {n_ctx}",
                     hint="shorten it, or raise --ctx",
                 )
@@ -618,11 +622,16 @@ def run_turn(
         thinking_tokens=clock.tokens,
         dropped_turns=prepared.dropped,
     )
-    conv.add_turn(
-        # The answer as streamed: an edited copy would not match the tokens kept for reuse.
-        Turn(text, result.answer, result.thinking, mode, cut=reason == "cancelled")
-    )
-    _remember(engine, conv, prepared, gen.tokens, "".join(raw), reason)
+    if reason == "cancelled" and not gen.tokens:
+        # Stopped before the model said anything: no turn to keep (an empty assistant
+        # message in the history would only confuse the next prompt).
+        conv.forget_tokens()
+    else:
+        conv.add_turn(
+            # The answer as streamed: an edited copy would not match the tokens kept for reuse.
+            Turn(text, result.answer, result.thinking, mode, cut=reason == "cancelled")
+        )
+        _remember(engine, conv, prepared, gen.tokens, "".join(raw), reason)
     out.turn_done(result)
     return result
 

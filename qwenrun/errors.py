@@ -56,6 +56,10 @@ class BackendError(QwenrunError):
     """llama.cpp refused to load or run the model (out of memory, decode failure)."""
 
 
+class OutOfMemoryError(BackendError):
+    """A buffer did not fit in RAM or VRAM while loading or creating the context."""
+
+
 class DownloadError(QwenrunError):
     """The hub could not deliver a file (network, server error, cut connection)."""
 

@@ -45,8 +45,8 @@ class RunOptions:
         return self.cpu_moe or self.n_cpu_moe is not None or self.gpu_layers is not None
 
     def validate(self) -> None:
-        if self.ctx is not None and self.ctx < 16:
-            raise errors.UsageError(f"--ctx {self.ctx} is too small", hint="use at least 512")
+        if self.ctx is not None and self.ctx < 256:
+            raise errors.UsageError(f"--ctx {self.ctx} is too small", hint="use at least 256")
         if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
             raise errors.UsageError("--n-cpu-moe must be 0 or more")
         if self.cpu_moe and self.n_cpu_moe is not None:
@@ -184,9 +184,9 @@ def open_engine(
     decision = decide(path, opts, hw)
     try:
         engine = Engine.load(path, decision.load, verbose=opts.verbose, on_progress=on_progress)
-    except errors.BackendError as err:
+    except errors.OutOfMemoryError as err:
         retry = _more_experts_on_cpu(decision.load)
-        if retry is None or "memory" not in err.message:
+        if retry is None:
             raise
         note = f"{err.message}; retrying with {retry.placement.describe()}"
         if on_notice:

@@ -191,6 +191,21 @@ def test_cancel_stops_mid_stream(tiny_models):
         assert again.stats is not None and again.stats.eval_prompt_tokens == 1
 
 
+def test_cancel_during_a_long_prompt_stops_between_batches(tiny_models):
+    path = tiny_models("qwen3moe", steer=2)
+    with Engine.load(path, LoadConfig(n_ctx=1024, n_batch=64, n_ubatch=64)) as eng:
+        prompt = eng.tokenize(PROMPT + "word " * 100)
+        cancel = threading.Event()
+        cancel.set()
+        gen = eng.generate(prompt, SamplingParams(seed=1), 50, cancel)
+        assert gen.text() == ""
+        assert gen.finish_reason == "cancelled" and gen.n_generated == 0
+        # Nothing half-evaluated is believed to be cached: the next call evaluates it all.
+        again = eng.generate(prompt, SamplingParams(seed=1), 3)
+        again.text()
+        assert again.stats is not None and again.stats.eval_prompt_tokens == len(prompt)
+
+
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen35moe"])
 def test_second_call_evaluates_only_new_tokens(tiny_models, arch):
     with load(tiny_models(arch, steer=2)) as eng:
@@ -275,3 +290,13 @@ def test_truncated_gguf(tiny_models, tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(errors.InvalidModelError, match="truncated or corrupt"):
         Engine.load(p)
+
+
+def test_an_interrupt_while_loading_cancels_the_load(tiny_models, capfd):
+    def on_progress(p: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Engine.load(tiny_models("qwen3moe"), LoadConfig(n_ctx=256), on_progress=on_progress)
+    # Raised to the caller, not printed and swallowed inside the ctypes callback.
+    assert "Exception ignored" not in capfd.readouterr().err

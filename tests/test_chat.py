@@ -376,6 +376,35 @@ def test_a_message_larger_than_the_context_is_refused(engines):
     assert conv.turns == []
 
 
+def test_a_message_too_large_for_the_context_leaves_the_history_alone(engines):
+    engine = engines("qwen3", n_ctx=256)
+    conv = chat.Conversation.for_engine(
+        engine, mode="direct", settings={"seed": 1, "max_tokens": 8}
+    )
+    for i in range(2):
+        chat.run_turn(engine, conv, quiet(), f"short question {i}")
+    before = list(conv.turns)
+    with pytest.raises(errors.ContextOverflowError, match="tokens, but the context holds 256"):
+        chat.run_turn(engine, conv, quiet(), "word " * 400)
+    assert conv.turns == before
+
+
+def test_a_turn_cancelled_before_any_token_leaves_no_empty_answer(engines):
+    engine = engines("qwen3", n_ctx=512)
+    conv = chat.Conversation.for_engine(engine, mode="direct", settings={"seed": 1})
+    cancel = threading.Event()
+    cancel.set()
+    result = chat.run_turn(engine, conv, quiet(), "hello " * 50, cancel=cancel)
+    assert result.finish_reason == "cancelled"
+    assert result.answer == ""
+    assert conv.turns == []
+    assert "<|im_start|>assistant\n<|im_end|>" not in conv.render("next")
+    # The engine evaluated nothing it does not account for: the next turn works as usual.
+    again = chat.run_turn(engine, conv, quiet(), "hello")
+    assert again.finish_reason in ("stop", "length")
+    assert len(conv.turns) == 1
+
+
 class CancelAfter(ui.PlainRenderer):
     """Sets the cancel event after `n` answer pieces, as Ctrl-C would."""
 
