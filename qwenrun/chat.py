@@ -595,18 +595,22 @@ def run_turn(
         forced = budget.step(True, 0)
         if forced:
             gen.force_text(forced)
-    for piece in gen:
-        raw.append(piece)
-        events = splitter.feed(piece)
-        if splitter.in_thinking and not clock.started:
-            clock.start(gen.n_generated)
-        _dispatch(events, out, thinking, answer, clock, end_thinking)
-        if clock.active and not splitter.in_thinking:
-            end_thinking()
-        if clock.active:
-            forced = budget.step(True, clock.spent(gen.n_generated))
-            if forced:
-                gen.force_text(forced)
+    try:
+        for piece in gen:
+            raw.append(piece)
+            events = splitter.feed(piece)
+            if splitter.in_thinking and not clock.started:
+                clock.start(gen.n_generated)
+            _dispatch(events, out, thinking, answer, clock, end_thinking)
+            if clock.active and not splitter.in_thinking:
+                end_thinking()
+            if clock.active:
+                forced = budget.step(True, clock.spent(gen.n_generated))
+                if forced:
+                    gen.force_text(forced)
+    except BaseException:
+        out.abort()  # a decode error mid-answer: no live panel left under the next prompt
+        raise
     _dispatch(splitter.flush(), out, thinking, answer, clock, end_thinking)
     if clock.active:
         end_thinking()

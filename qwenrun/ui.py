@@ -88,6 +88,7 @@ class Renderer(Protocol):
     def thinking_done(self, seconds: float, tokens: int) -> None: ...
     def answer(self, text: str) -> None: ...
     def turn_done(self, view: TurnResult) -> None: ...
+    def abort(self) -> None: ...
 
 
 # Control characters other than newline and tab, dropped before text reaches a terminal: a
@@ -236,6 +237,14 @@ class TTYRenderer:
         if line:
             self.err.print(Text(line, style="dim"))
 
+    def abort(self) -> None:
+        """The turn failed midway: leave the screen tidy for the error and the next prompt."""
+        self._close_live()
+        if not self._answer_tail.endswith("\n"):
+            self.out.write("\n")
+            self.out.flush()
+        self._answer_tail = "\n"
+
     def _close_live(self) -> None:
         if self._live is not None:
             self._live.stop()
@@ -298,6 +307,12 @@ class PlainRenderer:
             self.err.write(prefix + format_stats(view.stats) + "\n")
             self.err.flush()
 
+    def abort(self) -> None:
+        if not self._answer_tail.endswith("\n"):
+            self.out.write("\n")
+            self.out.flush()
+        self._answer_tail = "\n"
+
 
 class JsonRenderer:
     """Prints one object per turn: answer, thinking, stats, and whatever `extra` holds."""
@@ -333,6 +348,10 @@ class JsonRenderer:
             doc["notices"] = list(self.notices)
         self.out.write(json.dumps(doc, ensure_ascii=False) + "\n")
         self.out.flush()
+        self.notices.clear()
+
+    def abort(self) -> None:
+        # No object for a failed turn: the error goes to stderr and the exit code says it.
         self.notices.clear()
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -555,3 +556,30 @@ def test_repl_help_lists_every_command(engines):
     for command in chat.COMMANDS:
         assert command.name in text
     assert "Alt+Enter" in text
+
+
+class FailAfter(ui.PlainRenderer):
+    """Stands in for an error mid-answer (a decode failure surfaces the same way)."""
+
+    def __init__(self, n: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.left = n
+
+    def answer(self, text: str) -> None:
+        super().answer(text)
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError("boom")
+
+
+def test_a_turn_that_fails_midway_leaves_the_output_tidy(engines):
+    engine = engines("qwen3", n_ctx=512)
+    conv = chat.Conversation.for_engine(
+        engine, mode="direct", settings={"seed": 1, "max_tokens": 40}
+    )
+    stdout = io.StringIO()
+    out = FailAfter(3, out=stdout, err=io.StringIO())
+    with pytest.raises(RuntimeError, match="boom"):
+        chat.run_turn(engine, conv, out, "hello")
+    assert stdout.getvalue().endswith("\n")  # the error will start on a line of its own
+    assert conv.turns == []
