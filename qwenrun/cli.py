@@ -9,7 +9,6 @@ import what they need when they run. Every `QwenrunError` becomes one line on st
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from typing import TYPE_CHECKING, Literal, NoReturn
@@ -80,33 +79,18 @@ def _fail(err: errors.QwenrunError) -> NoReturn:
     sys.exit(exit_code_for(err))
 
 
-def _quiet_broken_pipe() -> NoReturn:
-    # The reader went away (`| head -c 1`): point stdout at /dev/null so the interpreter's
-    # final flush does not raise again, and end quietly.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
-    os._exit(0)
-
-
 def main() -> None:
-    """Console-script entry point."""
-    debug = config.debug_enabled()
+    """Console-script entry point.
+
+    Ctrl-C and a reader that goes away (`| head -c 1`) are handled by typer's own standalone
+    mode, quietly: exit 130 and exit 1, no traceback. Only qwenrun's errors are ours to word.
+    """
     try:
         app(standalone_mode=True)
     except errors.QwenrunError as err:
-        if debug:
+        if config.debug_enabled():
             traceback.print_exc()
         _fail(err)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 # --------------------------------------------------------------------------------------
