@@ -54,7 +54,7 @@ from qwenrun.memmodel import (
     speed,
     usage,
 )
-from qwenrun.placement import LoadConfig, Placement
+from qwenrun.placement import LoadConfig, Placement, layer_ranges
 
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
@@ -321,17 +321,6 @@ def fmt_bytes(n: int | float) -> str:
     if abs(n) >= MIB:
         return f"{n / MIB:.0f} MiB"
     return f"{n / 1024:.0f} KiB"
-
-
-def _layers(items: Sequence[int]) -> str:
-    """`[0, 1, 2, 5]` -> `layers 0-2, 5`."""
-    spans: list[str] = []
-    for i in sorted(set(items)):
-        if spans and spans[-1].split("-")[-1] == str(i - 1):
-            spans[-1] = f"{spans[-1].split('-')[0]}-{i}"
-        else:
-            spans.append(str(i))
-    return ("layer " if len(items) == 1 else "layers ") + ", ".join(spans)
 
 
 # --------------------------------------------------------------------------------------
@@ -801,7 +790,7 @@ def _placement_reasons(
             out.append(f"every layer's routed experts on the GPU ({n} layers)")
         else:
             cpu_layers = list(range(layout.n_cpu_moe))
-            text = f"routed experts of {_layers(cpu_layers)} on the CPU" if cpu_layers else ""
+            text = f"routed experts of {layer_ranges(cpu_layers)} on the CPU" if cpu_layers else ""
             if layout.cpu_tensors:
                 part = (
                     f"{len(layout.cpu_tensors)} expert tensor(s) of layer {layout.n_cpu_moe} "

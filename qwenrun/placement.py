@@ -10,6 +10,7 @@ and `-ot PATTERN=BUFT` (common/common.h, common/arg.cpp), matched by llama.cpp w
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,7 +76,7 @@ class Placement:
             return "all routed experts on CPU"
         parts = []
         if self.expert_cpu_layers:
-            parts.append(f"experts of {_ranges(self.expert_cpu_layers)} on CPU")
+            parts.append(f"experts of {layer_ranges(self.expert_cpu_layers)} on CPU")
         if self.expert_cpu_tensors:
             parts.append(f"{len(self.expert_cpu_tensors)} more expert tensors on CPU")
         if self.extra_overrides:
@@ -83,7 +84,7 @@ class Placement:
         return ", ".join(parts) if parts else "no expert overrides"
 
 
-def _ranges(layers: tuple[int, ...]) -> str:
+def layer_ranges(layers: Sequence[int]) -> str:
     """`(0, 1, 2, 5)` -> `layers 0-2, 5`."""
     items = sorted(set(layers))
     spans: list[str] = []
