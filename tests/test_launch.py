@@ -6,31 +6,8 @@ import pytest
 
 from qwenrun import catalog, errors, gguf_info, launch
 from qwenrun.download import HubFile, QuantFiles, RepoListing
-from qwenrun.hwprobe import GPUInfo, HardwareProfile
 from qwenrun.refs import parse_ref
-
-GIB = 1 << 30
-
-
-def machine(gpu_gib: float | None, ram_gib: float, *, offload: bool | None = None):
-    gpus = ()
-    if gpu_gib is not None:
-        size = int(gpu_gib * GIB)
-        gpus = (GPUInfo(0, f"test GPU {gpu_gib:g} GiB", size, size, 0, (8, 9), "550", 1000.0),)
-    ram = int(ram_gib * GIB)
-    return HardwareProfile(
-        gpus=gpus,
-        ram_total_bytes=ram,
-        ram_available_bytes=ram,
-        swap_total_bytes=0,
-        cpu_model="test CPU",
-        physical_cores=16,
-        logical_cores=32,
-        cpu_bandwidth_gbs=60.0,
-        gpu_offload=offload,
-        cpu_bandwidth_source="measured",
-    )
-
+from qwenrun.testing.hardware import machine
 
 # ---- decide: the planner fits around the user's flags
 

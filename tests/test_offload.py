@@ -14,34 +14,12 @@ from dataclasses import replace
 import pytest
 
 from qwenrun import catalog, errors, memmodel, offload
-from qwenrun.hwprobe import GIB, MIB, GPUInfo, HardwareProfile
+from qwenrun.hwprobe import GIB, MIB, HardwareProfile
 from qwenrun.offload import Budget, Plan, Wishes
+from qwenrun.testing.hardware import machine
 
 QWEN3_30B = "qwen3-30b-a3b"
 QWEN35_35B = "qwen3.5-35b-a3b"
-
-
-def gpu(gib: float, bandwidth: float = 1000.0) -> GPUInfo:
-    size = int(gib * GIB)
-    return GPUInfo(0, f"test GPU {gib:g} GiB", size, size, 0, (8, 9), "550", bandwidth, "4.0 x16")
-
-
-def machine(gpu_gib: float | None, ram_gib: float, *, cpu_gbs: float = 60.0) -> HardwareProfile:
-    ram = int(ram_gib * GIB)
-    return HardwareProfile(
-        gpus=() if gpu_gib is None else (gpu(gpu_gib),),
-        ram_total_bytes=ram,
-        ram_available_bytes=ram,
-        swap_total_bytes=0,
-        cpu_model="test CPU",
-        physical_cores=16,
-        logical_cores=32,
-        cpu_flags=frozenset({"avx2", "fma"}),
-        disk_free_bytes=None,
-        cpu_bandwidth_gbs=cpu_gbs,
-        gpu_offload=None,
-        cpu_bandwidth_source="measured",
-    )
 
 
 @functools.cache
