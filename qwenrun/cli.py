@@ -163,16 +163,15 @@ def run(
     yes: bool = YesOpt,
 ) -> None:
     """Answer one prompt and exit: only the answer goes to stdout."""
-    from qwenrun import launch
+    from qwenrun import chat as chatting
+    from qwenrun import hwprobe, launch, ui
 
     opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
     text = _read_prompt(prompt)
-    from qwenrun import chat as chatting
-    from qwenrun import ui
-
+    hw = hwprobe.probe(check_backend=True)  # once, for the quant to pull and the load plan
     # stdin may carry the prompt, so only a terminal on both ends can answer a question.
-    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info)
-    engine, decision = launch.open_engine(path, opts, on_notice=ui.info)
+    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info, hw=hw)
+    engine, decision = launch.open_engine(path, opts, on_notice=ui.info, hw=hw)
     try:
         conv = chatting.Conversation.for_engine(
             engine,
@@ -287,20 +286,20 @@ def chat(
     """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
 
     from qwenrun import chat as chatting
-    from qwenrun import launch, ui
+    from qwenrun import hwprobe, launch, ui
 
     opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
+    # One probe serves the default model, the quant to pull and the load plan.
+    hw = hwprobe.probe(check_backend=True)
     startup: tuple[str, ...] = ()
     if model is None:
-        from qwenrun import hwprobe
-
-        name, quant, startup = launch.default_model(hwprobe.probe(check_backend=True))
+        name, quant, startup = launch.default_model(hw)
         model = f"{name}:{quant}"
         ui.info(startup[0])
-    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info)
+    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info, hw=hw)
     with ui.load_progress() as on_progress:
         engine, decision = launch.open_engine(
-            path, opts, on_progress=on_progress, on_notice=ui.info
+            path, opts, on_progress=on_progress, on_notice=ui.info, hw=hw
         )
     settings = _sampling_settings(temp, top_p, top_k, min_p, presence_penalty, seed, max_tokens)
     conv = chatting.Conversation.for_engine(

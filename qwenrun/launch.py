@@ -111,8 +111,12 @@ def resolve_model(
     *,
     ask: bool,
     on_notice: Callable[[str], None] | None = None,
+    hw: HardwareProfile | None = None,
 ) -> Path:
-    """Any model reference → the local path of its (first) GGUF file, pulling if needed."""
+    """Any model reference → the local path of its (first) GGUF file, pulling if needed.
+
+    `hw` is the machine the quant to pull is chosen for (probed when needed if None).
+    """
     from qwenrun import download, refs
 
     ref = refs.parse_ref(model)
@@ -129,7 +133,7 @@ def resolve_model(
             confirm=lambda target: ui.confirm_pull(target, ask=ask),
             on_progress=on_progress,
             on_notice=on_notice,
-            choose=planner_chooser(),
+            choose=planner_chooser(hw),
         )
     return paths[0]
 
@@ -172,12 +176,16 @@ def open_engine(
     *,
     on_progress: Callable[[float], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    hw: HardwareProfile | None = None,
 ) -> tuple[Engine, Decision]:
-    """Plan and load the model; on a GPU out-of-memory, retry once with experts on the CPU."""
+    """Plan and load the model; on a GPU out-of-memory, retry once with experts on the CPU.
+
+    `hw` is this machine as already probed (with the backend checked); None probes it.
+    """
     from qwenrun import doctor, hwprobe
     from qwenrun.backend import Engine
 
-    hw = hwprobe.probe(check_backend=True)
+    hw = hw or hwprobe.probe(check_backend=True)
     warning = doctor.cuda_warning(hw, hw.gpu_offload)
     if warning and on_notice:
         on_notice(warning)
