@@ -15,16 +15,15 @@ from pathlib import Path
 import pexpect
 import pytest
 
-ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "QWENRUN_HOME", "HF_HOME", "PYTHONPATH")
+from qwenrun.testing.proc import child_env
+
 PROMPT = ">>> "
 TIMEOUT = 60
 
 
 def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
     # A pty under test answers no cursor-position queries; tell prompt_toolkit not to ask.
-    out.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
-    return out
+    return child_env({"TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"})
 
 
 def spawn(model: Path, *args: str, cwd: Path) -> pexpect.spawn:
