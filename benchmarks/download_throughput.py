@@ -4,7 +4,7 @@ One random file of a few hundred MB is served by `qwenrun.testing.hub_server` in
 process (zero-copy `sendfile`), and fetched into a fresh Hugging Face cache per run by:
 
 - hf:      `huggingface_hub.hf_hub_download(repo, file)` (HEAD, GET; no hash check);
-- qwenrun: `download.pull("owner/repo:QUANT")` (model info, HEAD, GET, the sha256 check
+- qwenrun: `pull.pull("owner/repo:QUANT")` (model info, HEAD, GET, the sha256 check
            against the listed LFS hash and its record), i.e. with verification included.
 
 Each round runs both, alternating which goes first; the figure is the median over rounds of
@@ -72,13 +72,13 @@ def time_hf(url: str, root: Path) -> float:
 
 
 def time_qwenrun(url: str, root: Path) -> float:
-    from qwenrun import download
+    from qwenrun.hub import pull
 
     os.environ["HF_ENDPOINT"] = url
     os.environ["HF_HOME"] = str(root / "hf-home")
     os.environ["QWENRUN_HOME"] = str(root / "qwenrun-home")
     t0 = time.perf_counter()
-    (path,) = download.pull(f"{REPO}:Q4_K_M")
+    (path,) = pull.pull(f"{REPO}:Q4_K_M")
     elapsed = time.perf_counter() - t0
     assert path.exists()
     shutil.rmtree(root / "hf-home")

@@ -3,7 +3,7 @@
 Contract: writes generated GGUFs (tiny models with Qwen's real 151,936/248,320-token
 vocabularies; with `--real`, cut-down synthetic Qwen3-30B-A3B / Qwen3.5-35B-A3B Q4_K_M files
 with the real per-layer shapes), plans each for a few contexts on this machine, loads it with
-the planned `LoadConfig` through `backend.Engine`, and compares the planner's predicted
+the planned `LoadConfig` through `llama.Engine`, and compares the planner's predicted
 bytes with the buffer sizes llama.cpp logs (model, KV, recurrent state, compute, output),
 per device. On a machine whose llama.cpp can use a GPU it also plans with part and all of
 the routed experts on the CPU, so both devices' buffers are checked. Target: every buffer
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from qwenrun import backend, hwprobe, offload  # noqa: E402
+from qwenrun import hwprobe, offload  # noqa: E402
+from qwenrun.engine import llama, llamalog, native  # noqa: E402
 from qwenrun.offload import Wishes  # noqa: E402
 from qwenrun.testing.tiny_gguf import write_model  # noqa: E402
 
@@ -96,7 +97,7 @@ def gpu_variants(case: Case, n_layer: int) -> Iterator[Case]:
         )
 
 
-def actual_bytes(report: backend.PlacementReport, kind: str, device: str) -> int:
+def actual_bytes(report: llamalog.PlacementReport, kind: str, device: str) -> int:
     if device == "CPU":
         return report.total(kind, "CPU")
     return report.total(kind) - report.total(kind, "CPU")
@@ -105,7 +106,7 @@ def actual_bytes(report: backend.PlacementReport, kind: str, device: str) -> int
 def measure(case: Case, hw: hwprobe.HardwareProfile) -> list[Row]:
     plan = offload.plan_for_file(case.path, hw, case.wishes)
     predicted = plan.predicted_buffers()
-    with backend.Engine.load(case.path, plan.load) as engine:
+    with llama.Engine.load(case.path, plan.load) as engine:
         report = engine.placement
     devices = ["CPU"] + (["GPU"] if plan.gpu is not None else [])
     rows = []
@@ -140,7 +141,7 @@ def write_results(text: str, command: str, hw: hwprobe.HardwareProfile) -> None:
         "## Planner accuracy\n\n"
         f"`{command}` — {dt.date.today().isoformat()}, {hw.cpu_model} "
         f"({hw.logical_cores} logical CPUs), {gpus}, llama-cpp-python "
-        f"{backend.llama_cpp_version()}, Python {platform.python_version()}. Predicted bytes "
+        f"{native.llama_cpp_version()}, Python {platform.python_version()}. Predicted bytes "
         "are `offload.plan_for_file(...).predicted_buffers()` for the plan loaded; llama.cpp's "
         "are the buffer sizes it logs while loading (two decimals of MiB). Target: each buffer "
         "within 3 % or 64 MiB."
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     hw = hwprobe.probe()
-    if not backend.supports_gpu_offload():
+    if not native.supports_gpu_offload():
         hw = replace(hw, gpus=())
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)

@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenrun.backend import Engine, SamplingParams, _llama
-from qwenrun.placement import LoadConfig
+from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.native import bindings
 from qwenrun.testing.tiny_gguf import QWEN_VOCAB_SIZE, write_model
 
 PROMPT = (
@@ -49,7 +50,7 @@ def run_qwenrun(engine: Engine, prompt: list[int], n: int) -> list[float]:
 
 def run_bare(engine: Engine, prompt: list[int], n: int) -> list[float]:
     """The yardstick: only the three native calls per token."""
-    lc = _llama()
+    lc = bindings()
     engine.reset()
     ctx, vocab = engine._ctx, engine._vocab
     chain = engine._sampler_chain(SAMPLING)

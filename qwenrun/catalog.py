@@ -4,12 +4,12 @@ Contract: pure data and pure functions, no third-party imports and no I/O. For e
 canonical name, display name and short aliases, the shape numbers the planner needs (the
 config.json values, in GGUF terms), the thinking kind, Qwen's sampling presets per mode and
 the hub repos that carry its GGUFs (preferred first). Also: the quant quality ladder
-(`QUANT_LADDER`, `quant_rank`, `normalize_quant`, `parse_quant_from_filename`) and the tensor
-layout a model's shape implies (`tensor_layout`, `param_counts`), which the size estimate in
-`gguf_info` and the invariants test share. This module downloads nothing, reads no file and
-knows nothing about the machine. Facts come from ../shared/reference/catalog.md (§1 shapes,
-§2 repos, §3 tensors, §4 sampling); where its sources disagree, the comment says which way
-this file goes and why.
+(`QUANT_LADDER`, `quant_rank`, `normalize_quant`; `hub/names.py` reads quants in file names)
+and the tensor layout a model's shape implies (`tensor_layout`, `param_counts`), which the
+size estimate in `planner/recipes.py` and the invariants test share. This module downloads
+nothing, reads no file and knows nothing about the machine. Facts come from
+../shared/reference/catalog.md (§1 shapes, §2 repos, §3 tensors, §4 sampling); where its
+sources disagree, the comment says which way this file goes and why.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Literal
 
 from qwenrun import errors
+from qwenrun.engine.loadconfig import is_routed_expert
 
 ThinkingKind = Literal["hybrid", "thinking", "direct"]
 Arch = Literal["qwen3moe", "qwen3next", "qwen35moe"]
@@ -483,42 +483,6 @@ def quant_rank(quant: str) -> int:
     return _RANK.get(normalize_quant(quant), len(QUANT_LADDER))
 
 
-# A quant token in a file or folder name: llama.cpp's type names (Q4_K_M, IQ2_XXS, Q8_0,
-# Q4_0_4_4, …), unsloth's UD- prefix, bartowski's _L/_XL, and the float types. It must stand
-# alone (no letter or digit either side), so "A3B" or "Qwen3" never match.
-_QUANT_TOKEN = re.compile(
-    r"(?<![A-Za-z0-9])"
-    r"((?:UD-)?(?:I?Q[1-8]_(?:K|[0-9]|[A-Z]+)(?:_[A-Z0-9]+)*|TQ[12]_0|MXFP4(?:_MOE)?"
-    r"|BF16|FP16|FP32|F16|F32))"
-    r"(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
-
-
-def _quant_in(part: str) -> str | None:
-    stem = re.sub(r"\.gguf$", "", part, flags=re.IGNORECASE)
-    stem = _SPLIT_SUFFIX.sub("", stem)
-    found = _QUANT_TOKEN.findall(stem)
-    # The quant is the last token: `Qwen3-30B-A3B-Q4_K_M`, `…-UD-Q4_K_XL-00001-of-00003`.
-    return normalize_quant(found[-1]) if found else None
-
-
-def parse_quant_from_filename(filename: str) -> str | None:
-    """The quant a GGUF file name (or repo path) names, canonical spelling; None if none.
-
-    `Qwen3-30B-A3B-UD-Q4_K_XL.gguf` → `UD-Q4_K_XL`;
-    `Q4_K_M/Qwen3-235B-A22B-Q4_K_M-00001-of-00002.gguf` → `Q4_K_M`. The file name wins; when
-    it names no quant, the nearest folder that does (`BF16/model-00001-of-00002.gguf`).
-    """
-    parts = PurePosixPath(filename.replace("\\", "/")).parts
-    for part in reversed(parts):
-        found = _quant_in(part)
-        if found is not None:
-            return found
-    return None
-
-
 # ------------------------------------------------------------------------------ tensors
 
 
@@ -538,12 +502,7 @@ class TensorShape:
 
     @property
     def is_routed_expert(self) -> bool:
-        return _ROUTED_EXPERT.search(self.name) is not None
-
-
-# llama.cpp's LLM_FFN_EXPS_REGEX (also placement.EXPS_REGEX; repeated to keep this module
-# free of imports beyond errors).
-_ROUTED_EXPERT = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+        return is_routed_expert(self.name)
 
 
 def _attention(p: str, s: ModelShape) -> list[TensorShape]:

@@ -1,13 +1,16 @@
-"""Conversations with a loaded model: the template, one turn, the REPL, one-shot answers.
+"""A conversation with a loaded model, and one turn of it as a stream of events.
 
 Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's
-own chat template (jinja2's sandbox, `enable_thinking` set per turn) and picks the sampling
-preset for the turn's mode; thinking text is kept for the transcript but never sent back to
-the model (Qwen's guidance). `run_turn` runs one turn on an `Engine` and streams it to a
-`ui.Renderer`; both the REPL (`repl`) and one-shot `qwenrun run` (`one_shot`) use it.
+own chat template (`template.ChatTemplate`, `enable_thinking` set per turn), picks the
+sampling preset for the turn's mode, and saves and loads JSON transcripts; thinking text is
+kept for the transcript but never sent back to the model (Qwen's guidance).
+`stream_turn(engine, conv, text)` runs one turn and yields what happens as plain events
+(notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the
+shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL,
+one-shot `qwenrun run` and the server all drive turns this way.
 
-It does not load models or choose placements (launch/offload do), print anything itself
-(ui does), or touch llama.cpp (backend does). The only state it keeps besides the
+It does not load models or choose placements (launch/offload do), print anything (renderers
+in `ui/` do), or touch llama.cpp (the engine does). The only state it keeps besides the
 conversation is the token ids of the last prompt and answer, so the next prompt can reuse
 them verbatim and the engine evaluates only what is new.
 """
@@ -18,34 +21,28 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from qwenrun import config, errors, ui
-from qwenrun.backend import GenStats, SamplingParams
-from qwenrun.thinking import Answer, ThinkingBudget, ThinkSplitter, prompt_opens_thinking
-from qwenrun.ui import SlashCommand, TurnResult
+from qwenrun import errors
+from qwenrun.engine.llama import GenStats, SamplingParams
+from qwenrun.template import (
+    ChatTemplate,
+    Mode,
+    ModelProfile,
+    fallback_template,
+    match_catalog,
+    model_profile,
+)
+from qwenrun.thinking import Answer, Thinking, ThinkingBudget, ThinkSplitter, prompt_opens_thinking
 
 if TYPE_CHECKING:
-    from qwenrun.backend import Engine
     from qwenrun.catalog import ModelSpec
-
-Mode = Literal["think", "direct"]
-ThinkingKind = Literal["hybrid", "thinking", "direct"]
-
-# Qwen3's model card: thinking 0.6/0.95/20/0, non-thinking 0.7/0.8/20/0. Used for a GGUF the
-# catalog does not know, and for a mode its catalog entry gives no preset for.
-DEFAULT_PRESETS: dict[str, SamplingParams] = {
-    "think": SamplingParams(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0),
-    "direct": SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0),
-}
+    from qwenrun.engine.llama import Engine
 
 # `/set` names → SamplingParams fields (max-tokens is the conversation's own).
 SETTINGS: dict[str, tuple[str, type]] = {
@@ -64,152 +61,6 @@ _SETTING_ALIASES = {field: key for key, (field, _kind) in SETTINGS.items()} | {
 }
 
 TRANSCRIPT_FORMAT = "qwenrun-transcript/1"
-
-
-# --------------------------------------------------------------------------------------
-# The chat template
-
-
-class ChatTemplate:
-    """A GGUF's `tokenizer.chat_template`, rendered as llama.cpp's Jinja formatter does.
-
-    Same environment as llama-cpp-python's `Jinja2ChatFormatter`: sandboxed, trim/lstrip
-    blocks, loop controls, a `tojson` that keeps non-ASCII text, `raise_exception` and
-    `strftime_now`. A template error is the model's problem, reported as one.
-    """
-
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(
-            loader=jinja2.BaseLoader(),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=["jinja2.ext.loopcontrols"],
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        self.source = source
-        self.bos_token = bos_token
-        self.eos_token = eos_token
-        try:
-            self._template = env.from_string(source)
-        except jinja2.TemplateError as exc:
-            raise errors.InvalidModelError(
-                f"the model's chat template does not parse: {exc}",
-                hint="use a GGUF with a working tokenizer.chat_template",
-            ) from None
-
-    def render(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool) -> str:
-        try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=True,
-                enable_thinking=enable_thinking,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
-        except jinja2.TemplateError as exc:
-            raise errors.InvalidModelError(
-                f"the model's chat template failed: {exc}",
-                hint="the template rejected this conversation; try /clear",
-            ) from None
-
-
-def _tojson(
-    value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(
-        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def fallback_template() -> str:
-    """Qwen3's own template, for a GGUF that carries none (all Qwen models speak ChatML)."""
-    return (Path(__file__).parent / "testing" / "templates" / "qwen3.jinja").read_text("utf-8")
-
-
-def detect_thinking_kind(template: ChatTemplate) -> ThinkingKind:
-    """What the template supports, learnt by rendering it: the truth for this very file.
-
-    `enable_thinking` changes the prompt → hybrid; the prompt always opens `<think>` →
-    thinking-only; neither → direct-only.
-    """
-    probe = [{"role": "user", "content": "hi"}]
-    on = template.render(probe, enable_thinking=True)
-    off = template.render(probe, enable_thinking=False)
-    if on != off:
-        return "hybrid"
-    return "thinking" if prompt_opens_thinking(on) else "direct"
-
-
-# --------------------------------------------------------------------------------------
-# What the model supports, and its sampling presets
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    name: str
-    thinking: ThinkingKind
-    presets: Mapping[str, SamplingParams]
-
-    @property
-    def default_mode(self) -> Mode:
-        return "direct" if self.thinking == "direct" else "think"
-
-    def supports(self, mode: Mode) -> bool:
-        return self.thinking == "hybrid" or (mode == "think") == (self.thinking == "thinking")
-
-    def describe_modes(self) -> str:
-        if self.thinking == "hybrid":
-            return "thinks or answers directly (/think, /nothink)"
-        if self.thinking == "thinking":
-            return "always thinks (/budget N caps it)"
-        return "answers directly (no thinking mode)"
-
-
-def presets_from_spec(spec: ModelSpec | None) -> dict[str, SamplingParams]:
-    presets = dict(DEFAULT_PRESETS)
-    if spec is not None:
-        for mode, p in spec.presets.items():
-            presets[mode] = SamplingParams(
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                min_p=p.min_p,
-                presence_penalty=p.presence_penalty,
-            )
-    return presets
-
-
-def match_catalog(metadata: Mapping[str, str]) -> ModelSpec | None:
-    """The catalog entry a local GGUF names in its metadata, if any."""
-    try:
-        from qwenrun import catalog
-    except ImportError:  # the catalog is optional at this layer: Qwen3's defaults apply
-        return None
-
-    for key in ("general.basename", "general.name"):
-        name = metadata.get(key)
-        if not name:
-            continue
-        try:
-            return catalog.lookup(name)
-        except errors.ModelNotFoundError:
-            continue  # a fine-tune or an unknown name: try the next key, then defaults
-    return None
-
-
-def model_profile(template: ChatTemplate, name: str, spec: ModelSpec | None = None) -> ModelProfile:
-    display = spec.display if spec is not None else name
-    return ModelProfile(display, detect_thinking_kind(template), presets_from_spec(spec))
 
 
 # --------------------------------------------------------------------------------------
@@ -506,7 +357,61 @@ def _turns_from_json(doc: Any, path: Path) -> list[Turn]:
 
 
 # --------------------------------------------------------------------------------------
-# One turn
+# One turn, as events
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What a finished turn shows: the parts, why it ended, and the engine's numbers."""
+
+    answer: str
+    thinking: str
+    finish_reason: str
+    stats: GenStats | None
+    mode: str
+    thinking_seconds: float = 0.0
+    thinking_tokens: int = 0
+    dropped_turns: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cut(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about this turn (e.g. old turns dropped)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDone:
+    """Thinking ended: how long it took and how many tokens it used."""
+
+    seconds: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """The last event of a turn: the whole answer, why it ended, the engine's numbers."""
+
+    result: TurnResult
+
+
+TurnEvent = Notice | ThinkingText | ThinkingDone | AnswerText | TurnDone
 
 
 @contextmanager
@@ -551,22 +456,22 @@ class _ThinkingClock:
         return n_generated - self.n0
 
 
-def run_turn(
+def stream_turn(
     engine: Engine,
     conv: Conversation,
-    out: ui.Renderer,
     text: str,
     *,
     cancel: threading.Event | None = None,
-) -> TurnResult:
-    """Send one user message, stream the reply to `out`, add the turn to `conv`.
+) -> Iterator[TurnEvent]:
+    """Send one user message; yield the reply as events; add the turn to `conv`.
 
-    Returns the answer, the thinking, why it ended ("stop", "length", "cancelled") and the
-    engine's stats. A cancelled reply keeps what was streamed and is marked as cut.
+    The last event is `TurnDone` with the answer, the thinking, why it ended ("stop",
+    "length", "cancelled") and the engine's stats. A cancelled reply keeps what was streamed
+    and is marked as cut; one cancelled before any token leaves no turn behind.
     """
     prepared = conv.prepare(engine, text)
     if prepared.dropped:
-        out.notice(
+        yield Notice(
             f"Context full: dropped the oldest {_plural(prepared.dropped, 'turn')}"
             " of the conversation."
         )
@@ -585,35 +490,42 @@ def run_turn(
     answer: list[str] = []
     raw: list[str] = []
 
-    def end_thinking() -> None:
+    def end_thinking() -> Iterator[TurnEvent]:
         clock.stop(gen.n_generated)
         if "".join(thinking).strip():
-            out.thinking_done(clock.seconds, clock.tokens)
+            yield ThinkingDone(clock.seconds, clock.tokens)
+
+    def dispatch(events: Iterable[Answer | Thinking]) -> Iterator[TurnEvent]:
+        for ev in events:
+            if isinstance(ev, Answer):
+                if clock.active:
+                    yield from end_thinking()  # fold the thinking before the answer shows
+                answer.append(ev.text)
+                yield AnswerText(ev.text)
+            else:
+                thinking.append(ev.text)
+                yield ThinkingText(ev.text)
 
     if opened:
         clock.start(0)
         forced = budget.step(True, 0)
         if forced:
             gen.force_text(forced)
-    try:
-        for piece in gen:
-            raw.append(piece)
-            events = splitter.feed(piece)
-            if splitter.in_thinking and not clock.started:
-                clock.start(gen.n_generated)
-            _dispatch(events, out, thinking, answer, clock, end_thinking)
-            if clock.active and not splitter.in_thinking:
-                end_thinking()
-            if clock.active:
-                forced = budget.step(True, clock.spent(gen.n_generated))
-                if forced:
-                    gen.force_text(forced)
-    except BaseException:
-        out.abort()  # a decode error mid-answer: no live panel left under the next prompt
-        raise
-    _dispatch(splitter.flush(), out, thinking, answer, clock, end_thinking)
+    for piece in gen:
+        raw.append(piece)
+        events = splitter.feed(piece)
+        if splitter.in_thinking and not clock.started:
+            clock.start(gen.n_generated)
+        yield from dispatch(events)
+        if clock.active and not splitter.in_thinking:
+            yield from end_thinking()
+        if clock.active:
+            forced = budget.step(True, clock.spent(gen.n_generated))
+            if forced:
+                gen.force_text(forced)
+    yield from dispatch(splitter.flush())
     if clock.active:
-        end_thinking()
+        yield from end_thinking()
 
     reason = gen.finish_reason or "stop"
     result = TurnResult(
@@ -636,27 +548,53 @@ def run_turn(
             Turn(text, result.answer, result.thinking, mode, cut=reason == "cancelled")
         )
         _remember(engine, conv, prepared, gen.tokens, "".join(raw), reason)
+    yield TurnDone(result)
+
+
+class Renderer(Protocol):
+    """What shows a turn (`ui/render.py` has the terminal, pipe and JSON ones)."""
+
+    def notice(self, text: str) -> None: ...
+    def thinking(self, text: str) -> None: ...
+    def thinking_done(self, seconds: float, tokens: int) -> None: ...
+    def answer(self, text: str) -> None: ...
+    def turn_done(self, view: TurnResult) -> None: ...
+    def abort(self) -> None: ...
+
+
+def render(events: Iterable[TurnEvent], out: Renderer) -> TurnResult:
+    """Show a turn's events on `out`; a turn that fails midway leaves `out` tidy."""
+    result: TurnResult | None = None
+    try:
+        for ev in events:
+            if isinstance(ev, AnswerText):
+                out.answer(ev.text)
+            elif isinstance(ev, ThinkingText):
+                out.thinking(ev.text)
+            elif isinstance(ev, ThinkingDone):
+                out.thinking_done(ev.seconds, ev.tokens)
+            elif isinstance(ev, Notice):
+                out.notice(ev.text)
+            else:
+                result = ev.result
+    except BaseException:
+        out.abort()  # a decode error mid-answer: no live panel left under the next prompt
+        raise
+    assert result is not None, "a turn always ends with TurnDone"
     out.turn_done(result)
     return result
 
 
-def _dispatch(
-    events: list[Any],
-    out: ui.Renderer,
-    thinking: list[str],
-    answer: list[str],
-    clock: _ThinkingClock,
-    end_thinking: Callable[[], None],
-) -> None:
-    for ev in events:
-        if isinstance(ev, Answer):
-            if clock.active:
-                end_thinking()  # fold the thinking before the answer shows
-            answer.append(ev.text)
-            out.answer(ev.text)
-        else:
-            thinking.append(ev.text)
-            out.thinking(ev.text)
+def run_turn(
+    engine: Engine,
+    conv: Conversation,
+    out: Renderer,
+    text: str,
+    *,
+    cancel: threading.Event | None = None,
+) -> TurnResult:
+    """One turn shown on `out` (see `stream_turn`)."""
+    return render(stream_turn(engine, conv, text, cancel=cancel), out)
 
 
 def _remember(
@@ -687,7 +625,7 @@ def one_shot(
     engine: Engine,
     conv: Conversation,
     text: str,
-    out: ui.Renderer,
+    out: Renderer,
 ) -> TurnResult:
     """`qwenrun run`: one turn, Ctrl-C stops the answer (what streamed stays printed) and
     then ends the program as an interrupt."""
@@ -699,253 +637,5 @@ def one_shot(
     return result
 
 
-# --------------------------------------------------------------------------------------
-# The REPL
-
-COMMANDS: tuple[SlashCommand, ...] = (
-    SlashCommand("/think", "", "thinking mode from the next message on"),
-    SlashCommand("/nothink", "", "direct mode: answer without thinking"),
-    SlashCommand("/budget", "N|off", "stop thinking after N tokens (off: no limit)"),
-    SlashCommand("/system", "TEXT|none", "set the system prompt (alone: show it)"),
-    SlashCommand(
-        "/set", "KEY VALUE", "temp, top-p, top-k, min-p, presence-penalty, max-tokens, seed"
-    ),
-    SlashCommand("/clear", "", "forget the conversation (the system prompt stays)"),
-    SlashCommand("/save", "FILE", "write the conversation to a JSON transcript"),
-    SlashCommand("/load", "FILE", "restore a conversation from a JSON transcript"),
-    SlashCommand("/stats", "", "numbers of the last answer, context use and settings"),
-    SlashCommand("/help", "", "this list"),
-    SlashCommand("/exit", "", "leave (also /bye or Ctrl-D)"),
-    SlashCommand("/bye", "", "leave"),
-)
-
-HELP_KEYS = (
-    'Enter sends · Alt+Enter (or Esc, Enter) adds a line · a message starting with """ '
-    'goes on until a line ending with """ · Ctrl-C stops an answer · Ctrl-D leaves'
-)
-
-
-class _Exit(Exception):
-    pass
-
-
-class Repl:
-    """The interactive loop: read, run a command or a turn, repeat."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        conv: Conversation,
-        out: ui.Renderer,
-        prompt: ui.ChatPrompt,
-        say: Callable[[str], None] = ui.info,
-    ) -> None:
-        self.engine = engine
-        self.conv = conv
-        self.out = out
-        self.prompt = prompt
-        self.say = say
-        self.last: TurnResult | None = None
-        self.totals = {"turns": 0, "generated": 0, "evaluated": 0}
-
-    def mode_label(self) -> str:
-        label = "thinking" if self.conv.mode == "think" else "direct"
-        if self.conv.budget is not None and self.conv.mode == "think":
-            label += f" · budget {self.conv.budget}"
-        return label
-
-    def run(self) -> int:
-        while True:
-            try:
-                text = self.prompt.read(self.mode_label())
-            except KeyboardInterrupt:
-                self.say("Use /exit, /bye or Ctrl-D to leave.")
-                continue
-            except EOFError:
-                return 0
-            if not text.strip():
-                continue
-            try:
-                if text.lstrip().startswith("/") and "\n" not in text.strip():
-                    self.command(text.strip())
-                else:
-                    self.turn(text)
-            except _Exit:
-                return 0
-            except errors.QwenrunError as err:
-                # In a session, a bad command or a failed turn is reported and the chat goes on.
-                self.say(f"{err.message}" + (f" ({err.hint})" if err.hint else ""))
-
-    def turn(self, text: str) -> None:
-        cancel = threading.Event()
-        with sigint_sets(cancel):
-            result = run_turn(self.engine, self.conv, self.out, text, cancel=cancel)
-        self.last = result
-        self.totals["turns"] += 1
-        if result.stats is not None:
-            self.totals["generated"] += result.stats.generated_tokens
-            self.totals["evaluated"] += result.stats.eval_prompt_tokens
-
-    # ---- commands
-
-    def command(self, line: str) -> None:
-        name, _, arg = line.partition(" ")
-        arg = arg.strip()
-        handler = {
-            "/think": self._think,
-            "/nothink": self._nothink,
-            "/budget": self._budget,
-            "/system": self._system,
-            "/set": self._set,
-            "/clear": self._clear,
-            "/save": self._save,
-            "/load": self._load,
-            "/stats": self._stats,
-            "/help": self._help,
-            "/?": self._help,
-            "/exit": self._exit,
-            "/bye": self._exit,
-            "/quit": self._exit,
-        }.get(name.lower())
-        if handler is None:
-            raise errors.UsageError(f"unknown command {name}", hint="/help lists the commands")
-        handler(arg)
-
-    def _think(self, _arg: str) -> None:
-        self.conv.set_mode("think")
-        self.say(f"Thinking mode. {self.conv.profile.name} {self.conv.profile.describe_modes()}.")
-
-    def _nothink(self, _arg: str) -> None:
-        self.conv.set_mode("direct")
-        self.say("Direct mode: answers without thinking.")
-
-    def _budget(self, arg: str) -> None:
-        if arg.lower() in ("off", "none", ""):
-            self.conv.set_budget(None)
-            self.say("Thinking budget off.")
-            return
-        try:
-            n = int(arg)
-        except ValueError:
-            raise errors.UsageError(
-                f"/budget needs a number of tokens or off, not {arg!r}"
-            ) from None
-        self.conv.set_budget(n)
-        if self.conv.profile.thinking == "direct":
-            self.say(f"Budget set, but {self.conv.profile.name} never thinks.")
-        else:
-            self.say(f"Thinking stops after {n} tokens.")
-
-    def _system(self, arg: str) -> None:
-        if not arg:
-            self.say(
-                f"System prompt: {self.conv.system}" if self.conv.system else "No system prompt."
-            )
-            return
-        self.conv.system = None if arg.lower() == "none" else arg
-        self.say("System prompt removed." if self.conv.system is None else "System prompt set.")
-
-    def _set(self, arg: str) -> None:
-        key, _, value = arg.partition(" ")
-        if not key or not value.strip():
-            raise errors.UsageError("/set needs a name and a value", hint="e.g. /set temp 0.7")
-        self.conv.set(key, value.strip())
-        self.say(f"{key} = {value.strip()}")
-
-    def _clear(self, _arg: str) -> None:
-        self.conv.clear()
-        self.say("Conversation cleared.")
-
-    def _save(self, arg: str) -> None:
-        if not arg:
-            raise errors.UsageError("/save needs a file name", hint="e.g. /save chat.json")
-        path = Path(arg).expanduser()
-        self.conv.save(path)
-        self.say(f"Saved {_plural(len(self.conv.turns), 'turn')} to {path}.")
-
-    def _load(self, arg: str) -> None:
-        if not arg:
-            raise errors.UsageError("/load needs a file name", hint="e.g. /load chat.json")
-        path = Path(arg).expanduser()
-        notes = self.conv.load(path)
-        self.say(f"Loaded {_plural(len(self.conv.turns), 'turn')} from {path}.")
-        for note in notes:
-            self.say(note)
-
-    def _stats(self, _arg: str) -> None:
-        for line in self.stats_lines():
-            self.say(line)
-
-    def stats_lines(self) -> list[str]:
-        conv, eng = self.conv, self.engine
-        lines = [
-            f"model      {conv.profile.name} · {conv.profile.describe_modes()}",
-            f"mode       {self.mode_label()}",
-            f"context    {eng.cached_tokens} of {eng.n_ctx} tokens in use"
-            f" · {_plural(len(conv.turns), 'turn')}",
-            f"sampling   {_describe_sampling(conv.sampling())}"
-            + (f" · max-tokens {conv.max_tokens}" if conv.max_tokens else ""),
-            f"session    {_plural(self.totals['turns'], 'answer')}"
-            f" · {self.totals['generated']} tokens generated"
-            f" · {self.totals['evaluated']} prompt tokens evaluated",
-        ]
-        if self.last is not None and self.last.stats is not None:
-            lines.append(f"last       {_describe_stats(self.last.stats)}")
-            if self.last.thinking_tokens:
-                lines.append(
-                    f"thinking   {self.last.thinking_tokens} tokens in "
-                    f"{self.last.thinking_seconds:.1f} s"
-                )
-        else:
-            lines.append("last       no answer yet")
-        return lines
-
-    def _help(self, _arg: str) -> None:
-        width = max(len(c.name) + len(c.args) + 1 for c in COMMANDS)
-        for c in COMMANDS:
-            self.say(f"{(c.name + ' ' + c.args).strip():<{width}}  {c.help}")
-        self.say(HELP_KEYS)
-
-    def _exit(self, _arg: str) -> None:
-        raise _Exit
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _describe_sampling(s: SamplingParams) -> str:
-    text = f"temp {s.temperature:g} · top-p {s.top_p:g} · top-k {s.top_k} · min-p {s.min_p:g}"
-    if s.presence_penalty:
-        text += f" · presence-penalty {s.presence_penalty:g}"
-    if s.seed is not None:
-        text += f" · seed {s.seed}"
-    return text
-
-
-def _describe_stats(s: GenStats) -> str:
-    return (
-        f"{s.prompt_tokens} prompt tokens ({s.eval_prompt_tokens} evaluated) · "
-        f"{s.generated_tokens} generated · TTFT {s.ttft_ms:.0f} ms · "
-        f"prefill {s.prefill_tok_s:,.0f} tok/s · decode {s.decode_tok_s:.1f} tok/s · "
-        f"llama.cpp eval {s.llama_eval_ms:.0f} ms, sampling {s.llama_sample_ms:.0f} ms"
-    )
-
-
-def repl(
-    engine: Engine,
-    conv: Conversation,
-    out: ui.Renderer,
-    *,
-    prompt: ui.ChatPrompt | None = None,
-) -> int:
-    """Run the chat loop until /exit, /bye or Ctrl-D; returns the exit status."""
-    if prompt is None:
-        config.ensure_home()
-        prompt = ui.ChatPrompt(COMMANDS, config.history_file())
-    loop = Repl(engine, conv, out, prompt)
-    ui.info(
-        f"{conv.profile.name} {conv.profile.describe_modes()}. "
-        f"Mode: {loop.mode_label()}. /help for commands, Ctrl-D to leave."
-    )
-    return loop.run()

@@ -1,6 +1,9 @@
 """The `qwenrun` command line: parse, call the core, render, map errors to exit codes.
 
-Contract: this module only wires things together. It never imports llama_cpp,
+Contract: this module only wires things together: typer commands, each a few lines that
+call `launch`, `offload`, the hub or `doctor` and hand the result to `ui`. The options
+`run`, `chat` (and later `serve`) share are declared once (`LoadFlags`, `ChatFlags`,
+added to a command by `with_flags`). It never imports llama_cpp,
 huggingface_hub or pynvml at module level (so `qwenrun --help` starts fast); commands
 import what they need when they run. Every `QwenrunError` becomes one line on stderr
 ("error: <message>" plus "hint: <hint>" when there is one) and the exit code from
@@ -9,16 +12,22 @@ import what they need when they run. Every `QwenrunError` becomes one line on st
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import traceback
-from typing import TYPE_CHECKING, Literal, NoReturn
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import typer
 
 from qwenrun import __version__, config, errors
 
 if TYPE_CHECKING:
-    from qwenrun import launch
+    from qwenrun.launch import Started
+    from qwenrun.offload import Wishes
 
 app = typer.Typer(
     name="qwenrun",
@@ -94,27 +103,144 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Shared options of `run` and `chat`
+# The options `run`, `chat` (and `serve`) share, declared once
 
-CtxOpt = typer.Option(None, "--ctx", help="Context size in tokens (default: planned).")
-MaxTokensOpt = typer.Option(None, "--max-tokens", help="Stop after this many tokens.")
-TempOpt = typer.Option(None, "--temp", help="Sampling temperature (default: Qwen's preset).")
-TopPOpt = typer.Option(None, "--top-p", help="Nucleus sampling threshold.")
-TopKOpt = typer.Option(None, "--top-k", help="Sample from the K most likely tokens.")
-MinPOpt = typer.Option(None, "--min-p", help="Drop tokens below this share of the best.")
-PresenceOpt = typer.Option(None, "--presence-penalty", help="Penalise tokens already used.")
-SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
-CpuMoeOpt = typer.Option(False, "--cpu-moe", help="Every layer's routed experts on the CPU.")
-NCpuMoeOpt = typer.Option(
+
+# Also `plan`'s: one declaration each.
+_CTX = typer.Option(None, "--ctx", help="Context size in tokens (default: planned).")
+_KV_TYPE = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
+_N_CPU_MOE = typer.Option(
     None, "--n-cpu-moe", help="Routed experts of the first N layers on the CPU."
 )
-GpuLayersOpt = typer.Option(None, "--gpu-layers", help="Layers on the GPU (default: all).")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
-KvTypeOpt = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
-VerboseOpt = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
-YesOpt = typer.Option(False, "--yes", "-y", help="Download a missing model without asking.")
-BudgetOpt = typer.Option(None, "--budget", help="Stop thinking after N tokens.")
-SystemOpt = typer.Option(None, "--system", help="The system prompt.")
+_GPU_LAYERS = typer.Option(None, "--gpu-layers", help="Layers on the GPU (default: all).")
+
+
+@dataclass(frozen=True)
+class LoadFlags:
+    """How to load the model: the planner's constraints, and start-up behaviour."""
+
+    ctx: int | None = _CTX
+    kv_type: str | None = _KV_TYPE
+    cpu_moe: bool = typer.Option(
+        False, "--cpu-moe", help="Every layer's routed experts on the CPU."
+    )
+    n_cpu_moe: int | None = _N_CPU_MOE
+    gpu_layers: int | None = _GPU_LAYERS
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads (default: physical cores)."
+    )
+    verbose: bool = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download a missing model without asking.")
+
+    def wishes(self) -> Wishes:
+        from qwenrun.offload import Wishes
+
+        return Wishes(
+            n_ctx=self.ctx,
+            kv_type=self.kv_type,
+            cpu_moe=self.cpu_moe,
+            n_cpu_moe=self.n_cpu_moe,
+            n_gpu_layers=self.gpu_layers,
+            threads=self.threads,
+        )
+
+
+@dataclass(frozen=True)
+class ChatFlags:
+    """How to talk: mode, thinking, system prompt, sampling."""
+
+    think: bool | None = typer.Option(
+        None, "--think/--no-think", help="Thinking or direct mode (default: the model's)."
+    )
+    show_thinking: bool = typer.Option(
+        False,
+        "--show-thinking/--hide-thinking",
+        help="Keep thinking on screen, not folded (piped: on stderr, never on stdout).",
+    )
+    budget: int | None = typer.Option(None, "--budget", help="Stop thinking after N tokens.")
+    system: str | None = typer.Option(None, "--system", help="The system prompt.")
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens.")
+    temp: float | None = typer.Option(
+        None, "--temp", help="Sampling temperature (default: Qwen's preset)."
+    )
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold.")
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the K most likely tokens.")
+    min_p: float | None = typer.Option(
+        None, "--min-p", help="Drop tokens below this share of the best."
+    )
+    presence_penalty: float | None = typer.Option(
+        None, "--presence-penalty", help="Penalise tokens already used."
+    )
+    seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+
+    def validate(self) -> None:
+        if self.budget is not None and self.budget < 0:
+            raise errors.UsageError("--budget must be 0 or more tokens")
+
+    def conversation(self) -> dict[str, Any]:
+        """Keyword arguments for `chat.Conversation`: only what the user gave."""
+        given = {
+            "temperature": self.temp,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+        }
+        mode: Literal["think", "direct"] | None = None
+        if self.think is not None:
+            mode = "think" if self.think else "direct"
+        return {
+            "system": self.system,
+            "mode": mode,
+            "budget": self.budget,
+            "settings": {k: v for k, v in given.items() if v is not None},
+        }
+
+
+# The keyword-only parameter of a command that receives each group.
+_GROUPS: dict[str, type] = {"load": LoadFlags, "talk": ChatFlags}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_flags(fn: F) -> F:
+    """Give a command the options of the groups it asks for (`load: LoadFlags`, ...).
+
+    typer reads a command's signature; this one shows it the command's own parameters plus
+    every field of each group, and hands the command one group value per group.
+    """
+    hints = typing.get_type_hints(fn)
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name not in _GROUPS]
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+    wanted = {name: cls for name, cls in _GROUPS.items() if name in hints}
+    group_hints = {name: typing.get_type_hints(cls) for name, cls in wanted.items()}
+    extra = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=f.default,
+            annotation=group_hints[g][f.name],
+        )
+        for g, cls in wanted.items()
+        for f in fields(cls)
+    ]
+    params = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own] + extra
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        for g, cls in wanted.items():
+            kwargs[g] = cls(**{f.name: kwargs.pop(f.name) for f in fields(cls)})
+        return fn(**kwargs)
+
+    del command.__wrapped__  # typer must see the signature below, not the function's own
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# run and chat
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -131,186 +257,83 @@ def _read_prompt(prompt: str | None) -> str:
     return "\n\n".join(parts)
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _start(model: str | None, load: LoadFlags) -> Started:
+    """The one start-up of `run` and `chat`, with this terminal's questions and progress."""
+    from qwenrun import launch
+    from qwenrun.ui.progress import StartupHooks
+
+    wishes = load.wishes()
+    wishes.validate()  # before anything is probed, pulled or loaded
+    # stdin may carry the prompt, so only a terminal on both ends can answer a question.
+    hooks = StartupHooks(ask=not load.yes and _interactive())
+    return launch.start(model, wishes, hooks=hooks, verbose=load.verbose)
+
+
 @app.command()
+@with_flags
 def run(
     model: str = typer.Argument(
         ..., help="MODEL[:QUANT] (qwen3-30b-a3b:Q4_K_M), owner/repo:QUANT, or a .gguf file."
     ),
     prompt: str | None = typer.Argument(None, help="The prompt; piped stdin is appended."),
-    ctx: int | None = CtxOpt,
-    max_tokens: int | None = MaxTokensOpt,
-    temp: float | None = TempOpt,
-    top_p: float | None = TopPOpt,
-    top_k: int | None = TopKOpt,
-    min_p: float | None = MinPOpt,
-    presence_penalty: float | None = PresenceOpt,
-    seed: int | None = SeedOpt,
-    think: bool | None = typer.Option(
-        None, "--think/--no-think", help="Thinking or direct mode (default: the model's)."
-    ),
-    show_thinking: bool = typer.Option(
-        False, "--show-thinking/--hide-thinking", help="Thinking on stderr (never on stdout)."
-    ),
-    budget: int | None = BudgetOpt,
-    system: str | None = SystemOpt,
-    cpu_moe: bool = CpuMoeOpt,
-    n_cpu_moe: int | None = NCpuMoeOpt,
-    gpu_layers: int | None = GpuLayersOpt,
-    threads: int | None = ThreadsOpt,
-    kv_type: str | None = KvTypeOpt,
-    verbose: bool = VerboseOpt,
     as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
-    yes: bool = YesOpt,
+    *,
+    load: LoadFlags,
+    talk: ChatFlags,
 ) -> None:
     """Answer one prompt and exit: only the answer goes to stdout."""
-    from qwenrun import chat as chatting
-    from qwenrun import hwprobe, launch, ui
+    from qwenrun import chat
+    from qwenrun.ui import console, render
 
-    opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
+    talk.validate()
     text = _read_prompt(prompt)
-    hw = hwprobe.probe(check_backend=True)  # once, for the quant to pull and the load plan
-    # stdin may carry the prompt, so only a terminal on both ends can answer a question.
-    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info, hw=hw)
-    engine, decision = launch.open_engine(path, opts, on_notice=ui.info, hw=hw)
+    started = _start(model, load)
+    engine = started.engine
     try:
-        conv = chatting.Conversation.for_engine(
-            engine,
-            system=system,
-            mode=_mode(think),
-            budget=budget,
-            settings=_sampling_settings(
-                temp, top_p, top_k, min_p, presence_penalty, seed, max_tokens
-            ),
-            notice=ui.info,
-        )
-        if verbose:
-            ui.show_startup(conv.profile.name, decision.reasons)
-        out = ui.make_renderer(
+        conv = chat.Conversation.for_engine(engine, notice=console.info, **talk.conversation())
+        if load.verbose:
+            console.show_startup(conv.profile.name, started.reasons)
+        out = render.make_renderer(
             as_json=as_json,
-            show_thinking=show_thinking,
-            show_stats=True if verbose else None,
+            show_thinking=talk.show_thinking,
+            show_stats=True if load.verbose else None,
             extra={"placement": engine.placement.to_dict()},
         )
-        chatting.one_shot(engine, conv, text, out)
+        chat.one_shot(engine, conv, text, out)
     finally:
         engine.close()
 
 
-def _run_options(
-    ctx: int | None,
-    cpu_moe: bool,
-    n_cpu_moe: int | None,
-    gpu_layers: int | None,
-    threads: int | None,
-    kv_type: str | None,
-    verbose: bool,
-    budget: int | None,
-) -> launch.RunOptions:
-    """The flags `run` and `chat` share, checked before anything is loaded."""
-    from qwenrun import launch
-
-    if budget is not None and budget < 0:
-        raise errors.UsageError("--budget must be 0 or more tokens")
-    opts = launch.RunOptions(
-        ctx=ctx,
-        cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe,
-        gpu_layers=gpu_layers,
-        threads=threads,
-        kv_type=kv_type,
-        verbose=verbose,
-    )
-    opts.validate()
-    return opts
-
-
-def _mode(think: bool | None) -> Literal["think", "direct"] | None:
-    return None if think is None else ("think" if think else "direct")
-
-
-def _sampling_settings(
-    temp: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    min_p: float | None,
-    presence_penalty: float | None,
-    seed: int | None,
-    max_tokens: int | None,
-) -> dict[str, float | int]:
-    """The sampling flags the user gave; the rest comes from the model's preset."""
-    given = dict(
-        temperature=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        presence_penalty=presence_penalty,
-        seed=seed,
-        max_tokens=max_tokens,
-    )
-    return {k: v for k, v in given.items() if v is not None}
-
-
-# --------------------------------------------------------------------------------------
-# chat
-
-
-@app.command()
-def chat(
+@app.command("chat")
+@with_flags
+def chat_command(
     model: str | None = typer.Argument(
         None, help="MODEL[:QUANT], owner/repo:QUANT or a .gguf file (default: best for you)."
     ),
-    think: bool | None = typer.Option(
-        None, "--think/--no-think", help="Start in thinking or direct mode (default: the model's)."
-    ),
-    show_thinking: bool = typer.Option(
-        False, "--show-thinking/--hide-thinking", help="Keep thinking on screen, not folded."
-    ),
-    budget: int | None = BudgetOpt,
-    system: str | None = SystemOpt,
-    ctx: int | None = CtxOpt,
-    max_tokens: int | None = MaxTokensOpt,
-    temp: float | None = TempOpt,
-    top_p: float | None = TopPOpt,
-    top_k: int | None = TopKOpt,
-    min_p: float | None = MinPOpt,
-    presence_penalty: float | None = PresenceOpt,
-    seed: int | None = SeedOpt,
-    cpu_moe: bool = CpuMoeOpt,
-    n_cpu_moe: int | None = NCpuMoeOpt,
-    gpu_layers: int | None = GpuLayersOpt,
-    threads: int | None = ThreadsOpt,
-    kv_type: str | None = KvTypeOpt,
-    verbose: bool = VerboseOpt,
-    yes: bool = YesOpt,
+    *,
+    load: LoadFlags,
+    talk: ChatFlags,
 ) -> None:
     """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
+    from qwenrun import chat
+    from qwenrun.ui import console, render, repl
 
-    from qwenrun import chat as chatting
-    from qwenrun import hwprobe, launch, ui
-
-    opts = _run_options(ctx, cpu_moe, n_cpu_moe, gpu_layers, threads, kv_type, verbose, budget)
-    # One probe serves the default model, the quant to pull and the load plan.
-    hw = hwprobe.probe(check_backend=True)
-    startup: tuple[str, ...] = ()
-    if model is None:
-        name, quant, startup = launch.default_model(hw)
-        model = f"{name}:{quant}"
-        ui.info(startup[0])
-    path = launch.resolve_model(model, ask=not yes and _interactive(), on_notice=ui.info, hw=hw)
-    with ui.load_progress() as on_progress:
-        engine, decision = launch.open_engine(
-            path, opts, on_progress=on_progress, on_notice=ui.info, hw=hw
-        )
-    settings = _sampling_settings(temp, top_p, top_k, min_p, presence_penalty, seed, max_tokens)
-    conv = chatting.Conversation.for_engine(
-        engine, system=system, mode=_mode(think), budget=budget, settings=settings, notice=ui.info
-    )
-    ui.show_startup(
-        conv.profile.name, [*startup, *decision.reasons, f"context {engine.n_ctx:,} tokens"]
-    )
-    out = ui.make_renderer(show_thinking=show_thinking, show_stats=True if verbose else None)
+    talk.validate()
+    started = _start(model, load)
+    engine = started.engine
     try:
-        code = chatting.repl(engine, conv, out)
+        conv = chat.Conversation.for_engine(engine, notice=console.info, **talk.conversation())
+        console.show_startup(
+            conv.profile.name, [*started.reasons, f"context {engine.n_ctx:,} tokens"]
+        )
+        out = render.make_renderer(
+            show_thinking=talk.show_thinking, show_stats=True if load.verbose else None
+        )
+        code = repl.repl(engine, conv, out)
     finally:
         engine.close()
     raise typer.Exit(code)
@@ -347,28 +370,27 @@ def probe_command(
     ),
 ) -> None:
     """Show this machine, and the best plan for each catalog model on it."""
-    from qwenrun import planning
+    from qwenrun import hwprobe, offload
+    from qwenrun.ui import console, tables
 
-    hw = planning.probe_machine(measure=measure)
-    rows = planning.catalog_rows(hw)
+    hw = hwprobe.probe(check_backend=True, measure=measure)
+    rows = tables.model_rows(offload.plan_catalog(hw))
     if as_json:
-        print(planning.probe_json(hw, rows))
+        print(tables.probe_json(hw, rows))
         return
-    from qwenrun import report
-
-    report.show(report.hardware_table(hw))
+    console.show(tables.hardware_table(hw))
     print()
-    report.show(report.models_table(rows))
+    console.show(tables.models_table(rows))
 
 
 @app.command("plan")
 def plan_command(
     model: str = typer.Argument(..., help="A catalog name (qwen3-30b-a3b) or a local .gguf file."),
     quant: str | None = typer.Option(None, "--quant", help="Plan this quant (default: best fit)."),
-    ctx: int | None = CtxOpt,
-    n_cpu_moe: int | None = NCpuMoeOpt,
-    gpu_layers: int | None = GpuLayersOpt,
-    kv_type: str | None = KvTypeOpt,
+    ctx: int | None = _CTX,
+    n_cpu_moe: int | None = _N_CPU_MOE,
+    gpu_layers: int | None = _GPU_LAYERS,
+    kv_type: str | None = _KV_TYPE,
     gpu_mem: str | None = typer.Option(
         None, "--gpu-mem", help="Plan for a GPU with this much memory (24GiB; 0: no GPU)."
     ),
@@ -376,7 +398,7 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of tables."),
 ) -> None:
     """One plan: quant, context, experts on CPU, bytes per device, speed, and why."""
-    from qwenrun import offload, planning
+    from qwenrun import hwprobe, launch, offload, units
 
     wishes = offload.Wishes(
         quant=quant,
@@ -384,27 +406,25 @@ def plan_command(
         n_cpu_moe=n_cpu_moe,
         n_gpu_layers=gpu_layers,
         kv_type=kv_type,
-        gpu_mem_bytes=None if gpu_mem is None else offload.parse_size(gpu_mem, "--gpu-mem"),
-        ram_bytes=None if ram is None else offload.parse_size(ram, "--ram"),
+        gpu_mem_bytes=None if gpu_mem is None else units.parse_size(gpu_mem, "--gpu-mem"),
+        ram_bytes=None if ram is None else units.parse_size(ram, "--ram"),
     )
     wishes.validate()
-    plan = planning.plan_model(model, wishes)
+    # A question about another GPU does not need to know whether this build can use one.
+    hw = hwprobe.probe(check_backend=wishes.gpu_mem_bytes is None)
+    plan = launch.plan_reference(model, wishes, hw)
     if as_json:
         import json
 
         print(json.dumps(plan.to_dict(), indent=2))
         return
-    from qwenrun import report
+    from qwenrun.ui import console, tables
 
-    report.show(report.plan_view(plan))
+    console.show(tables.plan_view(plan))
 
 
 # --------------------------------------------------------------------------------------
 # pull, list, rm: models in the Hugging Face cache
-
-
-def _interactive() -> bool:
-    return sys.stdin.isatty() and sys.stderr.isatty()
 
 
 @app.command("pull")
@@ -412,10 +432,12 @@ def pull_command(
     model: str = typer.Argument(
         ..., help="MODEL[:QUANT]: a catalog name or owner/repo (hf.co/owner/repo), with a quant."
     ),
-    yes: bool = YesOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download without asking."),
 ) -> None:
     """Download a model's GGUF files into the Hugging Face cache (resumable, verified)."""
-    from qwenrun import download, refs, ui
+    from qwenrun import launch
+    from qwenrun.hub import pull, refs
+    from qwenrun.ui import console, progress
 
     ref = refs.parse_ref(model)
     if ref.kind == "file":
@@ -424,16 +446,16 @@ def pull_command(
         )
     # Only a quant qwenrun chose is worth a question; one the user named is what they asked for.
     ask = ref.quant is None and not yes and _interactive()
-    from qwenrun import launch
-
-    with ui.pull_progress() as on_progress:
-        paths = download.pull(
+    with progress.pull_progress() as on_progress:
+        paths = pull.pull(
             ref,
             on_progress=on_progress,
-            confirm=lambda t: ui.confirm_pull(t, ask=ask),
+            confirm=lambda t: progress.confirm_pull(t, ask=ask),
             choose=launch.planner_chooser(),
         )
-    ui.info(f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache")
+    console.info(
+        f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache"
+    )
     for path in paths:
         print(path)
 
@@ -445,45 +467,17 @@ def list_command(
     """Show the GGUF models in the Hugging Face cache: complete or partial, verified or not."""
     import json
 
-    from qwenrun import download, modelcache, refs, ui
+    from qwenrun.hub import cache
+    from qwenrun.ui import console, tables
 
-    rows = [
-        {
-            "reference": refs.reference_for(c.repo, c.quant),
-            "repo": c.repo,
-            "revision": c.revision,
-            "quant": c.quant,
-            "size_bytes": c.size_on_disk,
-            "expected_bytes": c.expected_size,
-            "status": "complete" if c.complete else "partial",
-            "verified": c.verified,
-            "files": len(c.paths),
-            "n_files": c.n_expected,
-            "path": str(c.first) if c.first else None,
-        }
-        for c in modelcache.cached_quants()
-    ]
+    rows = tables.cache_rows(cache.cached_quants())
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        ui.info(f"no models in {config.hf_hub_cache()} yet: qwenrun pull MODEL downloads one")
+        console.info(f"no models in {config.hf_hub_cache()} yet: qwenrun pull MODEL downloads one")
         return
-    header = ("REFERENCE", "SIZE", "STATUS", "VERIFIED", "PATH")
-    lines = [
-        (
-            str(r["reference"]),
-            download.format_bytes(int(str(r["size_bytes"]))),
-            str(r["status"])
-            + ("" if r["status"] == "complete" else f" ({r['files']}/{r['n_files']} files)"),
-            "yes" if r["verified"] else "no",
-            str(r["path"] or "-"),
-        )
-        for r in rows
-    ]
-    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header) - 1)]
-    for line in [header, *lines]:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1])
+    tables.print_cache(rows)
 
 
 @app.command("rm")
@@ -492,7 +486,9 @@ def rm_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
 ) -> None:
     """Delete a downloaded model from the Hugging Face cache, and say how much that frees."""
-    from qwenrun import download, modelcache, refs, ui
+    from qwenrun import units
+    from qwenrun.hub import cache, refs
+    from qwenrun.ui import console
 
     ref = refs.parse_ref(model)
     if ref.kind == "file":
@@ -502,17 +498,17 @@ def rm_command(
     repos = {r.lower() for r in ref.repos}
     matches = [
         c
-        for c in modelcache.cached_quants()
+        for c in cache.cached_quants()
         if c.repo.lower() in repos and (ref.quant is None or c.quant.lower() == ref.quant.lower())
     ]
     if not matches:
         raise errors.ModelNotFoundError(
             f"{ref} is not downloaded", hint="qwenrun list shows what is"
         )
-    removal = modelcache.plan_removal(matches)
+    removal = cache.plan_removal(matches)
     for c in matches:
-        ui.info(f"{refs.reference_for(c.repo, c.quant)} · {download.format_bytes(c.size_on_disk)}")
-    freed = download.format_bytes(removal.freed_bytes)
+        console.info(f"{refs.reference_for(c.repo, c.quant)} · {units.gb(c.size_on_disk)}")
+    freed = units.gb(removal.freed_bytes)
     if not yes:
         if not _interactive():
             raise errors.UsageError(

@@ -49,9 +49,3 @@ def hf_hub_cache() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "huggingface" / "hub"
-
-
-# Defaults a user of llama.cpp would expect. The planner may choose differently.
-DEFAULT_CTX = 8192
-MIN_CTX = 4096
-DEFAULT_MAX_TOKENS = 4096

@@ -6,7 +6,7 @@ builds a `Diagnosis`: findings at levels ok / warn / error, in words, and the on
 command that fixes the worst of them. `cuda_warning(hw, gpu_offload)` is the line `run` and
 `chat` print (once) when an NVIDIA GPU sits unused under a CPU-only build. `collect()` is the
 only function here that reads the machine, through `hwprobe.probe()`, the installed
-distributions' metadata and `backend.supports_gpu_offload()` (the one call that loads
+distributions' metadata and `engine.native.supports_gpu_offload()` (the one call that loads
 llama.cpp). Nothing here prints.
 
 The llama-cpp-python version in the fix commands is the one qwenrun's own metadata pins
@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
+from qwenrun.units import GIB
+
 if TYPE_CHECKING:
     from qwenrun.hwprobe import GPUInfo, HardwareProfile
 
@@ -31,7 +33,6 @@ _SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "error": 2}
 LLAMA_DIST = "llama-cpp-python"
 # "llama-cpp-python==0.3.36" (PEP 503 spellings of the name included; markers ignored).
 _PIN_RE = re.compile(r"^\s*llama[-_.]cpp[-_.]python\s*==\s*([^\s;,]+)", re.IGNORECASE)
-_GIB = 1 << 30
 
 
 @functools.cache
@@ -231,8 +232,8 @@ def _gpu_findings(hw: HardwareProfile) -> list[Finding]:
 
 
 def _describe_gpu(g: GPUInfo) -> str:
-    parts = [f"GPU {g.index}: {g.name}, {g.total_bytes / _GIB:.1f} GiB"]
-    parts[0] += f" ({g.free_bytes / _GIB:.1f} GiB free)"
+    parts = [f"GPU {g.index}: {g.name}, {g.total_bytes / GIB:.1f} GiB"]
+    parts[0] += f" ({g.free_bytes / GIB:.1f} GiB free)"
     if g.compute_capability:
         parts.append(f"compute {g.compute_capability[0]}.{g.compute_capability[1]}")
     if g.driver:
@@ -247,7 +248,7 @@ def _host_finding(hw: HardwareProfile) -> Finding:
         "ok",
         "host",
         f"CPU: {hw.cpu_model}, {hw.physical_cores} cores / {hw.logical_cores} threads{flags}; "
-        f"RAM {hw.ram_total_bytes / _GIB:.1f} GiB ({hw.ram_available_bytes / _GIB:.1f} GiB free)",
+        f"RAM {hw.ram_total_bytes / GIB:.1f} GiB ({hw.ram_available_bytes / GIB:.1f} GiB free)",
     )
 
 
@@ -274,10 +275,10 @@ def collect() -> Diagnosis:
 
 
 def _check_offload() -> tuple[bool | None, str | None]:
-    from qwenrun import backend
+    from qwenrun.engine import native
 
     try:
-        return backend.supports_gpu_offload(), None
+        return native.supports_gpu_offload(), None
     except (ImportError, OSError, RuntimeError) as err:
         # A broken install (a missing or mismatched libllama) is exactly what doctor is
         # for: report it as a finding instead of failing.

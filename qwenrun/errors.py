@@ -43,13 +43,25 @@ class ContextOverflowError(QwenrunError):
 
 
 class DoesNotFitError(QwenrunError):
-    """No plan fits the machine's memory; the message says what the smallest option needs."""
+    """No plan fits the machine's memory; the message says what the smallest option needs.
+
+    `need_bytes` and `have_bytes` carry the two numbers behind it when the planner knows them
+    (for tables); `alternatives` the nearest changes that do fit.
+    """
 
     def __init__(
-        self, message: str, hint: str | None = None, alternatives: tuple[str, ...] = ()
+        self,
+        message: str,
+        hint: str | None = None,
+        alternatives: tuple[str, ...] = (),
+        *,
+        need_bytes: int | None = None,
+        have_bytes: int | None = None,
     ) -> None:
         super().__init__(message, hint)
         self.alternatives = alternatives
+        self.need_bytes = need_bytes
+        self.have_bytes = have_bytes
 
 
 class BackendError(QwenrunError):

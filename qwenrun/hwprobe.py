@@ -7,8 +7,9 @@ tests and `qwenrun plan --gpu-mem 24GiB` can describe machines that do not exist
 missing driver, library or tool means "none of that here", never an exception.
 `measure_cpu_bandwidth()` runs a short multi-threaded copy test and caches the figure in
 QWENRUN_HOME; `probe()` uses a cached figure when it was measured on this CPU model.
-Whether the installed llama.cpp can offload to a GPU is asked of `qwenrun.backend` (the only
-llama_cpp importer) and only when `probe(check_backend=True)`, because it loads llama.cpp.
+Whether the installed llama.cpp can offload to a GPU is asked of `engine.native` (the only
+llama_cpp importer) and only when `probe(check_backend=True)` finds a GPU, because it loads
+llama.cpp.
 This module plans nothing and prints nothing.
 """
 
@@ -28,9 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwenrun import config
-
-GIB = 1 << 30
-MIB = 1 << 20
+from qwenrun.units import GIB, MIB
 
 BandwidthSource = Literal["measured", "table", "default", "given"]
 
@@ -489,17 +488,32 @@ def store_cpu_bandwidth(cpu_model: str, gbs: float) -> None:
 def gpu_offload_supported() -> bool | None:
     """Can the installed llama.cpp offload to a GPU (None: its library does not load)."""
     try:
-        from qwenrun import backend
+        from qwenrun.engine import native
     except ImportError:
         return None
     try:
-        return backend.supports_gpu_offload()
+        return native.supports_gpu_offload()
     except (ImportError, OSError, RuntimeError):
         return None  # llama.cpp's library did not load; `qwenrun doctor` explains why
 
 
+def default_threads() -> int:
+    """Threads for llama.cpp when the user sets none: the physical cores.
+
+    Decoding is memory-bound: physical cores, not hyper-threads, give the best speed.
+    """
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
 def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProfile:
-    """Read this machine. `measure=True` runs (and caches) the CPU bandwidth test."""
+    """Read this machine. `measure=True` runs (and caches) the CPU bandwidth test;
+    `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found."""
     cpu = _cpu_info()
     physical, logical = _cores()
     total, available, swap, ram_note = _ram()
@@ -516,8 +530,9 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
             f"RAM bandwidth {gbs:.0f} GB/s is a conservative default (memory channels "
             "unknown); `qwenrun probe --measure` measures it"
         )
+    gpus = probe_gpus()
     return HardwareProfile(
-        gpus=probe_gpus(),
+        gpus=gpus,
         ram_total_bytes=total,
         ram_available_bytes=available,
         swap_total_bytes=swap,
@@ -527,7 +542,8 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
         cpu_flags=cpu.flags,
         disk_free_bytes=disk_free(config.hf_hub_cache()),
         cpu_bandwidth_gbs=gbs,
-        gpu_offload=gpu_offload_supported() if check_backend else None,
+        # Only a GPU makes the question worth loading llama.cpp for.
+        gpu_offload=gpu_offload_supported() if check_backend and gpus else None,
         cpu_bandwidth_source=source,
         notes=tuple(notes),
     )

@@ -1,138 +1,116 @@
-"""From a model reference and the user's flags to a loaded engine: shared by `run` and `chat`.
+"""The one start-up: a model reference and the user's wishes in, a loaded engine out.
 
-Contract: resolves the reference to local GGUF files (pulling a missing model after the
-caller's confirmation), plans the load with the planner, where the user's flags are
-constraints the plan is fitted around, loads the engine, and retries once with every
-routed expert on the CPU when a GPU load runs out of memory. It reads the machine only
-through `hwprobe`, models only through `gguf_info`/`offload`/`backend`, the hub only through
-`download`. It prints nothing: what it decided comes back as reasons and notices.
+Contract: `start(model, wishes, hooks=...)` is what `run`, `chat` (and later `serve`) do
+before the first token: with no model, choose the catalog model and quant for this machine
+(`default_model`); resolve the reference to local GGUF files, pulling a missing model after
+`hooks.confirm_pull` (the quant chosen by the planner from real tensor sizes,
+`planner_chooser`); plan the load with `offload.plan_for_file`, where the wishes are
+constraints; load the engine, retrying once with every routed expert on the CPU when a GPU
+load runs out of memory. It reads the machine only through `hwprobe`, models only through
+the hub and the planner, llama.cpp only through the engine, and prints nothing: questions,
+progress and notices go to the caller's `Hooks`, and what it decided comes back as reasons.
+`plan_reference` is the same road without loading, for `qwenrun plan`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from qwenrun import errors
-from qwenrun.placement import KV_TYPES, LoadConfig, Placement
+from qwenrun import catalog, errors, hwprobe, offload
 
 if TYPE_CHECKING:
-    from qwenrun.backend import Engine
-    from qwenrun.download import QuantFiles, RepoListing
+    from qwenrun.engine.llama import Engine
+    from qwenrun.engine.loadconfig import LoadConfig
+    from qwenrun.hub.listing import PullTarget, QuantFiles, RepoListing
+    from qwenrun.hub.refs import ModelRef
+    from qwenrun.hub.transfer import PullProgress
     from qwenrun.hwprobe import HardwareProfile
-    from qwenrun.refs import ModelRef
-
-# `--cpu-moe` as a planner constraint: more layers than any model has (the planner clamps).
-_ALL_LAYERS = 1 << 20
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """The placement, context and engine flags `run` and `chat` share."""
+class Hooks(Protocol):
+    """What start-up shows and asks; `ui.progress.StartupHooks` is the terminal's."""
 
-    ctx: int | None = None
-    cpu_moe: bool = False
-    n_cpu_moe: int | None = None
-    gpu_layers: int | None = None
-    threads: int | None = None
-    kv_type: str | None = None
-    verbose: bool = False
+    def notice(self, text: str) -> None: ...
+    def confirm_pull(self, target: PullTarget) -> bool: ...
+    def pulling(self) -> AbstractContextManager[Callable[[PullProgress], None]]: ...
+    def loading(self) -> AbstractContextManager[Callable[[float], None]]: ...
 
-    @property
-    def placement_given(self) -> bool:
-        return self.cpu_moe or self.n_cpu_moe is not None or self.gpu_layers is not None
 
-    def validate(self) -> None:
-        if self.ctx is not None and self.ctx < 256:
-            raise errors.UsageError(f"--ctx {self.ctx} is too small", hint="use at least 256")
-        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
-            raise errors.UsageError("--n-cpu-moe must be 0 or more")
-        if self.cpu_moe and self.n_cpu_moe is not None:
-            raise errors.UsageError(
-                "--cpu-moe and --n-cpu-moe both set",
-                hint="--cpu-moe puts every layer's experts on the CPU; pick one",
-            )
-        if self.gpu_layers is not None and self.gpu_layers < -1:
-            raise errors.UsageError("--gpu-layers must be -1 (all) or more")
-        if self.threads is not None and self.threads < 1:
-            raise errors.UsageError("--threads must be 1 or more")
-        if self.kv_type is not None and self.kv_type.lower() not in KV_TYPES:
-            raise errors.UsageError(
-                f"unknown KV cache type {self.kv_type!r}", hint=f"use one of {', '.join(KV_TYPES)}"
-            )
+class QuietHooks:
+    """Shows nothing and says yes: for tests, benchmarks and the server's own loads."""
+
+    def notice(self, text: str) -> None:
+        pass
+
+    def confirm_pull(self, target: PullTarget) -> bool:
+        return True
+
+    def pulling(self) -> AbstractContextManager[Callable[[PullProgress], None]]:
+        return _nothing()
+
+    def loading(self) -> AbstractContextManager[Callable[[float], None]]:
+        return _nothing()
+
+
+@contextmanager
+def _nothing() -> Iterator[Callable[[object], None]]:
+    yield lambda _p: None
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The load configuration chosen, and why, in words."""
+class Started:
+    """A loaded model and everything that was decided to load it, in words."""
 
-    load: LoadConfig
-    reasons: tuple[str, ...]
-
-
-def flag_placement(opts: RunOptions) -> Placement:
-    """The user's own placement, as llama.cpp's flags of the same names would give it."""
-    gpu_layers = -1 if opts.gpu_layers is None else opts.gpu_layers
-    if opts.cpu_moe:
-        return Placement(n_gpu_layers=gpu_layers, cpu_moe_all=True)
-    if opts.n_cpu_moe:
-        return Placement.n_cpu_moe(opts.n_cpu_moe, n_gpu_layers=gpu_layers)
-    return Placement(n_gpu_layers=gpu_layers)
+    engine: Engine
+    plan: offload.Plan
+    path: Path
+    reasons: tuple[str, ...]  # why this model (when chosen), then the plan's reasons
 
 
-def decide(path: Path, opts: RunOptions, hw: HardwareProfile) -> Decision:
-    """Plan the load from the file's real tensor sizes; the user's flags are constraints."""
-    from qwenrun import offload
-
-    opts.validate()
-    wishes = offload.Wishes(
-        n_ctx=opts.ctx,
-        kv_type=opts.kv_type,
-        n_cpu_moe=_ALL_LAYERS if opts.cpu_moe else opts.n_cpu_moe,
-        n_gpu_layers=opts.gpu_layers,
-    )
-    plan = offload.plan_for_file(path, hw, wishes)
-    load = plan.load
-    reasons = list(plan.reasons)
-    if opts.placement_given:
-        # The flags say exactly which tensors go where, as they would to llama.cpp; the plan
-        # has fitted the context and KV cache around them.
-        load = replace(load, placement=flag_placement(opts))
-        reasons.append(f"placement from your flags: {load.placement.describe()}")
-    if opts.threads:
-        load = replace(load, n_threads=opts.threads)
-    return Decision(load, tuple(reasons))
-
-
-def resolve_model(
-    model: str,
+def start(
+    model: str | None,
+    wishes: offload.Wishes,
     *,
-    ask: bool,
-    on_notice: Callable[[str], None] | None = None,
+    hooks: Hooks,
     hw: HardwareProfile | None = None,
-) -> Path:
+    verbose: bool = False,
+) -> Started:
+    """Model reference (None: the best for this machine) → files → plan → loaded engine."""
+    wishes.validate()
+    # One probe serves the default model, the quant to pull and the load plan.
+    hw = hw or hwprobe.probe(check_backend=True)
+    chosen: tuple[str, ...] = ()
+    if model is None:
+        name, quant, chosen = default_model(hw)
+        model = f"{name}:{quant}"
+        hooks.notice(chosen[0])
+    path = resolve_model(model, hooks=hooks, hw=hw)
+    engine, plan, notes = open_engine(path, wishes, hooks=hooks, hw=hw, verbose=verbose)
+    return Started(engine, plan, path, (*chosen, *plan.reasons, *notes))
+
+
+def resolve_model(model: str, *, hooks: Hooks, hw: HardwareProfile | None = None) -> Path:
     """Any model reference → the local path of its (first) GGUF file, pulling if needed.
 
     `hw` is the machine the quant to pull is chosen for (probed when needed if None).
     """
-    from qwenrun import download, refs
+    from qwenrun.hub import pull, refs
 
     ref = refs.parse_ref(model)
     if ref.kind == "file":
         assert ref.path is not None
         return ref.path
-
-    from qwenrun import ui
-
-    with ui.pull_progress() as on_progress:
-        paths = download.resolve_local(
+    with hooks.pulling() as on_progress:
+        paths = pull.resolve_local(
             ref,
             pull_if_missing=True,
-            confirm=lambda target: ui.confirm_pull(target, ask=ask),
+            confirm=hooks.confirm_pull,
             on_progress=on_progress,
-            on_notice=on_notice,
+            on_notice=hooks.notice,
             choose=planner_chooser(hw),
         )
     return paths[0]
@@ -143,26 +121,21 @@ def planner_chooser(
 ) -> Callable[[ModelRef, RepoListing], QuantFiles]:
     """Pick the quant to download: the planner's best among what the repo holds.
 
-    A catalog model is planned from its shapes and each quant's type recipe (an estimate,
-    before any byte is downloaded); a repo outside the catalog falls back to a 4-bit default.
+    A catalog model is planned from its shapes and each listed quant's type recipe (an
+    estimate, before any byte is downloaded); a repo outside the catalog falls back to
+    `listing.choose_quant`'s 4-bit default.
     """
 
     def choose(ref: ModelRef, listing: RepoListing) -> QuantFiles:
-        from qwenrun import download, gguf_info, hwprobe, offload
+        from qwenrun.hub.listing import choose_quant
 
         if ref.spec is None:
-            return download.choose_quant(ref, listing)
-        options = []
-        for q in listing.quants:
-            try:
-                info = gguf_info.estimate(ref.spec, q.quant)
-            except errors.UsageError:
-                continue  # a quant without a size recipe cannot be planned
-            options.append(offload.QuantOption(q.quant, info, q.paths, q.total_size))
-        if not options:
-            return download.choose_quant(ref, listing)
+            return choose_quant(ref, listing)
         machine = hw or hwprobe.probe(check_backend=True)
-        plan = offload.plan(options, machine, offload.Wishes(), ref.spec)
+        try:
+            plan = offload.plan_for_spec(ref.spec, machine, quants=listing.quant_names)
+        except errors.ModelNotFoundError:
+            return choose_quant(ref, listing)  # no listed quant has a size recipe
         chosen = listing.find(plan.quant)
         assert chosen is not None
         return chosen
@@ -172,36 +145,36 @@ def planner_chooser(
 
 def open_engine(
     path: Path,
-    opts: RunOptions,
+    wishes: offload.Wishes,
     *,
-    on_progress: Callable[[float], None] | None = None,
-    on_notice: Callable[[str], None] | None = None,
-    hw: HardwareProfile | None = None,
-) -> tuple[Engine, Decision]:
+    hooks: Hooks,
+    hw: HardwareProfile,
+    verbose: bool = False,
+) -> tuple[Engine, offload.Plan, tuple[str, ...]]:
     """Plan and load the model; on a GPU out-of-memory, retry once with experts on the CPU.
 
-    `hw` is this machine as already probed (with the backend checked); None probes it.
+    Returns the engine, the plan and notes on what happened beyond the plan (a retry).
     """
-    from qwenrun import doctor, hwprobe
-    from qwenrun.backend import Engine
+    from qwenrun import doctor
+    from qwenrun.engine.llama import Engine
 
-    hw = hw or hwprobe.probe(check_backend=True)
     warning = doctor.cuda_warning(hw, hw.gpu_offload)
-    if warning and on_notice:
-        on_notice(warning)
-    decision = decide(path, opts, hw)
+    if warning:
+        hooks.notice(warning)
+    plan = offload.plan_for_file(path, hw, wishes)
     try:
-        engine = Engine.load(path, decision.load, verbose=opts.verbose, on_progress=on_progress)
+        with hooks.loading() as on_progress:
+            engine = Engine.load(path, plan.load, verbose=verbose, on_progress=on_progress)
+        return engine, plan, ()
     except errors.OutOfMemoryError as err:
-        retry = _more_experts_on_cpu(decision.load)
+        retry = _more_experts_on_cpu(plan.load)
         if retry is None:
             raise
         note = f"{err.message}; retrying with {retry.placement.describe()}"
-        if on_notice:
-            on_notice(note)
-        decision = Decision(retry, (*decision.reasons, note))
-        engine = Engine.load(path, retry, verbose=opts.verbose, on_progress=on_progress)
-    return engine, decision
+        hooks.notice(note)
+        with hooks.loading() as on_progress:
+            engine = Engine.load(path, retry, verbose=verbose, on_progress=on_progress)
+        return engine, replace(plan, load=retry), (note,)
 
 
 def _more_experts_on_cpu(load: LoadConfig) -> LoadConfig | None:
@@ -210,6 +183,25 @@ def _more_experts_on_cpu(load: LoadConfig) -> LoadConfig | None:
         return None
     placement = replace(load.placement, cpu_moe_all=True, expert_cpu_tensors=())
     return replace(load, placement=placement)
+
+
+def plan_reference(model: str, wishes: offload.Wishes, hw: HardwareProfile) -> offload.Plan:
+    """`qwenrun plan MODEL`: a local GGUF (exact bytes) or a catalog name (estimates)."""
+    from qwenrun.hub import refs
+
+    wishes.validate()
+    ref = refs.parse_ref(model)
+    if ref.kind == "file":
+        assert ref.path is not None
+        if wishes.quant:
+            q = wishes.quant
+            raise errors.UsageError(
+                "--quant chooses among a catalog model's quants; a file is one quant already",
+                hint=f"drop --quant, or plan a catalog model: qwenrun plan NAME --quant {q}",
+            )
+        return offload.plan_for_file(ref.path, hw, wishes)
+    spec = catalog.lookup(model)
+    return offload.plan_for_spec(spec, hw, wishes)
 
 
 # A default model must be pleasant to chat with: this fast at least, and no lower than a
@@ -225,23 +217,17 @@ def default_model(hw: HardwareProfile) -> tuple[str, str, tuple[str, ...]]:
     usable speed with a quant of 3 bits or more: the most parameters, then the better quant,
     then the newest. Returns (reference, quant, reasons).
     """
-    from qwenrun import catalog, offload
-
     floor = catalog.quant_rank(_MIN_DEFAULT_QUANT)
     best: tuple[tuple[float, int, int], catalog.ModelSpec, offload.Plan] | None = None
-    for order, spec in enumerate(catalog.CATALOG):
-        if spec.thinking != "hybrid":
+    for order, (spec, found) in enumerate(offload.plan_catalog(hw)):
+        if spec.thinking != "hybrid" or isinstance(found, errors.DoesNotFitError):
             continue
-        try:
-            plan = offload.plan_for_spec(spec, hw)
-        except errors.DoesNotFitError:
-            continue
-        rank = catalog.quant_rank(plan.quant)
-        if plan.decode_tok_s < _MIN_DEFAULT_TOK_S or rank > floor:
+        rank = catalog.quant_rank(found.quant)
+        if found.decode_tok_s < _MIN_DEFAULT_TOK_S or rank > floor:
             continue
         key = (spec.params_total, -rank, order)
         if best is None or key > best[0]:
-            best = (key, spec, plan)
+            best = (key, spec, found)
     if best is None:
         raise errors.DoesNotFitError(
             "no Qwen MoE model runs usably on this machine "

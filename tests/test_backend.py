@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qwenrun import errors
-from qwenrun.backend import Engine, SamplingParams
-from qwenrun.placement import LoadConfig, Placement
+from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.loadconfig import LoadConfig, Placement
 
 EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 GREEDY = SamplingParams(temperature=0.0)

@@ -8,6 +8,7 @@ import pytest
 
 from qwenrun import catalog, errors
 from qwenrun.catalog import CATALOG, MODES_BY_KIND, QUANT_LADDER, lookup
+from qwenrun.hub import names
 
 
 def _spec(name: str) -> catalog.ModelSpec:
@@ -294,10 +295,10 @@ def test_normalize_quant_refuses_an_empty_name() -> None:
     ],
 )  # fmt: skip
 def test_parse_quant_from_filename(filename: str, quant: str | None) -> None:
-    assert catalog.parse_quant_from_filename(filename) == quant
+    assert names.parse_quant(filename) == quant
 
 
 def test_every_ladder_quant_parses_back_from_a_file_name() -> None:
     for q in QUANT_LADDER:
-        assert catalog.parse_quant_from_filename(f"Qwen3-30B-A3B-{q}.gguf") == q
-        assert catalog.parse_quant_from_filename(f"x/Qwen3-30B-A3B-{q.lower()}.gguf") == q
+        assert names.parse_quant(f"Qwen3-30B-A3B-{q}.gguf") == q
+        assert names.parse_quant(f"x/Qwen3-30B-A3B-{q.lower()}.gguf") == q

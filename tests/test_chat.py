@@ -12,11 +12,14 @@ from typing import Any
 
 import pytest
 
-from qwenrun import chat, errors, ui
-from qwenrun.backend import Engine
-from qwenrun.placement import LoadConfig
+from qwenrun import chat, errors
+from qwenrun.engine.llama import Engine
+from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.template import ChatTemplate, model_profile
 from qwenrun.testing.tiny_gguf import template_text
 from qwenrun.thinking import BARE_CLOSE, WRAP_UP
+from qwenrun.ui import render, repl
+from qwenrun.ui.prompt import ChatPrompt
 
 GEN_PROMPT = "<|im_start|>assistant\n"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -31,8 +34,8 @@ THINKING_ONLY = template_text("qwen3").replace(
 
 
 def conversation(name: str, **kw: object) -> chat.Conversation:
-    template = chat.ChatTemplate(template_text(name) if "{" not in name else name)
-    return chat.Conversation(template, chat.model_profile(template, "m"), **kw)  # type: ignore[arg-type]
+    template = ChatTemplate(template_text(name) if "{" not in name else name)
+    return chat.Conversation(template, model_profile(template, "m"), **kw)  # type: ignore[arg-type]
 
 
 # ---- templates and modes (no engine)
@@ -109,7 +112,7 @@ def test_template_environment_matches_llama_cpp():
         "{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}"
         "{{ m.content }}{% endfor %}"
     )
-    template = chat.ChatTemplate(source)
+    template = ChatTemplate(source)
     out = template.render(
         [{"role": "user", "content": "héllo <b>"}, {"role": "user", "content": "two"}],
         enable_thinking=True,
@@ -121,15 +124,15 @@ def test_template_environment_matches_llama_cpp():
 
 
 def test_template_errors_are_model_errors():
-    template = chat.ChatTemplate("{{ raise_exception('No user query found') }}")
+    template = ChatTemplate("{{ raise_exception('No user query found') }}")
     with pytest.raises(errors.InvalidModelError, match="No user query found"):
         template.render([], enable_thinking=True)
     with pytest.raises(errors.InvalidModelError, match="does not parse"):
-        chat.ChatTemplate("{% if %}")
+        ChatTemplate("{% if %}")
 
 
 def test_sandbox_blocks_unsafe_templates():
-    template = chat.ChatTemplate("{{ messages.__class__.__mro__ }}")
+    template = ChatTemplate("{{ messages.__class__.__mro__ }}")
     with pytest.raises(errors.InvalidModelError):
         template.render([{"role": "user", "content": "x"}], enable_thinking=True)
 
@@ -252,8 +255,8 @@ def engines(tiny_models):
         engine.close()
 
 
-def quiet() -> ui.PlainRenderer:
-    return ui.PlainRenderer(out=io.StringIO(), err=io.StringIO())
+def quiet() -> render.PlainRenderer:
+    return render.PlainRenderer(out=io.StringIO(), err=io.StringIO())
 
 
 def test_a_turn_streams_the_answer_and_is_recorded(engines):
@@ -262,7 +265,7 @@ def test_a_turn_streams_the_answer_and_is_recorded(engines):
         engine, mode="direct", settings={"seed": 1, "max_tokens": 16}
     )
     out, err = io.StringIO(), io.StringIO()
-    result = chat.run_turn(engine, conv, ui.PlainRenderer(out=out, err=err), "hello")
+    result = chat.run_turn(engine, conv, render.PlainRenderer(out=out, err=err), "hello")
     assert result.finish_reason == "length"  # steer=2 never stops by itself
     assert result.stats is not None and result.stats.generated_tokens == 16
     assert result.answer and out.getvalue() == result.answer + (
@@ -314,7 +317,7 @@ def test_thinking_budget_closes_the_block_and_thinking_stays_out_of_the_next_pro
     assert conv.mode == "think"
     out, err = io.StringIO(), io.StringIO()
     result = chat.run_turn(
-        engine, conv, ui.PlainRenderer(out=out, err=err, show_thinking=True), "q"
+        engine, conv, render.PlainRenderer(out=out, err=err, show_thinking=True), "q"
     )
     assert "limited time" in result.thinking  # Qwen's wrap-up sentence, then </think>
     assert result.answer.strip()
@@ -355,7 +358,7 @@ def test_context_overflow_drops_the_oldest_turn_but_keeps_the_system_prompt(engi
         engine, system="SYSTEM-PROMPT", mode="direct", settings={"seed": 1, "max_tokens": 30}
     )
     err = io.StringIO()
-    out = ui.PlainRenderer(out=io.StringIO(), err=err)
+    out = render.PlainRenderer(out=io.StringIO(), err=err)
     results = [
         chat.run_turn(engine, conv, out, f"question number {i} " + "x" * 60) for i in range(6)
     ]
@@ -406,7 +409,7 @@ def test_a_turn_cancelled_before_any_token_leaves_no_empty_answer(engines):
     assert len(conv.turns) == 1
 
 
-class CancelAfter(ui.PlainRenderer):
+class CancelAfter(render.PlainRenderer):
     """Sets the cancel event after `n` answer pieces, as Ctrl-C would."""
 
     def __init__(self, event: threading.Event, n: int) -> None:
@@ -442,7 +445,7 @@ def test_json_renderer_prints_one_object(engines):
     engine = engines("qwen3")
     conv = chat.Conversation.for_engine(engine, settings={"seed": 1, "max_tokens": 8})
     out = io.StringIO()
-    renderer = ui.JsonRenderer(out=out, extra={"placement": engine.placement.to_dict()})
+    renderer = render.JsonRenderer(out=out, extra={"placement": engine.placement.to_dict()})
     result = chat.run_turn(engine, conv, renderer, "hi")
     doc = json.loads(out.getvalue())
     assert doc["answer"] == result.answer and doc["thinking"] == result.thinking
@@ -456,7 +459,7 @@ def test_json_renderer_prints_one_object(engines):
     assert out.getvalue().count("\n") == 1
 
 
-class InterruptAfter(ui.PlainRenderer):
+class InterruptAfter(render.PlainRenderer):
     """Sends this process a real SIGINT after `n` answer pieces."""
 
     def __init__(self, n: int) -> None:
@@ -490,9 +493,9 @@ def run_repl(engine: Engine, lines: str, conv: chat.Conversation | None = None):
     conv = conv or chat.Conversation.for_engine(engine, settings={"seed": 1, "max_tokens": 8})
     said: list[str] = []
     out = io.StringIO()
-    prompt = ui.ChatPrompt(chat.COMMANDS, None, interactive=False, stdin=io.StringIO(lines))
-    loop = chat.Repl(
-        engine, conv, ui.PlainRenderer(out=out, err=io.StringIO()), prompt, say=said.append
+    prompt = ChatPrompt(repl.COMMANDS, None, interactive=False, stdin=io.StringIO(lines))
+    loop = repl.Repl(
+        engine, conv, render.PlainRenderer(out=out, err=io.StringIO()), prompt, say=said.append
     )
     code = loop.run()
     return code, conv, said, out.getvalue()
@@ -553,12 +556,12 @@ def test_repl_triple_quoted_block_is_one_message(engines):
 def test_repl_help_lists_every_command(engines):
     _, _, said, _ = run_repl(engines("qwen3"), "/help\n")
     text = "\n".join(said)
-    for command in chat.COMMANDS:
+    for command in repl.COMMANDS:
         assert command.name in text
     assert "Alt+Enter" in text
 
 
-class FailAfter(ui.PlainRenderer):
+class FailAfter(render.PlainRenderer):
     """Stands in for an error mid-answer (a decode failure surfaces the same way)."""
 
     def __init__(self, n: int, **kw: Any) -> None:

@@ -199,4 +199,4 @@ def test_plan_local_gguf_rejects_quant(tiny_models):
 
 def test_plan_missing_local_file_is_exit_3(tmp_path):
     line = one_line_error(qwenrun("plan", str(tmp_path / "nope.gguf")), 3)
-    assert "not found" in line
+    assert "no such file" in line  # the same words as `run` (one check of a path)

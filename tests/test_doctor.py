@@ -200,9 +200,10 @@ def _qwenrun(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def this_machine() -> tuple[HardwareProfile, bool]:
     # What doctor should report: the probe's GPUs and the build's own answer.
-    from qwenrun import backend, hwprobe
+    from qwenrun import hwprobe
+    from qwenrun.engine import native
 
-    return hwprobe.probe(), backend.supports_gpu_offload()
+    return hwprobe.probe(), native.supports_gpu_offload()
 
 
 def test_doctor_command_reports_this_machine(this_machine):

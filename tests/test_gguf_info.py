@@ -15,9 +15,11 @@ import gguf
 import numpy as np
 import pytest
 
-from qwenrun import catalog, errors, gguf_info
+from qwenrun import catalog, errors
 from qwenrun.catalog import ModelShape, ModelSpec, lookup
-from qwenrun.gguf_info import estimate, read_local, read_remote
+from qwenrun.hub import header
+from qwenrun.hub.header import read_local, read_remote
+from qwenrun.planner.recipes import estimate
 from qwenrun.testing.tiny_gguf import Dims
 
 Q = gguf.GGMLQuantizationType
@@ -69,7 +71,7 @@ def reader_view(path: Path) -> list[tuple[str, str, tuple[int, ...], int]]:
     ]
 
 
-def info_view(info: gguf_info.GGUFInfo) -> list[tuple[str, str, tuple[int, ...], int]]:
+def info_view(info: header.GGUFInfo) -> list[tuple[str, str, tuple[int, ...], int]]:
     return [(t.name, t.ggml_type, t.shape, t.n_bytes) for t in info.tensors]
 
 
@@ -285,10 +287,10 @@ def test_read_remote_fetches_only_the_header(server: tuple[Served, str]) -> None
     # Everything before the tensor data (give or take alignment padding); 150,000 token
     # strings alone are 3 MB.
     header_size = size - local.total_bytes
-    assert header_size > gguf_info.INITIAL_FETCH  # the test exercises growing
+    assert header_size > header.INITIAL_FETCH  # the test exercises growing
     assert len(served.requests) >= 2
     assert all(rng and rng.startswith("bytes=") for _, rng in served.requests)
-    assert served.sent["big.gguf"] <= 2 * header_size + gguf_info.INITIAL_FETCH
+    assert served.sent["big.gguf"] <= 2 * header_size + header.INITIAL_FETCH
     assert served.sent["big.gguf"] < size / 4
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qwenrun import hwprobe
-from qwenrun.hwprobe import GIB, MIB, GPUInfo, HardwareProfile
+from qwenrun.hwprobe import GPUInfo, HardwareProfile
+from qwenrun.units import GIB, MIB
 
 SMI_TWO_GPUS = """\
 0, NVIDIA GeForce RTX 4090, 24564, 23000, 1564, 8.9, 550.54.14, 4, 16

@@ -4,55 +4,74 @@ from __future__ import annotations
 
 import pytest
 
-from qwenrun import catalog, errors, gguf_info, launch
-from qwenrun.download import HubFile, QuantFiles, RepoListing
-from qwenrun.refs import parse_ref
+from qwenrun import catalog, errors, launch, offload
+from qwenrun.engine import loadconfig
+from qwenrun.hub.listing import HubFile, QuantFiles, RepoListing
+from qwenrun.hub.refs import parse_ref
+from qwenrun.offload import Wishes
+from qwenrun.planner import recipes
 from qwenrun.testing.hardware import machine
 
-# ---- decide: the planner fits around the user's flags
+# ---- the plan of a load: the planner fits around the user's wishes
 
 
 def test_no_flags_lets_the_planner_place_everything(tiny_models):
     path = tiny_models("qwen3moe")
-    d = launch.decide(path, launch.RunOptions(ctx=2048), machine(None, 16))
-    assert d.load.n_ctx == 2048
-    assert d.load.placement.n_gpu_layers == 0  # no GPU: all on the CPU, nothing overridden
-    assert d.load.placement.override_patterns() == []
-    assert any("no GPU" in r for r in d.reasons)
+    p = offload.plan_for_file(path, machine(None, 16), Wishes(n_ctx=2048))
+    assert p.load.n_ctx == 2048
+    assert p.load.placement.n_gpu_layers == 0  # no GPU: all on the CPU, nothing overridden
+    assert p.load.placement.override_patterns() == []
+    assert any("no GPU" in r for r in p.reasons)
 
 
 def test_flags_fix_the_placement_and_the_plan_fits_the_context(tiny_models):
     path = tiny_models("qwen3moe")
-    d = launch.decide(path, launch.RunOptions(n_cpu_moe=2), machine(12, 32))
-    assert d.load.placement.expert_cpu_layers == (0, 1)
-    assert d.load.n_ctx >= 4096  # chosen by the planner, not a fixed default
-    assert any("your flags" in r for r in d.reasons)
-    every = launch.decide(path, launch.RunOptions(cpu_moe=True), machine(12, 32))
+    p = offload.plan_for_file(path, machine(12, 32), Wishes(n_cpu_moe=2))
+    assert p.load.placement.expert_cpu_layers == (0, 1)
+    assert p.load.n_ctx >= 4096  # chosen by the planner, not a fixed default
+    every = offload.plan_for_file(path, machine(12, 32), Wishes(cpu_moe=True))
     assert every.load.placement.cpu_moe_all
+    assert every.load.placement.override_patterns() == [(loadconfig.EXPS_REGEX, "CPU")]
+
+
+def test_threads_reach_the_load(tiny_models):
+    path = tiny_models("qwen3moe")
+    p = offload.plan_for_file(path, machine(None, 16), Wishes(threads=3))
+    assert p.load.n_threads == 3
 
 
 def test_a_gpu_the_build_cannot_use_is_planned_as_no_gpu(tiny_models):
     path = tiny_models("qwen3moe")
-    usable = launch.decide(path, launch.RunOptions(), machine(24, 32, offload=True))
-    unusable = launch.decide(path, launch.RunOptions(), machine(24, 32, offload=False))
+    usable = offload.plan_for_file(path, machine(24, 32, offload=True), Wishes())
+    unusable = offload.plan_for_file(path, machine(24, 32, offload=False), Wishes())
     assert usable.load.placement.n_gpu_layers != 0
     assert unusable.load.placement.n_gpu_layers == 0
 
 
 @pytest.mark.parametrize(
-    ("opts", "flag"),
+    ("wishes", "flag"),
     [
-        (launch.RunOptions(cpu_moe=True, n_cpu_moe=1), "--cpu-moe"),
-        (launch.RunOptions(n_cpu_moe=-1), "--n-cpu-moe"),
-        (launch.RunOptions(gpu_layers=-2), "--gpu-layers"),
-        (launch.RunOptions(threads=0), "--threads"),
-        (launch.RunOptions(kv_type="q3"), "KV cache type"),
-        (launch.RunOptions(ctx=8), "--ctx"),
+        (Wishes(cpu_moe=True, n_cpu_moe=1), "--cpu-moe"),
+        (Wishes(n_cpu_moe=-1), "--n-cpu-moe"),
+        (Wishes(n_gpu_layers=-2), "--gpu-layers"),
+        (Wishes(threads=0), "--threads"),
+        (Wishes(kv_type="q3"), "KV cache type"),
+        (Wishes(n_ctx=8), "--ctx"),
+        (Wishes(n_ctx=255), "--ctx 255 is too small"),
+        (Wishes(gpu_mem_bytes=-1), "--gpu-mem"),
     ],
 )
-def test_bad_flags_are_usage_errors(opts, flag):
+def test_bad_wishes_are_usage_errors_naming_the_flag(wishes, flag):
     with pytest.raises(errors.UsageError, match=flag):
-        opts.validate()
+        wishes.validate()
+
+
+def test_one_context_rule_for_every_command(tiny_models):
+    # `run`'s check, the planner's and `plan`'s are one: 256 is the floor everywhere.
+    assert Wishes(n_ctx=256).validate() is None
+    with pytest.raises(errors.UsageError, match="--ctx 100 is too small") as info:
+        offload.plan_for_file(tiny_models("qwen3moe"), machine(None, 16), Wishes(n_ctx=100))
+    assert info.value.hint == "use at least 256"
 
 
 # ---- which quant to download: the planner's pick among what the repo holds
@@ -61,7 +80,7 @@ def test_bad_flags_are_usage_errors(opts, flag):
 def listing(spec: catalog.ModelSpec, quants: list[str]) -> RepoListing:
     files = []
     for q in quants:
-        size = gguf_info.estimate(spec, q).total_bytes
+        size = recipes.estimate(spec, q).total_bytes
         files.append(QuantFiles(q, (HubFile(f"{spec.display}-{q}.gguf", size, "0" * 64, None),)))
     return RepoListing(spec.repos[0], "main", tuple(files), ())
 

@@ -1,7 +1,7 @@
 """The offload planner over hardware values × catalog models, and against llama.cpp itself.
 
 Hardware is a value here (`HardwareProfile`), so "12 GiB GPU + 32 GiB RAM" needs no such
-machine. Model sizes come from `gguf_info.estimate` (the catalog's shapes and each quant's
+machine. Model sizes come from `recipes.estimate` (the catalog's shapes and each quant's
 recipe) and, for the accuracy tests, from real generated GGUFs that llama.cpp loads.
 """
 
@@ -13,10 +13,15 @@ from dataclasses import replace
 
 import pytest
 
-from qwenrun import catalog, errors, memmodel, offload
-from qwenrun.hwprobe import GIB, MIB, HardwareProfile
-from qwenrun.offload import Budget, Plan, Wishes
+from qwenrun import catalog, errors, offload, units
+from qwenrun.engine import loadconfig
+from qwenrun.hwprobe import HardwareProfile
+from qwenrun.offload import Plan, Wishes
+from qwenrun.planner import search
+from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.search import Budget
 from qwenrun.testing.hardware import machine
+from qwenrun.units import GIB, MIB
 
 QWEN3_30B = "qwen3-30b-a3b"
 QWEN35_35B = "qwen3.5-35b-a3b"
@@ -53,7 +58,7 @@ def _assert_within_budget(p: Plan, hw: HardwareProfile) -> None:
         assert p.gpu.bytes.used + p.gpu.reserved <= hw.gpus[0].free_bytes
     # The plan accounts for every loaded weight exactly once.
     total = p.cpu.bytes.weights + (p.gpu.bytes.weights if p.gpu else 0)
-    facts = memmodel.ModelFacts.from_info(
+    facts = ModelFacts.from_info(
         next(o for o in options(_catalog_name(p)) if o.name == p.quant).info
     )
     assert total == facts.weight_bytes
@@ -71,12 +76,12 @@ def test_plans_never_exceed_any_budget(name: str, gpu_gib: float | None, ram_gib
     if p is None:
         # It may not fit, but then it must be because the machine is too small: the
         # smallest quant's weights alone outweigh the memory to plan with.
-        smallest = min(memmodel.ModelFacts.from_info(o.info).weight_bytes for o in options(name))
+        smallest = min(ModelFacts.from_info(o.info).weight_bytes for o in options(name))
         budget = Budget.from_hw(hw)
         assert smallest > 0.5 * (budget.ram + budget.gpu)
         return
     _assert_within_budget(p, hw)
-    assert p.n_ctx >= offload.MIN_CTX
+    assert p.n_ctx >= search.MIN_CTX
     if gpu_gib is None:
         assert p.gpu is None
         assert p.load.placement.n_gpu_layers == 0
@@ -219,12 +224,14 @@ def test_hybrids_get_a_smaller_kv_cache_than_an_all_attention_model():
     assert dense.cpu.bytes.rs == 0
 
 
-def test_kv_type_sizes_match_gguf_tables():
+def test_kv_type_table_matches_gguf_tables():
+    # The one KV type table: the cost model's bytes and the engine's ggml ids both come from it.
     import gguf
 
-    for name, (block, size) in memmodel.KV_TYPE_SIZES.items():
+    for name, kv in loadconfig.KV_TYPES.items():
         qtype = gguf.GGMLQuantizationType[name.upper()]
-        assert gguf.GGML_QUANT_SIZES[qtype] == (block, size)
+        assert gguf.GGML_QUANT_SIZES[qtype] == (kv.block_elems, kv.block_bytes)
+        assert int(qtype) == kv.ggml_id
 
 
 def test_q8_kv_cache_is_about_half():
@@ -239,9 +246,9 @@ def test_q8_kv_cache_is_about_half():
 def test_context_is_capped_and_never_below_the_minimum():
     p = plan_or_none(QWEN35_35B, machine(None, 64))
     assert p is not None
-    assert p.n_ctx == offload.DEFAULT_CTX_CAP  # native 262,144, capped
+    assert p.n_ctx == search.DEFAULT_CTX_CAP  # native 262,144, capped
     small = plan_or_none(QWEN3_30B, machine(None, 16))
-    assert small is not None and small.n_ctx >= offload.MIN_CTX
+    assert small is not None and small.n_ctx >= search.MIN_CTX
 
 
 # --------------------------------------------------------------------------------------
@@ -253,7 +260,7 @@ def test_fixed_quant_context_kv_and_n_cpu_moe_are_kept():
     p = plan_or_none(QWEN3_30B, machine(12, 32), wishes)
     assert p is not None
     assert p.quant == "Q4_K_M"
-    assert p.n_ctx == memmodel.pad_ctx(20000)
+    assert p.n_ctx == pad_ctx(20000)
     assert p.load.kv_type == "q8_0"
     assert p.load.placement.expert_cpu_layers == tuple(range(30))
     assert p.load.placement.expert_cpu_tensors == ()
@@ -366,13 +373,13 @@ def test_to_dict_carries_the_whole_plan():
     ],
 )
 def test_parse_size(text: str, expected: int):
-    assert offload.parse_size(text) == expected
+    assert units.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "twelve", "12 parsecs", "-4G", "12iB", "1e3G"])
 def test_parse_size_rejects_nonsense(text: str):
     with pytest.raises(errors.UsageError, match="cannot read"):
-        offload.parse_size(text, "--gpu-mem")
+        units.parse_size(text, "--gpu-mem")
 
 
 # --------------------------------------------------------------------------------------
@@ -399,7 +406,7 @@ ACCURACY_CASES = [
 
 @pytest.mark.parametrize("arch,vocab,n_ctx", ACCURACY_CASES)
 def test_cpu_buffers_match_llama_cpp(tiny_models, arch: str, vocab: int | None, n_ctx: int):
-    from qwenrun.backend import Engine
+    from qwenrun.engine.llama import Engine
     from qwenrun.hwprobe import probe
 
     path = tiny_models(arch, vocab_size=vocab, dtype="f16")

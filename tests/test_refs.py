@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qwenrun import catalog, errors
-from qwenrun.refs import parse_ref, reference_for, spec_for_repo
+from qwenrun.hub.refs import parse_ref, reference_for, spec_for_repo
 
 SPEC = catalog.CATALOG[0]
 WITH_ALIAS = next(s for s in catalog.CATALOG if s.aliases)

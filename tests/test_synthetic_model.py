@@ -266,8 +266,8 @@ def test_llama_cpp_runs_the_full_shape_layer_with_finite_logits(one_layer_30b):
 
 
 def test_qwenrun_engine_places_the_real_expert_tensors_on_cpu(one_layer_30b):
-    from qwenrun.backend import Engine, SamplingParams
-    from qwenrun.placement import LoadConfig, Placement
+    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.loadconfig import LoadConfig, Placement
 
     path, _, _ = one_layer_30b
     config = LoadConfig(n_ctx=128, n_batch=64, n_threads=2, placement=Placement(cpu_moe_all=True))

@@ -10,8 +10,10 @@ import pytest
 from prompt_toolkit.document import Document
 from rich.console import Console
 
-from qwenrun import chat, ui
-from qwenrun.backend import GenStats
+from qwenrun import chat
+from qwenrun.engine.llama import GenStats
+from qwenrun.ui import render, repl
+from qwenrun.ui.prompt import ChatPrompt, _command_completer, strip_triple_quotes, triple_quote_open
 
 STATS = GenStats(
     prompt_tokens=40,
@@ -27,15 +29,15 @@ STATS = GenStats(
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def result(**kw: object) -> ui.TurnResult:
+def result(**kw: object) -> chat.TurnResult:
     base: dict[str, object] = dict(
         answer="Hi.", thinking="hmm", finish_reason="stop", stats=STATS, mode="think"
     )
     base.update(kw)
-    return ui.TurnResult(**base)  # type: ignore[arg-type]
+    return chat.TurnResult(**base)  # type: ignore[arg-type]
 
 
-def feed(renderer: ui.Renderer, thinking: str = "hmm", answer: str = "Hi.") -> None:
+def feed(renderer: chat.Renderer, thinking: str = "hmm", answer: str = "Hi.") -> None:
     renderer.thinking(thinking)
     renderer.thinking_done(4.23, 312)
     renderer.answer(answer)
@@ -44,29 +46,30 @@ def feed(renderer: ui.Renderer, thinking: str = "hmm", answer: str = "Hi.") -> N
 
 def test_stats_line():
     assert (
-        ui.format_stats(STATS) == "TTFT 0.21 s · prefill 812 tok/s · decode 41.3 tok/s · 128 tokens"
+        render.format_stats(STATS)
+        == "TTFT 0.21 s · prefill 812 tok/s · decode 41.3 tok/s · 128 tokens"
     )
-    assert ui.format_thought(4.23, 312) == "Thought for 4.2 s · 312 tokens"
+    assert render.format_thought(4.23, 312) == "Thought for 4.2 s · 312 tokens"
 
 
 def test_plain_renderer_keeps_stdout_for_the_answer():
     out, err = io.StringIO(), io.StringIO()
-    feed(ui.PlainRenderer(out=out, err=err))
+    feed(render.PlainRenderer(out=out, err=err))
     assert out.getvalue() == "Hi.\n"
     assert err.getvalue() == ""
 
 
 def test_plain_renderer_shows_thinking_and_stats_on_stderr_when_asked():
     out, err = io.StringIO(), io.StringIO()
-    feed(ui.PlainRenderer(out=out, err=err, show_thinking=True, show_stats=True))
+    feed(render.PlainRenderer(out=out, err=err, show_thinking=True, show_stats=True))
     assert out.getvalue() == "Hi.\n"
-    assert err.getvalue() == "hmm\n" + ui.format_stats(STATS) + "\n"
+    assert err.getvalue() == "hmm\n" + render.format_stats(STATS) + "\n"
     assert not ANSI.search(err.getvalue())
 
 
 def test_json_renderer_prints_one_object_with_extra_fields():
     out = io.StringIO()
-    renderer = ui.JsonRenderer(out=out, extra={"placement": {"n_gpu_layers": 0}})
+    renderer = render.JsonRenderer(out=out, extra={"placement": {"n_gpu_layers": 0}})
     renderer.notice("Context full: dropped the oldest turn of the conversation.")
     feed(renderer)
     doc = json.loads(out.getvalue())
@@ -76,10 +79,10 @@ def test_json_renderer_prints_one_object_with_extra_fields():
     assert doc["notices"] == ["Context full: dropped the oldest turn of the conversation."]
 
 
-def tty() -> tuple[ui.TTYRenderer, io.StringIO, io.StringIO]:
+def tty() -> tuple[render.TTYRenderer, io.StringIO, io.StringIO]:
     out, err = io.StringIO(), io.StringIO()
     console = Console(file=err, force_terminal=True, width=80, height=24, color_system="standard")
-    return ui.TTYRenderer(out=out, err=console), out, err
+    return render.TTYRenderer(out=out, err=console), out, err
 
 
 def test_tty_renderer_folds_thinking_and_ends_with_stats():
@@ -88,14 +91,14 @@ def test_tty_renderer_folds_thinking_and_ends_with_stats():
     assert out.getvalue() == "Hi.\n"
     text = ANSI.sub("", err.getvalue())
     assert "Thought for 4.2 s · 312 tokens" in text
-    assert text.rstrip().endswith(ui.format_stats(STATS))
+    assert text.rstrip().endswith(render.format_stats(STATS))
     assert "\x1b[2m" in err.getvalue()  # dim: thinking and stats are chrome
 
 
 def test_tty_renderer_shows_thinking_when_asked():
     out, err = io.StringIO(), io.StringIO()
     console = Console(file=err, force_terminal=True, width=80, color_system="standard")
-    feed(ui.TTYRenderer(out=out, err=console, show_thinking=True), thinking="step one")
+    feed(render.TTYRenderer(out=out, err=console, show_thinking=True), thinking="step one")
     text = ANSI.sub("", err.getvalue())
     assert text.index("Thinking") < text.index("step one") < text.index("Thought for")
 
@@ -118,30 +121,30 @@ def test_tty_renderer_drops_control_characters_from_model_text():
     [('"""', True), ('"""abc', True), ('"""abc\ndef"""', False), ('"""x"""', False), ("hi", False)],
 )
 def test_triple_quote_blocks(text, is_open):
-    assert ui.triple_quote_open(text) is is_open
+    assert triple_quote_open(text) is is_open
 
 
 def test_strip_triple_quotes():
-    assert ui.strip_triple_quotes('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
-    assert ui.strip_triple_quotes('"""one"""') == "one"
+    assert strip_triple_quotes('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
+    assert strip_triple_quotes('"""one"""') == "one"
 
 
 def completions(text: str) -> list[str]:
-    completer = ui._command_completer(chat.COMMANDS)
+    completer = _command_completer(repl.COMMANDS)
     return [c.text for c in completer.get_completions(Document(text), None)]
 
 
 def test_completion_of_commands_and_their_arguments():
     assert completions("/th") == ["/think"]
-    assert set(completions("/")) == {c.name for c in chat.COMMANDS}
+    assert set(completions("/")) == {c.name for c in repl.COMMANDS}
     assert completions("/set to") == ["top-p", "top-k"]
     assert completions("/budget o") == ["off"]
     assert completions("hello /th") == []
 
 
 def test_plain_prompt_reads_lines_and_blocks():
-    prompt = ui.ChatPrompt(
-        chat.COMMANDS, None, interactive=False, stdin=io.StringIO('hi\n"""a\nb"""\nlast')
+    prompt = ChatPrompt(
+        repl.COMMANDS, None, interactive=False, stdin=io.StringIO('hi\n"""a\nb"""\nlast')
     )
     assert [prompt.read(), prompt.read(), prompt.read()] == ["hi", "a\nb", "last"]
     with pytest.raises(EOFError):

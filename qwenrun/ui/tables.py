@@ -1,43 +1,33 @@
-"""Tables for `qwenrun probe` and `qwenrun plan`: the machine, a plan, one plan per model.
+"""Tables on stdout: the machine, a plan, the best plan per model, the cached models.
 
-Contract: turns `HardwareProfile` and `Plan` values into rich renderables and prints them to
-stdout. It decides nothing and reads nothing from the machine. When stdout is not a
-terminal (a pipe, a file), rich writes plain text with no escape codes, at a fixed width so
-that lines do not wrap at 80 columns.
+Contract: turns `HardwareProfile`, `Plan` and cache values into rich renderables (or plain
+rows) and prints them to stdout. It decides nothing and reads nothing from the machine. When
+stdout is not a terminal (a pipe, a file), rich writes plain text with no escape codes, at a
+fixed width so that lines do not wrap at 80 columns.
 """
 
 from __future__ import annotations
 
-import sys
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from qwenrun import errors, units
+from qwenrun.hub.refs import reference_for
 from qwenrun.hwprobe import HardwareProfile
-from qwenrun.offload import DevicePlan, Plan, fmt_bytes
+from qwenrun.offload import DevicePlan, Plan
+from qwenrun.units import gib as fmt_bytes
+
+if TYPE_CHECKING:
+    from qwenrun.catalog import ModelSpec
+    from qwenrun.hub.cache import CachedQuant
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-PIPE_WIDTH = 120
-
-
-def stdout_console(file: TextIO | None = None) -> Console:
-    out = file or sys.stdout
-    tty = out.isatty()
-    return Console(
-        file=out,
-        highlight=False,
-        no_color=not tty,
-        force_terminal=tty,
-        width=None if tty else PIPE_WIDTH,
-    )
-
-
-def show(renderable: RenderableType, file: TextIO | None = None) -> None:
-    stdout_console(file).print(renderable)
 
 
 # --------------------------------------------------------------------------------------
@@ -172,6 +162,35 @@ class ModelRow:
     problem: str | None = None
 
 
+def model_rows(
+    results: Sequence[tuple[ModelSpec, Plan | errors.DoesNotFitError]],
+) -> list[ModelRow]:
+    """`offload.plan_catalog`'s answers as rows: the plan, or in a few words why none."""
+    rows = []
+    for spec, found in results:
+        if isinstance(found, errors.DoesNotFitError):
+            rows.append(ModelRow(spec.name, None, _short(found)))
+        else:
+            rows.append(ModelRow(spec.name, found))
+    return rows
+
+
+def _short(err: errors.DoesNotFitError) -> str:
+    if err.need_bytes is not None and err.have_bytes is not None:
+        return f"needs ≈{fmt_bytes(err.need_bytes)}, {fmt_bytes(err.have_bytes)} to give"
+    return err.message
+
+
+def probe_json(hw: HardwareProfile, rows: Sequence[ModelRow]) -> str:
+    models: list[dict[str, Any]] = []
+    for r in rows:
+        entry: dict[str, Any] = {"model": r.name, "fits": r.plan is not None}
+        entry["plan"] = r.plan.to_dict() if r.plan is not None else None
+        entry["problem"] = r.problem
+        models.append(entry)
+    return json.dumps({"hardware": hw.to_dict(), "models": models}, indent=2)
+
+
 def models_table(rows: Sequence[ModelRow]) -> Table:
     t = Table(title="Best plan per model (estimated sizes)", title_justify="left")
     for col in ("model", "quant", "context", "experts on CPU", "decode tok/s", "memory"):
@@ -195,3 +214,46 @@ def models_table(rows: Sequence[ModelRow]) -> Table:
             mem += " RAM"
         t.add_row(r.name, p.quant, f"{p.n_ctx:,}", experts, f"{p.decode_tok_s:.1f}", mem)
     return t
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_rows(quants: Sequence[CachedQuant]) -> list[dict[str, Any]]:
+    """`qwenrun list --json`: one object per cached quant."""
+    return [
+        {
+            "reference": reference_for(c.repo, c.quant),
+            "repo": c.repo,
+            "revision": c.revision,
+            "quant": c.quant,
+            "size_bytes": c.size_on_disk,
+            "expected_bytes": c.expected_size,
+            "status": "complete" if c.complete else "partial",
+            "verified": c.verified,
+            "files": len(c.paths),
+            "n_files": c.n_expected,
+            "path": str(c.first) if c.first else None,
+        }
+        for c in quants
+    ]
+
+
+def print_cache(rows: Sequence[dict[str, Any]]) -> None:
+    """`qwenrun list`: aligned columns, the path last (it may be long)."""
+    header = ("REFERENCE", "SIZE", "STATUS", "VERIFIED", "PATH")
+    lines = [
+        (
+            str(r["reference"]),
+            units.gb(int(str(r["size_bytes"]))),
+            str(r["status"])
+            + ("" if r["status"] == "complete" else f" ({r['files']}/{r['n_files']} files)"),
+            "yes" if r["verified"] else "no",
+            str(r["path"] or "-"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header) - 1)]
+    for line in [header, *lines]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1])

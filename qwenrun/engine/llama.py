@@ -1,20 +1,18 @@
-"""The llama.cpp engine: load a GGUF with a placement, stream tokens, report what it did.
+"""The engine: one loaded model and its context; load with a placement, stream tokens.
 
-Contract: this is the only module that imports `llama_cpp`, and it does so lazily (inside
-functions), so `qwenrun --help` and the planner never pay for it. It uses the low-level
-bindings of llama-cpp-python 0.3.36 only:
+Contract: an `Engine` loads a GGUF with a `LoadConfig` (placement through llama.cpp's tensor
+buffer-type overrides, built by `native`), creates its context, and streams generated text
+through `Generation`. It uses llama-cpp-python 0.3.36's low-level bindings only (through
+`native.bindings()`, so importing this module loads nothing):
 
-- placement: llama.cpp's tensor buffer-type overrides, an array of `{pattern, buft}` structs
-  that the bindings declare as an untyped pointer; the array and its strings are kept alive
-  for the model's life;
 - decoding: `llama_decode` on a reused one-token batch, a native sampler chain, and
   `llama_token_to_piece`, with nothing in the per-token loop that the loop does not need;
 - the KV cache persists across `generate` calls; a new prompt evaluates only the tokens
   after the common prefix with what the cache holds;
-- llama.cpp's log goes through our callback (shown only when verbose), and the engine reads
-  from it what llama.cpp actually placed where: overridden tensors and buffer sizes.
+- what llama.cpp actually placed where (overridden tensors, buffer sizes) is read from its
+  log (`llamalog`) and kept as `Engine.placement`.
 
-It does not choose a placement (offload.py does), render templates (chat.py) or print.
+It does not choose a placement (the planner does), render templates (template.py) or print.
 """
 
 from __future__ import annotations
@@ -22,9 +20,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import os
-import re
-import sys
 import threading
 import time
 from collections import deque
@@ -34,8 +29,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from qwenrun import errors
-from qwenrun.placement import LoadConfig
+from qwenrun import errors, hwprobe
+from qwenrun.engine.llamalog import LOG, OOM_RE, PlacementReport, load_failure, parse_placement
+from qwenrun.engine.loadconfig import KV_TYPES, LoadConfig
+from qwenrun.engine.native import bindings, loaded, override_array
 
 # --------------------------------------------------------------------------------------
 # Plain values the rest of qwenrun sees
@@ -69,45 +66,6 @@ class GenStats:
 
 
 @dataclass(frozen=True)
-class BufferSize:
-    kind: str  # "model" | "kv" | "rs" | "compute" | "output"
-    buft: str  # llama.cpp's buffer name: "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA0", ...
-    n_bytes: int
-
-
-@dataclass(frozen=True)
-class PlacementReport:
-    """What llama.cpp says it did, read from its own log while loading."""
-
-    n_gpu_layers: int
-    cpu_moe_layers: tuple[int, ...]
-    overridden_tensors: tuple[tuple[str, str], ...]
-    buffers: tuple[BufferSize, ...]
-
-    def total(self, kind: str | None = None, device: str | None = None) -> int:
-        """Bytes of the buffers of one kind and/or one device ("CPU" covers CPU_Mapped etc.)."""
-        return sum(
-            b.n_bytes
-            for b in self.buffers
-            if (kind is None or b.kind == kind) and (device is None or _on_device(b.buft, device))
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_gpu_layers": self.n_gpu_layers,
-            "cpu_moe_layers": list(self.cpu_moe_layers),
-            "overridden_tensors": [{"tensor": t, "buffer": b} for t, b in self.overridden_tensors],
-            "buffers": [asdict(b) for b in self.buffers],
-        }
-
-
-def _on_device(buft: str, device: str) -> bool:
-    if device.upper() == "CPU":
-        return buft.upper().startswith("CPU") or buft.upper().endswith("_HOST")
-    return buft == device
-
-
-@dataclass(frozen=True)
 class ModelMeta:
     path: str
     arch: str
@@ -122,232 +80,9 @@ class ModelMeta:
 
 
 # --------------------------------------------------------------------------------------
-# llama_cpp, loaded on first use
-
-
-_lc: ModuleType | None = None
-_init_lock = threading.Lock()
-
-
-def _llama() -> ModuleType:
-    """Import the bindings once, init the backend, and route llama.cpp's log to us."""
-    global _lc
-    if _lc is not None:
-        return _lc
-    with _init_lock:
-        if _lc is None:
-            import llama_cpp.llama_cpp as lc
-
-            lc.llama_backend_init()
-            _LOG.install(lc)
-            _bind_ggml(lc)
-            _lc = lc
-    return _lc
-
-
-def supports_gpu_offload() -> bool:
-    """Whether the installed llama.cpp was built with a GPU backend (CUDA, Metal, ...)."""
-    return bool(_llama().llama_supports_gpu_offload())
-
-
-def llama_cpp_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        return None
-
-
-# ggml's device registry is exported by the libraries the wheel ships, but not bound by
-# llama-cpp-python. `libllama` lists libggml and libggml-base as DT_NEEDED, so dlsym on its
-# handle finds these symbols without loading anything else.
-_GGML_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
-    "ggml_backend_dev_count": ([], ctypes.c_size_t),
-    "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
-    "ggml_backend_dev_buffer_type": ([ctypes.c_void_p], ctypes.c_void_p),
-    "ggml_backend_buft_name": ([ctypes.c_void_p], ctypes.c_char_p),
-    "ggml_backend_cpu_buffer_type": ([], ctypes.c_void_p),
-}
-_ggml: dict[str, Any] = {}
-
-
-def _bind_ggml(lc: ModuleType) -> None:
-    for name, (argtypes, restype) in _GGML_SIGNATURES.items():
-        fn = getattr(lc._lib, name)
-        fn.argtypes, fn.restype = argtypes, restype
-        _ggml[name] = fn
-
-
-def buffer_types() -> dict[str, int]:
-    """Buffer type name → handle for every device llama.cpp sees ("CPU", "CUDA0", ...)."""
-    _llama()
-    out: dict[str, int] = {}
-    for i in range(_ggml["ggml_backend_dev_count"]()):
-        buft = _ggml["ggml_backend_dev_buffer_type"](_ggml["ggml_backend_dev_get"](i))
-        if buft:
-            out[_ggml["ggml_backend_buft_name"](buft).decode()] = buft
-    # The CPU override must be exactly this handle: the loader then picks from the CPU
-    # buffer-type list, so repacked CPU layouts still apply to overridden experts.
-    out["CPU"] = _ggml["ggml_backend_cpu_buffer_type"]()
-    return out
-
-
-class _OverrideStruct(ctypes.Structure):
-    # struct llama_model_tensor_buft_override {
-    #     const char * pattern; ggml_backend_buffer_type_t buft; }
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def _override_array(patterns: list[tuple[str, str]]) -> tuple[Any, list[bytes]]:
-    """A NULL-terminated override array, plus the pattern bytes it points into."""
-    bufts = buffer_types()
-    encoded = []
-    arr = (_OverrideStruct * (len(patterns) + 1))()  # zeroed last entry terminates
-    for i, (pattern, buft_name) in enumerate(patterns):
-        buft = bufts.get(buft_name) or bufts.get(buft_name.upper())
-        if buft is None:
-            raise errors.UsageError(
-                f"unknown buffer type {buft_name!r} in override {pattern!r}",
-                hint=f"this llama.cpp build has: {', '.join(sorted(bufts))}",
-            )
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise errors.UsageError(f"bad override pattern {pattern!r}: {exc}") from None
-        b = pattern.encode()
-        encoded.append(b)
-        arr[i].pattern = b
-        arr[i].buft = buft
-    return arr, encoded
-
-
-# --------------------------------------------------------------------------------------
-# llama.cpp's log
-
-
-_OVERRIDE_RE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
-_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
-_OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
-# How llama.cpp and ggml say that a buffer did not fit (host or device memory).
-_OOM_RE = re.compile(r"out of memory|failed to allocate|unable to allocate", re.IGNORECASE)
-# ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (ggml.h). llama-cpp-python's
-# own table has these shuffled, so its `verbose=False` hides errors; we keep our own.
-_LEVEL_NAMES = {1: "debug", 2: "info", 3: "warn", 4: "error"}
-
-
-class _LogRouter:
-    """Collects llama.cpp's log lines (all levels) and echoes them when asked to.
-
-    llama.cpp's log callback is process-global, so there is one router; an engine marks
-    where its load began and reads the lines after that mark.
-    """
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[int, str]] = []
-        self.echo = False
-        self._partial = ""
-        self._level = 2
-        self._callback: Any = None
-        self._lock = threading.Lock()
-
-    def install(self, lc: ModuleType) -> None:
-        def on_log(level: int, text: bytes | None, _user: Any) -> None:
-            self._write(level, (text or b"").decode("utf-8", errors="replace"))
-
-        self._callback = lc.llama_log_callback(on_log)  # kept alive: C holds the pointer
-        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _write(self, level: int, text: str) -> None:
-        with self._lock:
-            if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line's level
-                self._level = level
-            data = self._partial + text
-            *complete, self._partial = data.split("\n")
-            for line in complete:
-                self.lines.append((self._level, line))
-                if self.echo:
-                    print(line, file=sys.stderr)
-
-    def mark(self) -> int:
-        return len(self.lines)
-
-    def since(self, mark: int) -> list[tuple[int, str]]:
-        return self.lines[mark:]
-
-    def trim(self, keep: int = 20000) -> None:
-        # A long chat session must not grow this list without bound.
-        if len(self.lines) > keep:
-            del self.lines[: len(self.lines) - keep]
-
-
-_LOG = _LogRouter()
-
-
-def _parse_placement(lines: list[str], n_gpu_layers: int) -> PlacementReport:
-    overridden: list[tuple[str, str]] = []
-    buffers: list[BufferSize] = []
-    for line in lines:
-        if m := _OVERRIDE_RE.search(line):
-            overridden.append((m.group(1), m.group(2)))
-        elif m := _BUFFER_RE.search(line):
-            kind = m.group(2).lower()
-            buffers.append(BufferSize(kind, m.group(1), round(float(m.group(3)) * 1024 * 1024)))
-        elif m := _OFFLOADED_RE.search(line):
-            n_gpu_layers = int(m.group(1))
-    layers = sorted({int(m.group(1)) for name, _ in overridden if (m := _LAYER_RE.match(name))})
-    return PlacementReport(n_gpu_layers, tuple(layers), tuple(overridden), tuple(buffers))
-
-
-def _load_failure(path: Path, lines: list[str]) -> errors.QwenrunError:
-    """Turn llama.cpp's own complaint into a message a user can act on."""
-    text = "\n".join(lines)
-    if m := re.search(r"unknown model architecture: '([^']*)'", text):
-        return errors.UnsupportedModelError(
-            f"{path.name}: architecture {m.group(1)!r} is not supported by this llama.cpp",
-            hint="qwenrun runs Qwen3 / Qwen3-MoE / Qwen3-Next / Qwen3.5 models",
-        )
-    if re.search(r"invalid magic|failed to read magic|not a gguf", text, re.IGNORECASE):
-        return errors.InvalidModelError(
-            f"{path.name} is not a GGUF file", hint="pass a .gguf model file"
-        )
-    if re.search(
-        r"truncated|unexpectedly reached end of file|failed to read|not within the file bounds",
-        text,
-        re.IGNORECASE,
-    ):
-        return errors.InvalidModelError(
-            f"{path.name} is truncated or corrupt",
-            hint="download it again (qwenrun pull resumes and verifies)",
-        )
-    if _OOM_RE.search(text):
-        return errors.OutOfMemoryError(
-            f"not enough memory to load {path.name}",
-            hint="put more experts on the CPU (--n-cpu-moe) or use a smaller quant",
-        )
-    reason = next(
-        (ln.split(":", 1)[-1].strip() for ln in reversed(lines) if "error" in ln.lower()),
-        "see the log with --verbose",
-    )
-    return errors.InvalidModelError(f"llama.cpp could not load {path.name}: {reason}")
-
-
-# --------------------------------------------------------------------------------------
 # The engine
 
 
-_KV_TYPE_IDS = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
 
@@ -403,17 +138,17 @@ class Engine:
         config = config or LoadConfig()
         path = Path(path)
         _check_file(path)
-        lc = _llama()
+        lc = bindings()
         self = cls()
         self.config = config
-        _LOG.echo = verbose
-        mark = _LOG.mark()
+        LOG.echo = verbose
+        mark = LOG.mark()
 
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = config.placement.n_gpu_layers
         mparams.load_mode = lc.LLAMA_LOAD_MODE_MMAP if config.mmap_enabled() else 0
         patterns = config.placement.override_patterns()
-        arr, encoded = _override_array(patterns) if patterns else (None, [])
+        arr, encoded = override_array(patterns) if patterns else (None, [])
         if arr is not None:
             mparams.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
         # An exception (Ctrl-C above all) raised inside a ctypes callback would be printed
@@ -441,8 +176,8 @@ class Engine:
                 lc.llama_model_free(model)
             raise interrupted[0]
         if not model:
-            lines = [ln for _, ln in _LOG.since(mark)]
-            raise _load_failure(path, lines)
+            lines = [ln for _, ln in LOG.since(mark)]
+            raise load_failure(path, lines)
         self._model = model
 
         cparams = lc.llama_context_default_params()
@@ -450,26 +185,26 @@ class Engine:
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
         cparams.n_seq_max = 1
-        threads = config.n_threads or _default_threads()
+        threads = config.n_threads or hwprobe.default_threads()
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
-        kv = _KV_TYPE_IDS.get(config.kv_type.lower())
+        kv = KV_TYPES.get(config.kv_type.lower())
         if kv is None:
             self.close()
             raise errors.UsageError(
                 f"unknown KV cache type {config.kv_type!r}",
-                hint=f"use one of {', '.join(_KV_TYPE_IDS)}",
+                hint=f"use one of {', '.join(KV_TYPES)}",
             )
-        cparams.type_k = kv
-        cparams.type_v = kv
+        cparams.type_k = kv.ggml_id
+        cparams.type_v = kv.ggml_id
         cparams.no_perf = False
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
-            lines = [ln for _, ln in _LOG.since(mark)]
+            lines = [ln for _, ln in LOG.since(mark)]
             self.close()
             reason = next((ln for ln in reversed(lines) if ln.strip()), "")
-            if _OOM_RE.search("\n".join(lines)):
+            if OOM_RE.search("\n".join(lines)):
                 raise errors.OutOfMemoryError(
                     f"not enough memory for a context of {config.n_ctx} tokens",
                     hint="try a smaller --ctx, or --kv-type q8_0",
@@ -486,13 +221,13 @@ class Engine:
         self._recurrent = bool(
             lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model)
         )
-        self.log_lines = [ln for _, ln in _LOG.since(mark)]
-        self.placement = _parse_placement(self.log_lines, config.placement.n_gpu_layers)
+        self.log_lines = [ln for _, ln in LOG.since(mark)]
+        self.placement = parse_placement(self.log_lines, config.placement.n_gpu_layers)
         self.meta = self._read_meta(path)
         return self
 
     def _read_meta(self, path: Path) -> ModelMeta:
-        lc = _llama()
+        lc = bindings()
         meta: dict[str, str] = {}
         buf = ctypes.create_string_buffer(1 << 16)
         for i in range(lc.llama_model_meta_count(self._model)):
@@ -522,7 +257,7 @@ class Engine:
         )
 
     def close(self) -> None:
-        lc = _lc
+        lc = loaded()
         if lc is None:
             return
         if self._ctx:
@@ -532,7 +267,7 @@ class Engine:
             lc.llama_model_free(self._model)
             self._model = None
         self._keep = ()
-        _LOG.trim()
+        LOG.trim()
 
     def __enter__(self) -> Engine:
         return self
@@ -549,7 +284,7 @@ class Engine:
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Text → token ids; `special` parses `<|im_start|>` and friends as single tokens."""
-        lc = _llama()
+        lc = bindings()
         data = text.encode("utf-8")
         cap = len(data) + 8
         arr = (lc.llama_token * cap)()
@@ -574,7 +309,7 @@ class Engine:
         return piece
 
     def _to_piece(self, token: int, *, special: bool) -> bytes:
-        lc = _llama()
+        lc = bindings()
         n = lc.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
@@ -590,13 +325,13 @@ class Engine:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(_llama().llama_vocab_is_eog(self._vocab, token))
+        return bool(bindings().llama_vocab_is_eog(self._vocab, token))
 
     # ---- generation
 
     def reset(self) -> None:
         """Forget the KV cache (and recurrent state): the next prompt is evaluated whole."""
-        _llama().llama_memory_clear(self._mem, True)
+        bindings().llama_memory_clear(self._mem, True)
         self._cache = []
 
     @property
@@ -622,7 +357,7 @@ class Engine:
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Drop what the cache holds past the common prefix; return how many tokens stay."""
-        lc = _llama()
+        lc = bindings()
         cache = self._cache
         n = 0
         limit = min(len(cache), len(prompt))
@@ -644,7 +379,7 @@ class Engine:
 
         The cache grows only by batches that were evaluated, so it stays true either way.
         """
-        lc = _llama()
+        lc = bindings()
         for start in range(0, len(tokens), self.n_batch):
             if cancel is not None and cancel.is_set():
                 return False
@@ -662,7 +397,7 @@ class Engine:
         return True
 
     def _sampler_chain(self, s: SamplingParams) -> Any:
-        lc = _llama()
+        lc = bindings()
         sp = lc.llama_sampler_chain_default_params()
         sp.no_perf = False
         chain = lc.llama_sampler_chain_init(sp)
@@ -685,17 +420,6 @@ class Engine:
         seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
         add(chain, lc.llama_sampler_init_dist(seed))
         return chain
-
-
-def _default_threads() -> int:
-    # Decoding is memory-bound: physical cores, not hyper-threads, give the best speed.
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:
-        n = None
-    return max(1, n or os.cpu_count() or 1)
 
 
 class Generation:
@@ -747,7 +471,7 @@ class Generation:
 
     def _run(self) -> Iterator[str]:
         eng = self._engine
-        lc = _llama()
+        lc = bindings()
         ctx, vocab = eng._ctx, eng._vocab
         t0 = time.perf_counter()
         lc.llama_perf_context_reset(ctx)

@@ -1,25 +1,73 @@
 """Plain values that say where a model's tensors go and how its context is set up.
 
-Contract: pure data and pure functions, no third-party imports. The planner (`offload.py`)
-produces a `LoadConfig`; the engine (`backend.py`) consumes one. The override patterns are
-the same regular expressions llama.cpp's own CLI builds for `--cpu-moe`, `--n-cpu-moe N`
-and `-ot PATTERN=BUFT` (common/common.h, common/arg.cpp), matched by llama.cpp with
-`std::regex_search` against tensor names, first match winning.
+Contract: pure data and pure functions, no third-party imports. The planner produces a
+`LoadConfig`; the engine (`engine/llama.py`) consumes one. The override patterns are the same
+regular expressions llama.cpp's own CLI builds for `--cpu-moe`, `--n-cpu-moe N` and
+`-ot PATTERN=BUFT` (common/common.h, common/arg.cpp), matched by llama.cpp with
+`std::regex_search` against tensor names, first match winning. Also here, because the
+patterns rest on them: llama.cpp's tensor names (`blk.N.…`, routed experts) and the one
+table of KV cache types that the engine (ggml ids) and the cost model (bytes) both read.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 # llama.cpp's LLM_FFN_EXPS_REGEX: every routed-expert tensor (separate or fused gate/up,
 # "chexps" variants), and never a shared expert (`_shexp`).
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+_EXPS_RE = re.compile(EXPS_REGEX)
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FlashAttn = Literal["auto", "on", "off"]
+
+
+def layer_of(tensor_name: str) -> int | None:
+    """The block a tensor belongs to (`blk.7.ffn_up_exps.weight` → 7); None outside blocks."""
+    m = _LAYER_RE.match(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def is_routed_expert(tensor_name: str) -> bool:
+    """Whether llama.cpp's `--cpu-moe` pattern moves this tensor (never a shared expert)."""
+    return _EXPS_RE.search(tensor_name) is not None
+
+
+@dataclass(frozen=True)
+class KVType:
+    """A KV cache element type: its ggml id, and its bytes per block of elements."""
+
+    name: str
+    ggml_id: int  # enum ggml_type (ggml.h)
+    block_elems: int
+    block_bytes: int
+
+    def row_bytes(self, n_elements: int) -> int:
+        return -(-n_elements // self.block_elems) * self.block_bytes
+
+
+# The KV cache types llama.cpp accepts. Block sizes are gguf's GGML_QUANT_SIZES, ids ggml.h's
+# enum (tests check both against the gguf package).
+KV_TYPES: Mapping[str, KVType] = MappingProxyType(
+    {
+        t.name: t
+        for t in (
+            KVType("f32", 0, 1, 4),
+            KVType("f16", 1, 1, 2),
+            KVType("bf16", 30, 1, 2),
+            KVType("q8_0", 8, 32, 34),
+            KVType("q4_0", 2, 32, 18),
+            KVType("q4_1", 3, 32, 20),
+            KVType("iq4_nl", 20, 32, 18),
+            KVType("q5_0", 6, 32, 22),
+            KVType("q5_1", 7, 32, 24),
+        )
+    }
+)
 
 
 def layer_experts_pattern(layer: int) -> str:

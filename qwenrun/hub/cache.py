@@ -1,12 +1,14 @@
-"""What is on disk: GGUF quants in the Hugging Face cache, and qwenrun's notes about them.
+"""The Hugging Face cache on disk: its layout, the GGUF quants it holds, and qwenrun's notes.
 
-Contract: this module reads the standard huggingface_hub cache (through `scan_cache_dir`, so
-files fetched by other tools count) and keeps two kinds of notes under `QWENRUN_HOME`:
-verification records (a blob whose sha256 was checked, keyed by its path, size and mtime, so a
-100 GB file is hashed once) and pull records (which files a started `pull` wants, so a partial
-download can be listed and resumed). It groups file names into quants (single files, split
-sets `-0000k-of-0000N`, per-quant folders; `mmproj-*` apart), plans and executes removals
-through huggingface_hub's own deletion strategy, and never touches the network.
+Contract: this module knows huggingface_hub's cache layout (`models--owner--repo/blobs/`,
+`snapshots/<commit>/<path>` relative links, `refs/<branch>`) and writes it the way
+huggingface_hub does (`write_ref`, `link`, `remove_blob`). It reads the cache through
+`scan_cache_dir`, so files fetched by other tools count, grouping files into quants with
+`names.group_files`. It keeps two kinds of notes under `QWENRUN_HOME`: verification records
+(a blob whose sha256 was checked, keyed by its path, size and mtime, so a 100 GB file is
+hashed once) and pull records (which files a started `pull` wants, so a partial download can
+be listed and resumed). It plans and executes removals through huggingface_hub's own
+deletion strategy, and never touches the network.
 """
 
 from __future__ import annotations
@@ -16,81 +18,62 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from qwenrun import catalog, config
+from qwenrun.hub import names
 
-_SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-# ------------------------------------------------------------------------------ naming
-
-
-@dataclass(frozen=True)
-class FileGroup:
-    """The files of one quant, by repo path: one file, or the shards of a split set in order."""
-
-    quant: str
-    paths: tuple[str, ...]
-    n_expected: int  # shards the names promise (1 for a single file)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.paths) == self.n_expected
-
-
-def is_mmproj(path: str) -> bool:
-    return PurePosixPath(path).name.lower().startswith("mmproj")
-
-
-def quant_from_name(path: str) -> str:
-    """The quant a GGUF path names: from the file name, else its folder, else the file's stem."""
-    p = PurePosixPath(path)
-    m = _SPLIT_RE.match(p.name)
-    stem = m["base"] if m else re.sub(r"\.gguf$", "", p.name, flags=re.IGNORECASE)
-    found = catalog.parse_quant_from_filename(p.name)
-    if found is None and len(p.parts) > 1:
-        found = catalog.parse_quant_from_filename(f"{p.parts[-2]}.gguf")
-    return catalog.normalize_quant(found) if found else stem
-
-
-def group_files(paths: Iterable[str]) -> tuple[list[FileGroup], list[str]]:
-    """GGUF repo paths → quants (sorted best first) and mmproj files; other files are ignored."""
-    sets: dict[tuple[str, str, int], dict[int, str]] = {}
-    mmproj: list[str] = []
-    for path in paths:
-        p = PurePosixPath(path)
-        if not p.name.lower().endswith(".gguf"):
-            continue
-        if is_mmproj(path):
-            mmproj.append(path)
-            continue
-        m = _SPLIT_RE.match(p.name)
-        folder = str(p.parent)
-        if m:
-            sets.setdefault((folder, m["base"], int(m["n"])), {})[int(m["k"])] = path
-        else:
-            sets.setdefault((folder, p.name, 1), {})[1] = path
-    groups: list[FileGroup] = []
-    seen: set[str] = set()
-    for (_folder, _base, n), shards in sorted(sets.items()):
-        ordered = tuple(shards[k] for k in sorted(shards))
-        quant = quant_from_name(ordered[0])
-        if quant.lower() in seen:  # the same quant twice (two folders): keep both, tell apart
-            quant = PurePosixPath(ordered[0]).name
-        seen.add(quant.lower())
-        groups.append(FileGroup(quant=quant, paths=ordered, n_expected=n))
-    groups.sort(key=lambda g: (catalog.quant_rank(g.quant), g.quant))
-    return groups, sorted(mmproj)
+# ------------------------------------------------------------------------------ layout
 
 
 def repo_folder(cache: Path, repo: str) -> Path:
     """huggingface_hub's folder for a model repo: `models--owner--name`."""
     return cache / ("models--" + repo.replace("/", "--"))
+
+
+def write_ref(storage: Path, revision: str, branch: str | None) -> None:
+    """`refs/<branch>` → the commit, and that commit's (maybe empty) snapshot folder, as
+    huggingface_hub writes them before a download: a ref to a missing snapshot would make
+    `scan_cache_dir` skip the whole repo as corrupted."""
+    (storage / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    if branch is None or branch == revision:
+        return
+    ref = storage / "refs" / branch
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if ref.exists() and ref.read_text() == revision:
+        return
+    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(revision)
+    os.replace(tmp, ref)
+
+
+def link(storage: Path, revision: str, path: str, blob: Path) -> Path:
+    """`snapshots/<commit>/<path>` → `../../blobs/<etag>`, relative, as huggingface_hub links."""
+    pointer = storage / "snapshots" / revision / PurePosixPath(path)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(blob, pointer.parent)
+    if pointer.is_symlink() and os.readlink(pointer) == target:
+        return pointer
+    if pointer.is_symlink() or pointer.exists():
+        pointer.unlink()
+    os.symlink(target, pointer)
+    return pointer
+
+
+def remove_blob(blob: Path) -> None:
+    """Take a bad blob out of use: the snapshot links to it, then the blob itself."""
+    snapshots = blob.parent.parent / "snapshots"
+    for pointer in snapshots.rglob("*") if snapshots.is_dir() else ():
+        if (
+            pointer.is_symlink()
+            and (pointer.parent / os.readlink(pointer)).resolve() == blob.resolve()
+        ):
+            pointer.unlink()
+    forget_verified(blob)
+    blob.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ notes
@@ -261,7 +244,7 @@ def cached_quants(cache: Path | None = None) -> list[CachedQuant]:
 
 def _revision_quants(repo_id: str, rev: Any) -> list[CachedQuant]:
     by_rel = {f.file_path.relative_to(rev.snapshot_path).as_posix(): f for f in rev.files}
-    groups, _mmproj = group_files(by_rel)
+    groups, _mmproj = names.group_files(by_rel)
     out = []
     for g in groups:
         files = [by_rel[p] for p in g.paths]

@@ -1,11 +1,10 @@
 """What a GGUF holds: metadata and per-tensor infos (name, ggml type, shape, bytes).
 
-Contract: three ways to get a `GGUFInfo`, all without loading any weights:
+Contract: two ways to read a `GGUFInfo` without loading any weights:
 - `read_local(path)`: the header of a local file, and of every shard of a split model;
 - `read_remote(urls)`: the same through HTTP range requests that fetch only the header bytes
-  (1 MiB first, doubling until the tensor-info table parses);
-- `estimate(spec, quant)`: no file at all: the tensors a catalog model's shape implies, typed by
-  the quant's recipe (llama.cpp's `llama_tensor_get_type` rules), marked `estimated=True`.
+  (1 MiB first, doubling until the tensor-info table parses).
+(The planner's `recipes.estimate` builds the same value from a catalog model's shapes.)
 Type names, block sizes and value types come from the `gguf` package's tables
 (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`): bytes of a tensor are
 n_elements / block_size × type_size, exactly as ggml computes them. The big tokenizer arrays
@@ -29,9 +28,9 @@ from urllib.parse import urlsplit
 import gguf
 import numpy as np
 
-from qwenrun import __version__, errors, quantmix
-from qwenrun.catalog import ModelSpec, normalize_quant, tensor_layout
-from qwenrun.placement import EXPS_REGEX
+from qwenrun import errors
+from qwenrun.engine.loadconfig import is_routed_expert, layer_of
+from qwenrun.hub import names
 
 if TYPE_CHECKING:
     import httpx2
@@ -49,10 +48,6 @@ _TOKENIZER_ARRAYS = frozenset(
 HTTP_TIMEOUT_S = 30.0
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
-_EXPS_RE = re.compile(EXPS_REGEX)
-_SPLIT_RE = re.compile(r"^(?P<base>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
-
 
 # ------------------------------------------------------------------------------ values
 
@@ -69,13 +64,12 @@ class TensorInfo:
     @property
     def layer(self) -> int | None:
         """N of `blk.N.…`; None for tensors outside the blocks (embeddings, output)."""
-        m = _LAYER_RE.match(self.name)
-        return int(m.group(1)) if m else None
+        return layer_of(self.name)
 
     @property
     def is_routed_expert(self) -> bool:
         """Matches llama.cpp's `--cpu-moe` pattern (never a shared expert)."""
-        return _EXPS_RE.search(self.name) is not None
+        return is_routed_expert(self.name)
 
     @property
     def n_elements(self) -> int:
@@ -308,10 +302,10 @@ def _tensor(cur: _Cursor) -> tuple[TensorInfo, int]:
             f"{cur.name}: tensor {name} has ggml type {raw_type}, unknown to the gguf package",
             hint="upgrade the gguf package (pip install -U gguf), or use another quant",
         ) from None
-    return TensorInfo(name, qtype.name, shape, _n_bytes(qtype, shape, name)), offset
+    return TensorInfo(name, qtype.name, shape, tensor_bytes(qtype, shape, name)), offset
 
 
-def _n_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...], name: str) -> int:
+def tensor_bytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...], name: str) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     n = 1
     for d in shape:
@@ -417,24 +411,6 @@ def _check_complete(name: str, size: int | None, header: _Header) -> None:
         )
 
 
-# ------------------------------------------------------------------------------ shards
-
-
-def _shard_names(name: str) -> list[str] | None:
-    """All shard names of a split model named like `x-00001-of-00003.gguf`; None if not split."""
-    m = _SPLIT_RE.match(name)
-    if not m:
-        return None
-    count = int(m["count"])
-    # Keep the digits' case and width as llama.cpp's split naming writes them.
-    return [f"{m['base']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
-
-
-def _shard_number(name: str) -> int | None:
-    m = _SPLIT_RE.match(name)
-    return int(m["no"]) if m else None
-
-
 def _merge(headers: Sequence[_Header], files: Sequence[str], estimated: bool = False) -> GGUFInfo:
     first = headers[0].metadata
     arch = first.get("general.architecture")
@@ -496,8 +472,8 @@ def read_local(path: str | os.PathLike[str]) -> GGUFInfo:
             hint="pass the .gguf file itself (for a split model, its -00001-of-N file)",
         )
     # Siblings sit next to the given path (HF cache snapshots hold symlinks: don't resolve).
-    names = _shard_names(p.name) or [p.name]
-    paths = [p.with_name(n) for n in names]
+    shard_names = names.shard_names(p.name) or [p.name]
+    paths = [p.with_name(n) for n in shard_names]
     for i, shard in enumerate(paths):
         if not shard.is_file():
             raise errors.ModelNotFoundError(
@@ -618,41 +594,19 @@ def _url_name(url: str) -> str:
     return urlsplit(url).path.rsplit("/", 1)[-1] or url
 
 
-def _hub_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
-
-
-def _default_headers(url: str) -> dict[str, str]:
-    """huggingface_hub's headers (token, user agent) for the hub's own origin only."""
-    if not _same_origin(url, _hub_endpoint()):
-        return {}
-    from huggingface_hub.utils import build_hf_headers
-
-    return build_hf_headers(library_name="qwenrun", library_version=__version__)
-
-
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 def _expand_urls(urls: Sequence[str]) -> list[str]:
     """Shard URLs in shard order; one URL of a split model stands for all its shards."""
     if len(urls) != 1:
-        numbers = [_shard_number(_url_name(u)) for u in urls]
-        if None in numbers:
+        shards = [names.split_name(_url_name(u)) for u in urls]
+        if None in shards:
             return list(urls)
-        return [u for _, u in sorted(zip(numbers, urls, strict=True), key=lambda p: p[0] or 0)]
+        numbered = zip([s.number if s else 0 for s in shards], urls, strict=True)
+        return [u for _, u in sorted(numbered, key=lambda p: p[0])]
     base, _, name = urls[0].rpartition("/")
-    names = _shard_names(_url_name(urls[0]))
-    if names is None or "?" in name:
+    all_names = names.shard_names(_url_name(urls[0]))
+    if all_names is None or "?" in name:
         return list(urls)
-    return [f"{base}/{n}" for n in names]
+    return [f"{base}/{n}" for n in all_names]
 
 
 def read_remote(urls: Sequence[str], headers: Mapping[str, str] | None = None) -> GGUFInfo:
@@ -666,7 +620,11 @@ def read_remote(urls: Sequence[str], headers: Mapping[str, str] | None = None) -
     """
     if not urls:
         raise errors.UsageError("no URL to read a GGUF header from")
-    if _offline():
+    # The hub's session and headers only when a header is read over HTTP: the planner, which
+    # reads local headers, must not pay for importing huggingface_hub.
+    from qwenrun.hub.session import headers_for, offline
+
+    if offline():
         raise errors.OfflineError(
             "offline mode is on (HF_HUB_OFFLINE): cannot read a remote GGUF header",
             hint="unset HF_HUB_OFFLINE, or plan from the catalog's estimate instead",
@@ -677,71 +635,10 @@ def read_remote(urls: Sequence[str], headers: Mapping[str, str] | None = None) -
     all_urls = _expand_urls(urls)
     parsed = []
     for url in all_urls:
-        h = dict(_default_headers(url) if headers is None else headers)
+        h = dict(headers_for(url) if headers is None else headers)
         h.setdefault("Accept-Encoding", "identity")  # offsets are of the raw bytes
         source = _HttpSource(client, url, h)
         header = _read_header(source)
         _check_complete(source.name, source.size, header)
         parsed.append(header)
     return _merge(parsed, all_urls)
-
-
-def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFInfo:
-    """The tensors of `spec` at `quant`, typed by the quant's recipe (estimated=True).
-
-    llama.cpp's own mixes (Q4_K_M, IQ4_XS, …) follow its rules; bartowski's `_L` and
-    unsloth's `UD-` quants are approximations (quantmix.RECIPES). `include_mtp` adds the MTP
-    block that the `-MTP-GGUF` repos carry. An unknown quant is a `UsageError`.
-    """
-    name = normalize_quant(quant)
-    layout = tensor_layout(spec.shape, include_mtp=include_mtp)
-    types = quantmix.tensor_types(spec.shape, name, layout)
-    tensors = tuple(
-        TensorInfo(t.name, ty, t.shape, _n_bytes(gguf.GGMLQuantizationType[ty], t.shape, t.name))
-        for t, ty in zip(layout, types, strict=True)
-    )
-    return GGUFInfo(
-        arch=spec.shape.arch,
-        metadata=MappingProxyType(_estimated_metadata(spec, name, include_mtp)),
-        tensors=tensors,
-        files=(),
-        estimated=True,
-        array_lengths=MappingProxyType({"tokenizer.ggml.tokens": spec.shape.vocab_size}),
-    )
-
-
-def _estimated_metadata(spec: ModelSpec, quant: str, include_mtp: bool) -> dict[str, object]:
-    s, a = spec.shape, spec.shape.arch
-    mtp = s.mtp_layers if include_mtp else 0
-    meta: dict[str, object] = {
-        "general.architecture": a,
-        "general.name": spec.display,
-        "qwenrun.quant": quant,
-        f"{a}.block_count": s.n_layer + mtp,
-        f"{a}.context_length": s.n_ctx_native,
-        f"{a}.embedding_length": s.n_embd,
-        f"{a}.vocab_size": s.vocab_size,
-        f"{a}.attention.head_count": s.n_head,
-        f"{a}.attention.head_count_kv": s.n_head_kv,
-        f"{a}.attention.key_length": s.head_dim,
-        f"{a}.attention.value_length": s.head_dim,
-        f"{a}.expert_count": s.n_expert,
-        f"{a}.expert_used_count": s.n_expert_used,
-        f"{a}.expert_feed_forward_length": s.expert_ff,
-    }
-    ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{quant}", None)
-    if ftype is not None:
-        meta["general.file_type"] = int(ftype)
-    if s.shared_expert_ff:
-        meta[f"{a}.expert_shared_feed_forward_length"] = s.shared_expert_ff
-    if s.is_hybrid:
-        meta |= {
-            f"{a}.full_attention_interval": s.full_attention_interval,
-            f"{a}.nextn_predict_layers": mtp,
-            f"{a}.ssm.state_size": s.ssm_state,
-            f"{a}.ssm.group_count": s.ssm_groups,
-            f"{a}.ssm.time_step_rank": s.ssm_v_heads,
-            f"{a}.ssm.inner_size": s.ssm_state * s.ssm_v_heads,
-            f"{a}.ssm.conv_kernel": s.ssm_conv_kernel,
-        }
-    return meta

@@ -1,16 +1,16 @@
-"""Which ggml type each tensor of a model gets in a named quant, without the file.
+"""A quant's recipe: which ggml type each tensor gets, and the size estimate built on it.
 
 Contract: pure functions over a catalog shape's tensor layout. llama.cpp's own mixes (Q4_K_M,
 IQ4_XS, Q3_K_M, …) follow its `llama_tensor_get_type` (src/llama-quant.cpp) rule by rule,
 counters included, and its rule for which tensors are quantized at all; bartowski's `_L`/`_XL`
 and unsloth's `UD-` quants are approximations on top (see RECIPES). Block sizes come from the
-`gguf` package's tables. `gguf_info.estimate` turns the result into a `GGUFInfo`; nothing here
-reads a file or knows about devices.
+`gguf` package's tables. `estimate(spec, quant)` turns the result into a `GGUFInfo` marked
+`estimated=True`, so a catalog model can be planned before any byte is downloaded; nothing
+here reads a file or knows about devices.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,9 +18,10 @@ from types import MappingProxyType
 import gguf
 
 from qwenrun import errors
-from qwenrun.catalog import ModelShape, TensorShape, normalize_quant
+from qwenrun.catalog import ModelShape, ModelSpec, TensorShape, normalize_quant, tensor_layout
+from qwenrun.engine.loadconfig import layer_of
+from qwenrun.hub.header import GGUFInfo, TensorInfo, tensor_bytes
 
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 _EMBD_OUTPUT = ("token_embd.weight", "output.weight")
 
 # Published GGUFs are made with an importance matrix (unsloth, bartowski), so llama.cpp's
@@ -143,8 +144,7 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def _block_of(name: str) -> int:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else 0
+    return layer_of(name) or 0
 
 
 class _TypeChooser:
@@ -351,3 +351,69 @@ def tensor_types(shape: ModelShape, quant: str, layout: Sequence[TensorShape]) -
         forced = _forced(recipe, t)
         out.append(_fallback(forced, t.shape[0]) if forced else chosen)
     return out
+
+
+# ------------------------------------------------------------------------------ estimate
+
+
+def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFInfo:
+    """The tensors of `spec` at `quant`, typed by the quant's recipe (estimated=True).
+
+    llama.cpp's own mixes (Q4_K_M, IQ4_XS, …) follow its rules; bartowski's `_L` and
+    unsloth's `UD-` quants are approximations (RECIPES). `include_mtp` adds the MTP
+    block that the `-MTP-GGUF` repos carry. An unknown quant is a `UsageError`.
+    """
+    name = normalize_quant(quant)
+    layout = tensor_layout(spec.shape, include_mtp=include_mtp)
+    types = tensor_types(spec.shape, name, layout)
+    tensors = tuple(
+        TensorInfo(
+            t.name, ty, t.shape, tensor_bytes(gguf.GGMLQuantizationType[ty], t.shape, t.name)
+        )
+        for t, ty in zip(layout, types, strict=True)
+    )
+    return GGUFInfo(
+        arch=spec.shape.arch,
+        metadata=MappingProxyType(_estimated_metadata(spec, name, include_mtp)),
+        tensors=tensors,
+        files=(),
+        estimated=True,
+        array_lengths=MappingProxyType({"tokenizer.ggml.tokens": spec.shape.vocab_size}),
+    )
+
+
+def _estimated_metadata(spec: ModelSpec, quant: str, include_mtp: bool) -> dict[str, object]:
+    s, a = spec.shape, spec.shape.arch
+    mtp = s.mtp_layers if include_mtp else 0
+    meta: dict[str, object] = {
+        "general.architecture": a,
+        "general.name": spec.display,
+        "qwenrun.quant": quant,
+        f"{a}.block_count": s.n_layer + mtp,
+        f"{a}.context_length": s.n_ctx_native,
+        f"{a}.embedding_length": s.n_embd,
+        f"{a}.vocab_size": s.vocab_size,
+        f"{a}.attention.head_count": s.n_head,
+        f"{a}.attention.head_count_kv": s.n_head_kv,
+        f"{a}.attention.key_length": s.head_dim,
+        f"{a}.attention.value_length": s.head_dim,
+        f"{a}.expert_count": s.n_expert,
+        f"{a}.expert_used_count": s.n_expert_used,
+        f"{a}.expert_feed_forward_length": s.expert_ff,
+    }
+    ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{quant}", None)
+    if ftype is not None:
+        meta["general.file_type"] = int(ftype)
+    if s.shared_expert_ff:
+        meta[f"{a}.expert_shared_feed_forward_length"] = s.shared_expert_ff
+    if s.is_hybrid:
+        meta |= {
+            f"{a}.full_attention_interval": s.full_attention_interval,
+            f"{a}.nextn_predict_layers": mtp,
+            f"{a}.ssm.state_size": s.ssm_state,
+            f"{a}.ssm.group_count": s.ssm_groups,
+            f"{a}.ssm.time_step_rank": s.ssm_v_heads,
+            f"{a}.ssm.inner_size": s.ssm_state * s.ssm_v_heads,
+            f"{a}.ssm.conv_kernel": s.ssm_conv_kernel,
+        }
+    return meta

@@ -1,0 +1,167 @@
+"""llama.cpp's log: one router for the process, and what the engine reads from it.
+
+Contract: llama.cpp's log callback is process-global, so `LOG` is the one router; it keeps
+every line (all levels) and echoes them to stderr when verbose. An engine marks where its
+load began and reads the lines after that mark. From those lines this module reads what
+llama.cpp actually did (`PlacementReport`: overridden tensors, buffer sizes, offloaded
+layers) and turns a failed load into an error a user can act on. It never calls llama.cpp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from qwenrun import errors
+from qwenrun.engine.loadconfig import layer_of
+
+
+@dataclass(frozen=True)
+class BufferSize:
+    kind: str  # "model" | "kv" | "rs" | "compute" | "output"
+    buft: str  # llama.cpp's buffer name: "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA0", ...
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class PlacementReport:
+    """What llama.cpp says it did, read from its own log while loading."""
+
+    n_gpu_layers: int
+    cpu_moe_layers: tuple[int, ...]
+    overridden_tensors: tuple[tuple[str, str], ...]
+    buffers: tuple[BufferSize, ...]
+
+    def total(self, kind: str | None = None, device: str | None = None) -> int:
+        """Bytes of the buffers of one kind and/or one device ("CPU" covers CPU_Mapped etc.)."""
+        return sum(
+            b.n_bytes
+            for b in self.buffers
+            if (kind is None or b.kind == kind) and (device is None or _on_device(b.buft, device))
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_gpu_layers": self.n_gpu_layers,
+            "cpu_moe_layers": list(self.cpu_moe_layers),
+            "overridden_tensors": [{"tensor": t, "buffer": b} for t, b in self.overridden_tensors],
+            "buffers": [asdict(b) for b in self.buffers],
+        }
+
+
+def _on_device(buft: str, device: str) -> bool:
+    if device.upper() == "CPU":
+        return buft.upper().startswith("CPU") or buft.upper().endswith("_HOST")
+    return buft == device
+
+
+_OVERRIDE_RE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
+_OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+# How llama.cpp and ggml say that a buffer did not fit (host or device memory).
+OOM_RE = re.compile(r"out of memory|failed to allocate|unable to allocate", re.IGNORECASE)
+# ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (ggml.h). llama-cpp-python's
+# own table has these shuffled, so its `verbose=False` hides errors; we keep our own.
+_LEVEL_NAMES = {1: "debug", 2: "info", 3: "warn", 4: "error"}
+
+
+class _LogRouter:
+    """Collects llama.cpp's log lines (all levels) and echoes them when asked to.
+
+    llama.cpp's log callback is process-global, so there is one router; an engine marks
+    where its load began and reads the lines after that mark.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+        self.echo = False
+        self._partial = ""
+        self._level = 2
+        self._callback: Any = None
+        self._lock = threading.Lock()
+
+    def install(self, lc: ModuleType) -> None:
+        def on_log(level: int, text: bytes | None, _user: Any) -> None:
+            self._write(level, (text or b"").decode("utf-8", errors="replace"))
+
+        self._callback = lc.llama_log_callback(on_log)  # kept alive: C holds the pointer
+        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _write(self, level: int, text: str) -> None:
+        with self._lock:
+            if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line's level
+                self._level = level
+            data = self._partial + text
+            *complete, self._partial = data.split("\n")
+            for line in complete:
+                self.lines.append((self._level, line))
+                if self.echo:
+                    print(line, file=sys.stderr)
+
+    def mark(self) -> int:
+        return len(self.lines)
+
+    def since(self, mark: int) -> list[tuple[int, str]]:
+        return self.lines[mark:]
+
+    def trim(self, keep: int = 20000) -> None:
+        # A long chat session must not grow this list without bound.
+        if len(self.lines) > keep:
+            del self.lines[: len(self.lines) - keep]
+
+
+LOG = _LogRouter()
+
+
+def parse_placement(lines: list[str], n_gpu_layers: int) -> PlacementReport:
+    overridden: list[tuple[str, str]] = []
+    buffers: list[BufferSize] = []
+    for line in lines:
+        if m := _OVERRIDE_RE.search(line):
+            overridden.append((m.group(1), m.group(2)))
+        elif m := _BUFFER_RE.search(line):
+            kind = m.group(2).lower()
+            buffers.append(BufferSize(kind, m.group(1), round(float(m.group(3)) * 1024 * 1024)))
+        elif m := _OFFLOADED_RE.search(line):
+            n_gpu_layers = int(m.group(1))
+    layers = sorted({n for name, _ in overridden if (n := layer_of(name)) is not None})
+    return PlacementReport(n_gpu_layers, tuple(layers), tuple(overridden), tuple(buffers))
+
+
+def load_failure(path: Path, lines: list[str]) -> errors.QwenrunError:
+    """Turn llama.cpp's own complaint into a message a user can act on."""
+    text = "\n".join(lines)
+    if m := re.search(r"unknown model architecture: '([^']*)'", text):
+        return errors.UnsupportedModelError(
+            f"{path.name}: architecture {m.group(1)!r} is not supported by this llama.cpp",
+            hint="qwenrun runs Qwen3 / Qwen3-MoE / Qwen3-Next / Qwen3.5 models",
+        )
+    if re.search(r"invalid magic|failed to read magic|not a gguf", text, re.IGNORECASE):
+        return errors.InvalidModelError(
+            f"{path.name} is not a GGUF file", hint="pass a .gguf model file"
+        )
+    if re.search(
+        r"truncated|unexpectedly reached end of file|failed to read|not within the file bounds",
+        text,
+        re.IGNORECASE,
+    ):
+        return errors.InvalidModelError(
+            f"{path.name} is truncated or corrupt",
+            hint="download it again (qwenrun pull resumes and verifies)",
+        )
+    if OOM_RE.search(text):
+        return errors.OutOfMemoryError(
+            f"not enough memory to load {path.name}",
+            hint="put more experts on the CPU (--n-cpu-moe) or use a smaller quant",
+        )
+    reason = next(
+        (ln.split(":", 1)[-1].strip() for ln in reversed(lines) if "error" in ln.lower()),
+        "see the log with --verbose",
+    )
+    return errors.InvalidModelError(f"llama.cpp could not load {path.name}: {reason}")

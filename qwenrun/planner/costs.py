@@ -1,0 +1,222 @@
+"""The planner's model of llama.cpp's memory: bytes per device for one layout.
+
+Contract: pure arithmetic over `ModelFacts`, no third-party imports and no I/O.
+`usage(facts, layout, ...)` prices a layout in O(1) (suffix sums kept on the facts), so the
+search can try every split cheaply. It decides nothing: which layout to pick is
+`search.py`'s job, how fast it runs `speed.py`'s.
+
+What llama.cpp does, as modelled here (llama-cpp-python 0.3.36's vendored llama.cpp,
+src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, ggml-backend.cpp):
+
+- Layers: `n_gpu_layers = k` puts the output layer and the last k-1 blocks on the GPU
+  (`i_gpu_start = n_layer_all + 1 - k`); -1 means all. The input layer (`token_embd`, only a
+  row lookup) always stays on the CPU. A model without `output.weight` (tied embeddings)
+  gets a second copy of `token_embd` on the output device.
+- MTP/NextN blocks (`nextn_predict_layers`, the last blocks) are skipped unless asked for.
+- Routed experts listed in the placement go to the CPU; everything else of a GPU layer
+  (attention or Gated DeltaNet, norms, router, shared expert) stays on the GPU.
+- KV cache: one K and one V row per cell for each attention layer only (hybrids: the layers
+  with `(i+1) % full_attention_interval == 0`), on that layer's device; cells = n_ctx
+  rounded up to 256; row bytes from the KV type's block size.
+- Recurrent state (hybrids): per recurrent layer `(d_conv-1)·(d_inner + 2·groups·d_state)`
+  conv values plus `d_state·d_inner` state values, f32, one sequence.
+- Compute buffer: llama.cpp reserves the graph of one n_ubatch-token batch and keeps the
+  peak of live tensors. Measured on this commit (CPU, real Qwen3-30B/Qwen3.5-35B shapes),
+  the peak is the output phase (logits, n_vocab × n_ubatch f32, plus two hidden states)
+  up to ~200k cells; beyond, the attention phase (the f16 mask, n_ctx × n_ubatch, plus
+  ~11 query-width activations per token) takes over, and without flash attention at once
+  (n_ctx × n_ubatch × n_head f32 scores). With a GPU, the host-memory weights of big
+  batches (32+ tokens) are copied into the GPU's compute buffer one split at a time (ggml's
+  op offload), so the GPU buffer also holds the largest CPU layer's weights; the host side
+  holds the graph inputs (mask, embeddings). The figure used is that peak + 1 % + 4 MiB.
+- Output buffer: one row of logits (n_vocab f32) in host memory.
+- CPU repacking: on a CPU-only run, Q4_0/Q4_K/IQ4_NL/MXFP4 (AVX2) and Q2_K (AVX-512) matmul
+  weights are copied into a CPU_REPACK buffer. With mmap the file pages stay mapped too
+  (llama.cpp reports both), but they are clean page cache the kernel can drop, so they are
+  not counted against RAM. With a GPU, CPU weights live in pinned host memory (CUDA_Host)
+  instead, which comes first in llama.cpp's CPU buffer list, and nothing is repacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.units import MIB
+
+OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda offloads host-weight ops for batches of 32+ tokens
+
+# ggml-cpu/repack.cpp: weight types repacked for matmuls, by the ISA flag they need.
+REPACK_TYPES: dict[str, str] = {
+    "Q4_0": "avx2",
+    "Q4_K": "avx2",
+    "IQ4_NL": "avx2",
+    "MXFP4": "avx2",
+    "Q2_K": "avx512f",
+}
+
+COMPUTE_SLACK_FRACTION = 0.01
+COMPUTE_SLACK_BYTES = 4 * MIB
+
+
+# --------------------------------------------------------------------------------------
+# A layout and what it costs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things go, in llama.cpp's terms.
+
+    `n_cpu_moe` whole trunk layers (0..n-1) keep their routed experts on the CPU; the named
+    `cpu_tensors` (routed-expert tensors of layer n) stay there too.
+    """
+
+    n_ctx: int
+    kv_type: str = "f16"
+    n_gpu_layers: int = -1  # llama.cpp semantics; ignored without a GPU
+    n_cpu_moe: int = 0
+    cpu_tensors: tuple[str, ...] = ()
+    n_ubatch: int = 512
+    flash_attn: bool = True
+    use_gpu: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceBytes:
+    """One device's share, by what it holds (bytes)."""
+
+    weights_dense: int = 0
+    weights_experts: int = 0
+    kv: int = 0
+    rs: int = 0
+    compute: int = 0
+    output: int = 0  # the logits row llama.cpp keeps in host memory
+    repack: int = 0  # mmap'd copies of repacked weights: reported, not counted in `used`
+
+    @property
+    def weights(self) -> int:
+        return self.weights_dense + self.weights_experts
+
+    @property
+    def used(self) -> int:
+        return self.weights + self.kv + self.rs + self.compute + self.output
+
+
+@dataclass(frozen=True)
+class Usage:
+    gpu: DeviceBytes
+    cpu: DeviceBytes
+    gpu_expert_layers: int  # trunk layers whose routed experts are all on the GPU
+    first_gpu_layer: int  # trunk layers before this one sit wholly on the CPU
+
+
+def first_gpu_layer(facts: ModelFacts, layout: Layout) -> int:
+    """Index of the first block llama.cpp puts on the GPU (n_layer_all + 1 - n_gpu_layers)."""
+    if not layout.use_gpu:
+        return facts.n_layer_all + 1
+    ngl = layout.n_gpu_layers
+    k = facts.n_layer_all + 1 if ngl < 0 else min(ngl, facts.n_layer_all + 1)
+    return max(0, facts.n_layer_all + 1 - k)
+
+
+def _tensor_bytes(facts: ModelFacts, layer: int, names: Iterable[str]) -> int:
+    wanted = set(names)
+    if not 0 <= layer < facts.n_layer:
+        return 0
+    return sum(t.n_bytes for t in facts.expert_tensors[layer] if t.name in wanted)
+
+
+def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozenset()) -> Usage:
+    """Bytes per device for `layout` (see the module docstring for each rule)."""
+    s = facts.sums
+    n = facts.n_layer
+    first = min(first_gpu_layer(facts, layout), n)
+    output_on_gpu = layout.use_gpu and first_gpu_layer(facts, layout) <= facts.n_layer_all
+    n_cpu_moe = min(max(0, layout.n_cpu_moe), n)
+    boundary = n_cpu_moe  # the layer whose single tensors may stay on the CPU
+    extra = _tensor_bytes(facts, boundary, layout.cpu_tensors) if boundary >= first else 0
+    if not layout.use_gpu:
+        first, output_on_gpu, extra = n, False, 0
+
+    gpu_dense = s.dense_suffix[first] + (facts.output_bytes if output_on_gpu else 0)
+    gpu_experts = s.expert_suffix[max(first, n_cpu_moe)] - extra
+    cpu_dense = facts.total_dense_bytes - s.dense_suffix[first] + facts.token_embd_bytes
+    if not output_on_gpu:
+        # a tied output shares token_embd's data on the CPU: no second copy there
+        cpu_dense += facts.output_bytes - (facts.token_embd_bytes if facts.output_tied else 0)
+    cpu_experts = facts.total_expert_bytes - gpu_experts
+
+    kv_layer = facts.kv_bytes_per_layer(layout.n_ctx, layout.kv_type)
+    gpu_attn, gpu_recr = s.attn_suffix[first], s.recr_suffix[first]
+    cpu_attn = len(facts.attn_layers) - gpu_attn
+    cpu_recr = len(facts.recr_layers) - gpu_recr
+
+    # Weights in host memory that big batches copy to the GPU, one layer's worth at a time.
+    host_copy = 0
+    if layout.use_gpu and layout.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
+        host_copy = max(s.layer_max_prefix[first], s.expert_max_prefix[n_cpu_moe], extra)
+    gpu_compute, cpu_compute = compute_bytes(facts, layout, output_on_gpu, host_copy)
+    repack = 0 if layout.use_gpu else repack_bytes(facts, cpu_flags)
+
+    gpu = DeviceBytes(
+        weights_dense=gpu_dense,
+        weights_experts=gpu_experts,
+        kv=gpu_attn * kv_layer,
+        rs=gpu_recr * facts.rs_bytes_per_layer,
+        compute=gpu_compute,
+    )
+    cpu = DeviceBytes(
+        weights_dense=cpu_dense,
+        weights_experts=cpu_experts,
+        kv=cpu_attn * kv_layer,
+        rs=cpu_recr * facts.rs_bytes_per_layer,
+        compute=cpu_compute,
+        output=facts.n_vocab * 4,
+        repack=repack,
+    )
+    on_gpu = n - max(first, n_cpu_moe) - (1 if extra else 0)
+    return Usage(gpu=gpu, cpu=cpu, gpu_expert_layers=max(0, on_gpu), first_gpu_layer=first)
+
+
+def _with_slack(n: int) -> int:
+    return int(n * (1 + COMPUTE_SLACK_FRACTION)) + COMPUTE_SLACK_BYTES if n else 0
+
+
+def compute_bytes(
+    facts: ModelFacts, layout: Layout, output_on_gpu: bool, host_copy: int
+) -> tuple[int, int]:
+    """(GPU, CPU) compute buffers: the peak phase of one n_ubatch-token graph, plus slack."""
+    ub = max(1, layout.n_ubatch)
+    cells = pad_ctx(layout.n_ctx)
+    hidden = 2 * facts.n_embd * ub * 4
+    logits = facts.n_vocab * ub * 4 + hidden
+    # Attention phase, measured on CPU (Qwen3-30B shapes, 196k-320k cells): the f16 mask
+    # (cells × n_ubatch) plus about 11 f32 activations of the query width per token.
+    q_width = facts.n_head * facts.head_dim_k
+    attn = cells * ub * 2 + 11 * q_width * ub * 4
+    if not layout.flash_attn:
+        # the materialized f32 scores, and the mask in f32
+        attn += cells * ub * facts.n_head * 4 + cells * ub * 2
+    moe = ub * facts.n_expert_used * (3 * facts.expert_ff + facts.n_embd) * 4
+    moe += ub * facts.n_expert * 4 + hidden
+    ssm = ub * facts.ssm_conv_dim * 4 * 2 + hidden if facts.is_hybrid else 0
+    if not layout.use_gpu:
+        return 0, _with_slack(max(logits, attn, moe, ssm))
+    gpu_peak = max(attn, moe + host_copy, ssm, logits if output_on_gpu else 0)
+    # Host side: graph inputs (mask, token ids, positions) and the embedding lookup; the
+    # logits too when the output layer stays on the CPU.
+    mask_f32 = cells * ub * 4  # the host builds the mask; counted in f32 to be safe
+    cpu_peak = max(mask_f32 + hidden, logits if not output_on_gpu else 0)
+    return _with_slack(gpu_peak), _with_slack(cpu_peak)
+
+
+def repack_bytes(facts: ModelFacts, cpu_flags: frozenset[str]) -> int:
+    """Bytes of CPU matmul weights llama.cpp repacks on a CPU-only run of this machine."""
+    total = 0
+    for layer in facts.layer_types:
+        for ggml_type, n_bytes, rows, _expert in layer:
+            flag = REPACK_TYPES.get(ggml_type)
+            if flag is not None and flag in cpu_flags and rows % 8 == 0:
+                total += n_bytes
+    return total

@@ -1,0 +1,245 @@
+"""The plan in words: why this quant, context and placement, and what to try when none fits.
+
+Contract: pure text from the values the search produced (`Fit`, `Usage`, `Speed`, `Budget`).
+`reasons(...)` gives the plan's reasons, one line each, in the order a reader asks them:
+quant, context, machine, placement, caches, speed, caveats. `does_not_fit(...)` builds the
+`DoesNotFitError` that says what the smallest option needs, what the machine has, and the
+nearest changes that do fit (found by calling back into the planner through `replan`).
+It decides nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from qwenrun import catalog, errors
+from qwenrun.engine.loadconfig import LoadConfig, layer_ranges
+from qwenrun.planner.costs import Layout, Usage, usage
+from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Budget, Fit
+from qwenrun.planner.speed import Speed
+from qwenrun.units import GIB
+from qwenrun.units import gib as fmt_bytes
+
+if TYPE_CHECKING:
+    from qwenrun.catalog import ModelSpec
+    from qwenrun.hwprobe import HardwareProfile
+    from qwenrun.offload import QuantOption, Wishes
+
+Replan = Callable[["Wishes"], "str | None"]
+
+
+def reasons(
+    opt: QuantOption,
+    facts: ModelFacts,
+    fit: Fit,
+    hw: HardwareProfile,
+    budget: Budget,
+    wishes: Wishes,
+    rejected: list[tuple[QuantOption, ModelFacts]],
+    load: LoadConfig,
+    sp: Speed,
+    bandwidth: tuple[float, float, str],
+) -> list[str]:
+    layout, use = fit.layout, fit.use
+    gpu_bw, cpu_bw, cpu_bw_note = bandwidth
+    out: list[str] = []
+    if wishes.quant:
+        out.append(f"quant {opt.name}, as asked")
+    elif rejected:
+        better = ", ".join(f"{q.name} ({fmt_bytes(f.weight_bytes)})" for q, f in rejected[:3])
+        more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
+        out.append(f"{opt.name} is the best quant that fits; better ones do not: {better}{more}")
+        if wishes.n_ctx is None and fit.layout.n_ctx >= PREFERRED_MIN_CTX:
+            out[-1] += f" (with {PREFERRED_MIN_CTX:,} tokens of context or more)"
+    else:
+        out.append(f"{opt.name} is the best quant on offer, and it fits")
+    out.append(f"context {layout.n_ctx:,} tokens: {fit.ctx_reason}")
+    out.append(_machine_reason(hw, budget))
+    out.extend(_placement_reasons(facts, layout, use, budget, hw))
+    out.append(_cache_reason(facts, layout))
+    out.append(_speed_reason(layout, sp, gpu_bw, cpu_bw, cpu_bw_note))
+    if layout.use_gpu and not load.mmap_enabled():
+        out.append("memory-mapping off: llama.cpp advises it when tensors are moved to the CPU")
+    if layout.n_ctx > (facts.ctx_native or layout.n_ctx):
+        out.append(f"context beyond the native {facts.ctx_native:,}: answers may degrade")
+    if getattr(opt.info, "estimated", False):
+        out.append(
+            "sizes are estimated from the catalog's shapes and the quant's recipe; "
+            "the downloaded file's header gives the exact bytes"
+        )
+    return out
+
+
+def _machine_reason(hw: HardwareProfile, budget: Budget) -> str:
+    ram = f"{fmt_bytes(budget.ram)} of RAM (after leaving the OS {fmt_bytes(budget.ram_reserved)})"
+    if budget.has_gpu:
+        return (
+            f"memory to plan with: {fmt_bytes(budget.gpu)} of VRAM (after "
+            f"{fmt_bytes(budget.gpu_reserved)} for the CUDA context and a safety margin) and {ram}"
+        )
+    why = "no GPU"
+    if hw.gpus and hw.gpu_offload is False:
+        why = "this llama.cpp build cannot use the GPU"
+    return f"{why}: everything runs on the CPU with {ram}"
+
+
+def _placement_reasons(
+    facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, hw: HardwareProfile
+) -> list[str]:
+    if not layout.use_gpu:
+        out = ["all weights memory-mapped in RAM (n_gpu_layers 0)"]
+        if budget.has_gpu:
+            out.append("the GPU is left unused: it cannot hold even the output layer and buffers")
+        return out
+    out = []
+    n = facts.n_layer
+    if use.first_gpu_layer > 0:
+        out.append(
+            f"layers 0-{use.first_gpu_layer - 1} stay wholly on the CPU: "
+            "the GPU cannot hold their attention weights as well"
+        )
+    if facts.is_moe:
+        on_gpu = use.gpu_expert_layers
+        if layout.n_cpu_moe == 0 and not layout.cpu_tensors:
+            out.append(f"every layer's routed experts on the GPU ({n} layers)")
+        else:
+            cpu_layers = list(range(layout.n_cpu_moe))
+            text = f"routed experts of {layer_ranges(cpu_layers)} on the CPU" if cpu_layers else ""
+            if layout.cpu_tensors:
+                part = (
+                    f"{len(layout.cpu_tensors)} expert tensor(s) of layer {layout.n_cpu_moe} "
+                    "too (the rest of that layer fills the VRAM left over)"
+                )
+                text = f"{text}, and {part}" if text else f"routed experts: {part} on the CPU"
+            out.append(f"{text}; the other {on_gpu} layers' experts on the GPU")
+    out.append(
+        "attention, norms, router"
+        + (", shared experts" if facts.has_shared_expert else "")
+        + " and the output layer on the GPU; the token embeddings stay on the CPU "
+        "(llama.cpp always keeps the input layer there)"
+    )
+    if budget.n_gpus > 1:
+        out.append(
+            f"{budget.n_gpus} GPUs planned as one pool; llama.cpp splits layers by free memory"
+        )
+    return out
+
+
+def _cache_reason(facts: ModelFacts, layout: Layout) -> str:
+    kv = facts.kv_bytes(layout.n_ctx, layout.kv_type)
+    attn = len(facts.attn_layers)
+    text = f"KV cache {fmt_bytes(kv)} ({layout.kv_type}"
+    if facts.is_hybrid:
+        text += (
+            f", only the {attn} attention layers of {facts.n_layer}; the other "
+            f"{len(facts.recr_layers)} keep a fixed {fmt_bytes(facts.rs_bytes)} recurrent state)"
+        )
+    else:
+        text += f", {attn} layers)"
+    return text
+
+
+def _speed_reason(layout: Layout, sp: Speed, gpu_bw: float, cpu_bw: float, note: str) -> str:
+    parts = [f"predicted decode ≈ {sp.decode_tok_s:.0f} tok/s:"]
+    if layout.use_gpu:
+        parts.append(
+            f"{sp.gpu_bytes_per_token / 1e9:.2f} GB per token from VRAM at {gpu_bw:.0f} GB/s,"
+        )
+    parts.append(
+        f"{sp.cpu_bytes_per_token / 1e9:.2f} GB from RAM at {cpu_bw:.0f} GB/s ({note});"
+        f" prefill ≈ {sp.prefill_tok_s:.0f} tok/s (rough)"
+    )
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# When nothing fits
+
+
+def does_not_fit(
+    rejected: list[tuple[QuantOption, ModelFacts]],
+    hw: HardwareProfile,
+    budget: Budget,
+    wishes: Wishes,
+    spec: ModelSpec | None,
+    replan: Replan,
+) -> errors.DoesNotFitError:
+    """What the smallest option needs and the machine has; `replan(wishes)` tries a change
+    and says what it would give ("Q4_K_M at context 4,096, about 12 tok/s"), or None."""
+    opt, facts = min(rejected, key=lambda r: r[1].weight_bytes)
+    ctx = wishes.n_ctx or min(facts.ctx_native or MIN_CTX, MIN_CTX)
+    kv = (wishes.kv_type or "f16").lower()
+    need = usage(facts, Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=False), hw.cpu_flags)
+    have = budget.ram + budget.gpu
+    machine = f"{fmt_bytes(budget.ram)} of RAM"
+    if budget.has_gpu:
+        machine = f"{fmt_bytes(budget.gpu)} of VRAM + {machine} ({fmt_bytes(have)})"
+    message = (
+        f"{facts.name} does not fit: its smallest option ({opt.name}, context {ctx:,}) needs "
+        f"about {fmt_bytes(need.cpu.used)} (weights {fmt_bytes(facts.weight_bytes)}); this "
+        f"machine can give {machine}"
+    )
+    if wishes.constraints():
+        message += f" with {' '.join(wishes.constraints())}"
+    alternatives = _alternatives(wishes, spec, facts, have, replan)
+    hint = (
+        "try " + "; or ".join(alternatives)
+        if alternatives
+        else f"this needs a machine with about {fmt_bytes(need.cpu.used - have)} more memory"
+    )
+    return errors.DoesNotFitError(
+        message, hint, tuple(alternatives), need_bytes=need.cpu.used, have_bytes=have
+    )
+
+
+def _alternatives(
+    wishes: Wishes, spec: ModelSpec | None, smallest: ModelFacts, have: int, replan: Replan
+) -> list[str]:
+    """The nearest changes that do fit, best first."""
+    out: list[str] = []
+    relaxations: list[tuple[str, Wishes]] = []
+    if wishes.quant:
+        relaxations.append(("another quant", replace(wishes, quant=None)))
+    if wishes.n_ctx is not None and wishes.n_ctx > MIN_CTX:
+        relaxations.append((f"--ctx {MIN_CTX}", replace(wishes, n_ctx=MIN_CTX)))
+    if wishes.cpu_moe:
+        relaxations.append(("without --cpu-moe", replace(wishes, cpu_moe=False)))
+    if wishes.n_cpu_moe is not None:
+        label = f"without --n-cpu-moe {wishes.n_cpu_moe}"
+        relaxations.append((label, replace(wishes, n_cpu_moe=None)))
+    if wishes.n_gpu_layers is not None:
+        label = f"without --gpu-layers {wishes.n_gpu_layers}"
+        relaxations.append((label, replace(wishes, n_gpu_layers=None)))
+    if (wishes.kv_type or "f16").lower() in ("f16", "bf16", "f32"):
+        label = "--kv-type q8_0 (half the KV cache)"
+        relaxations.append((label, replace(wishes, kv_type="q8_0")))
+    for label, relaxed in relaxations:
+        found = replan(relaxed)
+        if found is not None:
+            out.append(f"{label}: {found}")
+    if spec is not None:
+        out.extend(_smaller_models(spec, smallest, have))
+    return out
+
+
+def _smaller_models(spec: ModelSpec, smallest: ModelFacts, have: int) -> list[str]:
+    """Smaller models of the family whose same-quant weights would fit (a rough scale-down)."""
+    if spec.params_total <= 0:
+        return []
+    per_param = smallest.weight_bytes / (spec.params_total * 1e9)
+    seen: set[tuple[float, float]] = set()
+    out = []
+    for other in sorted(catalog.CATALOG, key=lambda s: -s.params_total):
+        key = (other.params_total, other.params_active)
+        if other.params_total >= spec.params_total or key in seen:
+            continue
+        need = other.params_total * 1e9 * per_param * 1.15 + 1 * GIB
+        if need <= have:
+            seen.add(key)
+            out.append(f"the smaller {other.name} (about {fmt_bytes(need)} in all)")
+        if len(out) == 2:
+            break
+    return out

@@ -1,0 +1,300 @@
+"""What the planner needs to know about one model, condensed from its GGUF header.
+
+Contract: `ModelFacts.from_info(info)` reads a `GGUFInfo` (local: exact bytes; catalog
+estimate: computed bytes) once and keeps per-layer sums: dense and routed-expert bytes, the
+routed-expert tensors of each layer, attention and recurrent layers, KV row sizes, the
+recurrent state's size, parameter counts. Pure arithmetic, no I/O. What llama.cpp allocates
+for a placement is `costs.py`'s business; how fast it runs, `speed.py`'s.
+
+Facts of llama.cpp's loader this rests on (the commit llama-cpp-python 0.3.36 vendors):
+MTP/NextN blocks (`nextn_predict_layers`, the last blocks) are skipped unless asked for;
+hybrids (Qwen3-Next, Qwen3.5/3.6) keep a KV cache only in the layers with
+`(i+1) % full_attention_interval == 0`, and per other layer a recurrent state of
+`(d_conv-1)·(d_inner + 2·groups·d_state)` conv values plus `d_state·d_inner` state values
+(f32, one sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qwenrun.engine.loadconfig import KV_TYPES
+
+if TYPE_CHECKING:
+    from qwenrun.hub.header import GGUFInfo, TensorInfo
+
+HYBRID_ARCHES = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
+CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of 256
+
+
+def pad_ctx(n_ctx: int) -> int:
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def kv_row_bytes(kv_type: str, n_elements: int) -> int:
+    return KV_TYPES[kv_type.lower()].row_bytes(n_elements)
+
+
+# --------------------------------------------------------------------------------------
+# Facts about one GGUF
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    name: str
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Everything the memory and speed model needs, summed per layer."""
+
+    arch: str
+    name: str
+    n_layer_all: int  # block_count, MTP blocks included
+    n_layer: int  # trunk blocks (what runs)
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_expert: int
+    n_expert_used: int
+    expert_ff: int
+    n_vocab: int
+    ctx_native: int
+    attn_layers: tuple[int, ...]
+    recr_layers: tuple[int, ...]
+    rs_bytes_per_layer: int
+    ssm_conv_dim: int
+    token_embd_bytes: int
+    output_bytes: int  # output.weight (or the tied copy of token_embd), output_norm, extras
+    output_tied: bool
+    dense_bytes: tuple[int, ...]  # per trunk layer: everything but routed experts
+    expert_bytes: tuple[int, ...]  # per trunk layer: routed experts
+    expert_tensors: tuple[tuple[ExpertTensor, ...], ...]  # per trunk layer
+    dense_params: int  # elements read per token, for FLOPs: all but routed experts, embd
+    expert_params: int  # elements of all routed experts
+    skipped_bytes: int  # MTP blocks llama.cpp does not load
+    has_shared_expert: bool
+    file_bytes: int
+    # per trunk layer, tensors as (ggml type, bytes, rows, routed expert) for repack sums
+    layer_types: tuple[tuple[tuple[str, int, int, bool], ...], ...]
+
+    @functools.cached_property
+    def sums(self) -> _Sums:
+        """Suffix sums over layers, computed once (cached on the frozen instance)."""
+        return _sums(self)
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.recr_layers)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0 and any(self.expert_bytes)
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(self.expert_bytes)
+
+    @property
+    def total_dense_bytes(self) -> int:
+        return sum(self.dense_bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes llama.cpp loads (file tensors minus skipped MTP blocks)."""
+        return (
+            self.token_embd_bytes
+            + self.output_bytes
+            + self.total_dense_bytes
+            + (self.total_expert_bytes)
+        )
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of each routed-expert tensor one token reads."""
+        if self.n_expert <= 0:
+            return 1.0
+        return min(1.0, self.n_expert_used / self.n_expert)
+
+    def kv_bytes_per_layer(self, n_ctx: int, kv_type: str) -> int:
+        cells = pad_ctx(n_ctx)
+        k = kv_row_bytes(kv_type, self.head_dim_k * self.n_head_kv)
+        v = kv_row_bytes(kv_type, self.head_dim_v * self.n_head_kv)
+        return cells * (k + v)
+
+    def kv_bytes(self, n_ctx: int, kv_type: str) -> int:
+        return len(self.attn_layers) * self.kv_bytes_per_layer(n_ctx, kv_type)
+
+    @property
+    def rs_bytes(self) -> int:
+        return len(self.recr_layers) * self.rs_bytes_per_layer
+
+    @classmethod
+    def from_info(cls, info: GGUFInfo, name: str | None = None) -> ModelFacts:
+        return _facts(info, name)
+
+
+def _meta_int(info: GGUFInfo, key: str, default: int = 0) -> int:
+    value: Any = info.get(key, None)
+    if isinstance(value, list | tuple):
+        # per-layer arrays (head_count_kv on some models): the largest is what is allocated
+        value = max((int(v) for v in value), default=default)
+    if value is None:
+        return default
+    return int(value)
+
+
+def _n_elements(t: TensorInfo) -> int:
+    return math.prod(t.shape) if t.shape else 0
+
+
+def _facts(info: GGUFInfo, name: str | None) -> ModelFacts:
+    arch = info.arch
+    n_layer_all = _meta_int(info, "block_count", info.n_layer)
+    nextn = _meta_int(info, "nextn_predict_layers", 0)
+    n_layer = max(0, n_layer_all - nextn)
+    n_embd = _meta_int(info, "embedding_length")
+    n_head = _meta_int(info, "attention.head_count", 1) or 1
+    n_head_kv = _meta_int(info, "attention.head_count_kv", n_head) or n_head
+    default_hd = n_embd // n_head if n_head else 0
+    hd_k = _meta_int(info, "attention.key_length", default_hd) or default_hd
+    hd_v = _meta_int(info, "attention.value_length", hd_k) or hd_k
+
+    by_name = {t.name: t for t in info.tensors}
+    embd = by_name.get("token_embd.weight")
+    n_vocab = _meta_int(info, "vocab_size", 0)
+    if embd is not None and len(embd.shape) >= 2:
+        n_vocab = int(embd.shape[1])
+
+    attn, recr = _layer_kinds(info, arch, n_layer)
+    d_conv = _meta_int(info, "ssm.conv_kernel")
+    d_inner = _meta_int(info, "ssm.inner_size")
+    d_state = _meta_int(info, "ssm.state_size")
+    groups = _meta_int(info, "ssm.group_count")
+    conv_dim = d_inner + 2 * groups * d_state
+    rs_per_layer = ((max(0, d_conv - 1)) * conv_dim + d_state * d_inner) * 4 if recr else 0
+
+    dense = [0] * n_layer
+    experts = [0] * n_layer
+    expert_lists: list[list[ExpertTensor]] = [[] for _ in range(n_layer)]
+    types: list[list[tuple[str, int, int, bool]]] = [[] for _ in range(n_layer)]
+    token_embd_bytes = output_bytes = skipped = 0
+    dense_params = expert_params = 0
+    for t in info.tensors:
+        layer = t.layer
+        rows = int(t.shape[1]) if len(t.shape) >= 2 else 1
+        if layer is None:
+            if t.name.startswith("token_embd"):
+                token_embd_bytes += t.n_bytes
+            else:
+                output_bytes += t.n_bytes
+                dense_params += _n_elements(t)
+            continue
+        if layer >= n_layer:
+            skipped += t.n_bytes
+            continue
+        types[layer].append((t.ggml_type.upper(), t.n_bytes, rows, t.is_routed_expert))
+        if t.is_routed_expert:
+            experts[layer] += t.n_bytes
+            expert_lists[layer].append(ExpertTensor(t.name, t.n_bytes))
+            expert_params += _n_elements(t)
+        else:
+            dense[layer] += t.n_bytes
+            dense_params += _n_elements(t)
+    tied = "output.weight" not in by_name
+    if tied and embd is not None:
+        output_bytes += embd.n_bytes  # TENSOR_DUPLICATED onto the output device
+        dense_params += _n_elements(embd)
+
+    return ModelFacts(
+        arch=arch,
+        name=name or str(info.get("general.name", None) or arch),
+        n_layer_all=n_layer_all,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=hd_k,
+        head_dim_v=hd_v,
+        n_expert=_meta_int(info, "expert_count"),
+        n_expert_used=_meta_int(info, "expert_used_count"),
+        expert_ff=_meta_int(info, "expert_feed_forward_length"),
+        n_vocab=n_vocab,
+        ctx_native=_meta_int(info, "context_length", 0),
+        attn_layers=attn,
+        recr_layers=recr,
+        rs_bytes_per_layer=rs_per_layer,
+        ssm_conv_dim=conv_dim,
+        token_embd_bytes=token_embd_bytes,
+        output_bytes=output_bytes,
+        output_tied=tied,
+        dense_bytes=tuple(dense),
+        expert_bytes=tuple(experts),
+        expert_tensors=tuple(tuple(x) for x in expert_lists),
+        dense_params=dense_params,
+        expert_params=expert_params,
+        skipped_bytes=skipped,
+        has_shared_expert=any("shexp" in t.name for t in info.tensors),
+        file_bytes=sum(t.n_bytes for t in info.tensors),
+        layer_types=tuple(tuple(x) for x in types),
+    )
+
+
+def _layer_kinds(
+    info: GGUFInfo, arch: str, n_layer: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(attention layers, recurrent layers) among the trunk blocks."""
+    hybrid = arch in HYBRID_ARCHES or info.get("ssm.state_size", None) is not None
+    if not hybrid:
+        return tuple(range(n_layer)), ()
+    interval = _meta_int(info, "full_attention_interval", 4) or 4
+    attn = tuple(i for i in range(n_layer) if (i + 1) % interval == 0)
+    recr = tuple(i for i in range(n_layer) if (i + 1) % interval != 0)
+    return attn, recr
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Suffix sums and prefix maxima over trunk layers, for O(1) pricing."""
+
+    dense_suffix: tuple[int, ...]
+    expert_suffix: tuple[int, ...]
+    attn_suffix: tuple[int, ...]
+    recr_suffix: tuple[int, ...]
+    layer_max_prefix: tuple[int, ...]  # max over [0:i) of dense + experts
+    expert_max_prefix: tuple[int, ...]  # max over [0:i) of experts
+
+
+def _sums(facts: ModelFacts) -> _Sums:
+    n = facts.n_layer
+    attn = set(facts.attn_layers)
+    recr = set(facts.recr_layers)
+
+    def suffix(values: Sequence[int]) -> tuple[int, ...]:
+        out = [0] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            out[i] = out[i + 1] + values[i]
+        return tuple(out)
+
+    def prefix_max(values: Sequence[int]) -> tuple[int, ...]:
+        out = [0] * (n + 1)
+        for i in range(n):
+            out[i + 1] = max(out[i], values[i])
+        return tuple(out)
+
+    per_layer = [d + e for d, e in zip(facts.dense_bytes, facts.expert_bytes, strict=True)]
+    return _Sums(
+        dense_suffix=suffix(facts.dense_bytes),
+        expert_suffix=suffix(facts.expert_bytes),
+        attn_suffix=suffix([1 if i in attn else 0 for i in range(n)]),
+        recr_suffix=suffix([1 if i in recr else 0 for i in range(n)]),
+        layer_max_prefix=prefix_max(per_layer),
+        expert_max_prefix=prefix_max(facts.expert_bytes),
+    )

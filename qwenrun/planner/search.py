@@ -1,0 +1,281 @@
+"""The search: for one quant, the context and placement that fit, fastest first.
+
+Contract: pure. `fit_option(facts, budget, wishes, cpu_flags)` tries contexts from the
+largest wanted down (the native context capped at `DEFAULT_CTX_CAP`, halved while it does not
+fit, never below the floor given) and, at each, the fastest placement that fits the
+`Budget`: every routed expert on the GPU if it can; else the fewest layers' experts on the
+CPU (`n_cpu_moe`, bisected), with the VRAM left over filled by single expert tensors of the
+boundary layer (as llama.cpp's own fitter does); only when even that does not fit do whole
+layers leave the GPU. What the user fixed in `Wishes` (context, KV type, `--cpu-moe`,
+`--n-cpu-moe`, GPU layers) is kept and the rest fitted around it. When every expert sits on
+the GPU the context grows (doubling, up to the native one) while it still fits there. What a
+layout costs is `costs.usage`'s answer; this module only searches.
+
+Budgets: free VRAM minus `CUDA_CONTEXT_BYTES` (CUDA context, cuBLAS workspace: not in
+llama.cpp's buffer logs) and `GPU_MARGIN_BYTES` (what llama.cpp's `--fit` leaves) per GPU,
+several GPUs pooled (llama.cpp splits layers by free memory); RAM available now minus the
+OS's share, max(2 GiB, 10 % of RAM). Swap never counts: weights paged out to disk would run
+at disk speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.planner.costs import Layout, Usage, usage
+from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.units import GIB, MIB
+
+if TYPE_CHECKING:
+    from qwenrun.hwprobe import HardwareProfile
+    from qwenrun.offload import Wishes
+
+DEFAULT_CTX_CAP = 32768
+PREFERRED_MIN_CTX = 16384
+MIN_CTX = 4096
+CUDA_CONTEXT_BYTES = 512 * MIB
+GPU_MARGIN_BYTES = 1 * GIB
+OS_RESERVE_MIN_BYTES = 2 * GIB
+OS_RESERVE_FRACTION = 0.10
+N_UBATCH = LoadConfig().n_ubatch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the machine a plan may use."""
+
+    gpu_capacity: int
+    gpu_reserved: int
+    ram_capacity: int
+    ram_reserved: int
+    n_gpus: int
+    gpu_names: tuple[str, ...] = ()
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.n_gpus > 0
+
+    @property
+    def gpu(self) -> int:
+        return max(0, self.gpu_capacity - self.gpu_reserved)
+
+    @property
+    def ram(self) -> int:
+        return max(0, self.ram_capacity - self.ram_reserved)
+
+    @classmethod
+    def from_hw(cls, hw: HardwareProfile) -> Budget:
+        gpus = hw.gpus if hw.has_gpu else ()
+        capacity = sum(g.free_bytes or max(0, g.total_bytes - g.used_bytes) for g in gpus)
+        available = hw.ram_available_bytes or hw.ram_total_bytes
+        return cls(
+            gpu_capacity=capacity,
+            gpu_reserved=len(gpus) * (CUDA_CONTEXT_BYTES + GPU_MARGIN_BYTES),
+            ram_capacity=min(hw.ram_total_bytes, available),
+            ram_reserved=os_reserve(hw.ram_total_bytes),
+            n_gpus=len(gpus),
+            gpu_names=tuple(g.name for g in gpus),
+        )
+
+    def fits(self, use: Usage) -> bool:
+        return use.gpu.used <= self.gpu and use.cpu.used <= self.ram
+
+
+def os_reserve(ram_total: int) -> int:
+    """RAM left to the OS and other programs on top of what they use now."""
+    return max(OS_RESERVE_MIN_BYTES, int(ram_total * OS_RESERVE_FRACTION))
+
+
+@dataclass(frozen=True)
+class Fit:
+    layout: Layout
+    use: Usage
+    ctx_reason: str
+
+
+def fixed_cpu_moe(facts: ModelFacts, wishes: Wishes) -> int | None:
+    """The layers whose experts the user put on the CPU (`--cpu-moe`: all); None if free."""
+    return facts.n_layer if wishes.cpu_moe else wishes.n_cpu_moe
+
+
+def _ctx_candidates(facts: ModelFacts, wishes: Wishes, least: int) -> list[int]:
+    """Contexts to try, largest first: the capped native one, halving down to `least`."""
+    if wishes.n_ctx is not None:
+        return [wishes.n_ctx]
+    native = facts.ctx_native or DEFAULT_CTX_CAP
+    target = min(native, DEFAULT_CTX_CAP)
+    floor = min(native, least)
+    out = [target]
+    c = target
+    while c // 2 >= floor:
+        c //= 2
+        out.append(c)
+    if out[-1] != floor:
+        out.append(floor)
+    return out
+
+
+def _fits(facts: ModelFacts, layout: Layout, budget: Budget, flags: frozenset[str]) -> Usage | None:
+    use = usage(facts, layout, flags)
+    return use if budget.fits(use) else None
+
+
+def _smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
+    """The smallest x in [lo, hi] with ok(x), for a predicate false then true; None if none."""
+    if lo > hi or not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _place(
+    facts: ModelFacts, base: Layout, budget: Budget, wishes: Wishes, flags: frozenset[str]
+) -> tuple[Layout, Usage] | None:
+    """The fastest layout at this context: most experts on the GPU, then whole layers.
+
+    GPU use falls as experts (or whole layers) leave it, so both searches are bisections.
+    """
+    if not base.use_gpu:
+        use = _fits(facts, base, budget, flags)
+        return (base, use) if use else None
+    ngl = wishes.n_gpu_layers
+    first = replace(base, n_gpu_layers=-1 if ngl is None else ngl)
+    found = _place_experts(facts, first, budget, wishes, flags)
+    if found is not None or ngl is not None:
+        return found
+    # Even with every routed expert on the CPU the GPU is too small: whole layers leave it,
+    # the first ones first (llama.cpp keeps the last n_gpu_layers - 1 blocks and the output).
+    fixed = fixed_cpu_moe(facts, wishes)
+    n_cpu_moe = facts.n_layer if fixed is None else fixed
+    trunk = replace(base, n_cpu_moe=n_cpu_moe)
+    top = facts.n_layer_all
+
+    def gpu_fits(k: int) -> bool:  # k = n_gpu_layers: the output layer and k - 1 blocks
+        return usage(facts, replace(trunk, n_gpu_layers=k), flags).gpu.used <= budget.gpu
+
+    dropped = _smallest(0, top - 1, lambda j: gpu_fits(top - j))
+    if dropped is None:
+        # Not even the output layer fits: the GPU cannot help this model.
+        cpu_only = replace(base, use_gpu=False, n_gpu_layers=0, n_cpu_moe=0)
+        use = _fits(facts, cpu_only, budget, flags)
+        return (cpu_only, use) if use else None
+    layout = replace(trunk, n_gpu_layers=top - dropped)
+    use = _fits(facts, layout, budget, flags)
+    return (layout, use) if use else None
+
+
+def _place_experts(
+    facts: ModelFacts, base: Layout, budget: Budget, wishes: Wishes, flags: frozenset[str]
+) -> tuple[Layout, Usage] | None:
+    wanted = fixed_cpu_moe(facts, wishes)
+    if wanted is not None or not facts.is_moe:
+        fixed = replace(base, n_cpu_moe=min(wanted or 0, facts.n_layer))
+        fixed_use = _fits(facts, fixed, budget, flags)
+        return (fixed, fixed_use) if fixed_use else None
+
+    def gpu_fits(n: int) -> bool:
+        return usage(facts, replace(base, n_cpu_moe=n), flags).gpu.used <= budget.gpu
+
+    n = _smallest(0, facts.n_layer, gpu_fits)
+    if n is None:
+        return None
+    layout = replace(base, n_cpu_moe=n)
+    use = _fits(facts, layout, budget, flags)
+    if use is None:
+        return None  # RAM is the limit: more experts on the CPU only makes it worse
+    if n > 0:
+        return _fill_boundary(facts, layout, use, budget, flags)
+    return layout, use
+
+
+def _fill_boundary(
+    facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
+) -> tuple[Layout, Usage]:
+    """Move single expert tensors of the last CPU layer back to the GPU while they fit."""
+    layer = layout.n_cpu_moe - 1
+    tensors = sorted(facts.expert_tensors[layer], key=lambda t: -t.n_bytes)
+    on_cpu = [t.name for t in tensors]
+    best = (layout, use)
+    for t in tensors:
+        trial = [name for name in on_cpu if name != t.name]
+        candidate = replace(layout, n_cpu_moe=layer, cpu_tensors=tuple(trial))
+        found = _fits(facts, candidate, budget, flags)
+        if found is not None:
+            on_cpu = trial
+            best = (candidate, found)
+    return best
+
+
+def fit_option(
+    facts: ModelFacts,
+    budget: Budget,
+    wishes: Wishes,
+    flags: frozenset[str],
+    least_ctx: int = MIN_CTX,
+) -> Fit | None:
+    kv = (wishes.kv_type or "f16").lower()
+    use_gpu = budget.has_gpu and wishes.n_gpu_layers != 0
+    candidates = _ctx_candidates(facts, wishes, least_ctx)
+    for i, ctx in enumerate(candidates):
+        if _cannot_fit(facts, ctx, kv, budget):
+            continue
+        base = Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=use_gpu, n_ubatch=N_UBATCH)
+        if not use_gpu:
+            base = replace(base, n_gpu_layers=0)
+        found = _place(facts, base, budget, wishes, flags)
+        if found is None:
+            continue
+        layout, use = found
+        if wishes.n_ctx is not None:
+            why = "as asked"
+        elif i == 0:
+            layout, use = _grow_ctx(facts, layout, use, budget, flags)
+            why = ctx_default_reason(facts, layout.n_ctx)
+        else:
+            why = f"the largest that fits (tried {candidates[0]:,} first)"
+        return Fit(layout, use, why)
+    return None
+
+
+def _cannot_fit(facts: ModelFacts, ctx: int, kv: str, budget: Budget) -> bool:
+    """A quick lower bound: weights and caches alone exceed VRAM and RAM together."""
+    need = facts.weight_bytes + facts.kv_bytes(ctx, kv) + facts.rs_bytes
+    return need > budget.gpu + budget.ram
+
+
+def ctx_default_reason(facts: ModelFacts, n_ctx: int) -> str:
+    native = facts.ctx_native
+    if native and n_ctx >= native:
+        return "the model's native context"
+    if n_ctx > DEFAULT_CTX_CAP:
+        return f"grown past {DEFAULT_CTX_CAP:,} because the whole model fits on the GPU"
+    suffix = f" of the model's native {native:,}" if native else ""
+    return f"qwenrun's default cap{suffix}; --ctx asks for more"
+
+
+def _grow_ctx(
+    facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
+) -> tuple[Layout, Usage]:
+    """With every expert on the GPU, double the context while everything still fits there."""
+    all_on_gpu = (
+        layout.use_gpu
+        and layout.n_cpu_moe == 0
+        and not layout.cpu_tensors
+        and layout.n_gpu_layers < 0
+    )
+    native = facts.ctx_native
+    while all_on_gpu and native and layout.n_ctx < native:
+        bigger = replace(layout, n_ctx=min(native, layout.n_ctx * 2))
+        found = _fits(facts, bigger, budget, flags)
+        if found is None:
+            break
+        layout, use = bigger, found
+    return layout, use

@@ -1,0 +1,185 @@
+"""A model's chat template, and what it tells about the model: thinking kind and presets.
+
+Contract: `ChatTemplate` renders a GGUF's `tokenizer.chat_template` the way llama.cpp's Jinja
+formatter does (jinja2's immutable sandbox, `enable_thinking` passed per render), so a
+template can never touch the machine; a template that fails is the model's problem, reported
+as an `InvalidModelError`. `detect_thinking_kind` learns by rendering whether the model is
+hybrid, thinking-only or direct-only; `model_profile` adds Qwen's sampling presets per mode
+(the catalog's, or Qwen3's defaults for a GGUF the catalog does not know). Nothing here
+tokenizes, runs the model or keeps a conversation (`chat.py` does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from qwenrun import errors
+from qwenrun.catalog import ThinkingKind
+from qwenrun.engine.llama import SamplingParams
+from qwenrun.thinking import prompt_opens_thinking
+
+if TYPE_CHECKING:
+    from qwenrun.catalog import ModelSpec
+
+Mode = Literal["think", "direct"]
+
+# Qwen3's model card: thinking 0.6/0.95/20/0, non-thinking 0.7/0.8/20/0. Used for a GGUF the
+# catalog does not know, and for a mode its catalog entry gives no preset for.
+DEFAULT_PRESETS: dict[str, SamplingParams] = {
+    "think": SamplingParams(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0),
+    "direct": SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0),
+}
+
+
+# --------------------------------------------------------------------------------------
+# The chat template
+
+
+class ChatTemplate:
+    """A GGUF's `tokenizer.chat_template`, rendered as llama.cpp's Jinja formatter does.
+
+    Same environment as llama-cpp-python's `Jinja2ChatFormatter`: sandboxed, trim/lstrip
+    blocks, loop controls, a `tojson` that keeps non-ASCII text, `raise_exception` and
+    `strftime_now`. A template error is the model's problem, reported as one.
+    """
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+        env = ImmutableSandboxedEnvironment(
+            loader=jinja2.BaseLoader(),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols"],
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise errors.InvalidModelError(
+                f"the model's chat template does not parse: {exc}",
+                hint="use a GGUF with a working tokenizer.chat_template",
+            ) from None
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool) -> str:
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=True,
+                enable_thinking=enable_thinking,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as exc:
+            raise errors.InvalidModelError(
+                f"the model's chat template failed: {exc}",
+                hint="the template rejected this conversation; try /clear",
+            ) from None
+
+
+def _tojson(
+    value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def fallback_template() -> str:
+    """Qwen3's own template, for a GGUF that carries none (all Qwen models speak ChatML)."""
+    return (Path(__file__).parent / "testing" / "templates" / "qwen3.jinja").read_text("utf-8")
+
+
+def detect_thinking_kind(template: ChatTemplate) -> ThinkingKind:
+    """What the template supports, learnt by rendering it: the truth for this very file.
+
+    `enable_thinking` changes the prompt → hybrid; the prompt always opens `<think>` →
+    thinking-only; neither → direct-only.
+    """
+    probe = [{"role": "user", "content": "hi"}]
+    on = template.render(probe, enable_thinking=True)
+    off = template.render(probe, enable_thinking=False)
+    if on != off:
+        return "hybrid"
+    return "thinking" if prompt_opens_thinking(on) else "direct"
+
+
+# --------------------------------------------------------------------------------------
+# What the model supports, and its sampling presets
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str
+    thinking: ThinkingKind
+    presets: Mapping[str, SamplingParams]
+
+    @property
+    def default_mode(self) -> Mode:
+        return "direct" if self.thinking == "direct" else "think"
+
+    def supports(self, mode: Mode) -> bool:
+        return self.thinking == "hybrid" or (mode == "think") == (self.thinking == "thinking")
+
+    def describe_modes(self) -> str:
+        if self.thinking == "hybrid":
+            return "thinks or answers directly (/think, /nothink)"
+        if self.thinking == "thinking":
+            return "always thinks (/budget N caps it)"
+        return "answers directly (no thinking mode)"
+
+
+def presets_from_spec(spec: ModelSpec | None) -> dict[str, SamplingParams]:
+    presets = dict(DEFAULT_PRESETS)
+    if spec is not None:
+        for mode, p in spec.presets.items():
+            presets[mode] = SamplingParams(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                min_p=p.min_p,
+                presence_penalty=p.presence_penalty,
+            )
+    return presets
+
+
+def match_catalog(metadata: Mapping[str, str]) -> ModelSpec | None:
+    """The catalog entry a local GGUF names in its metadata, if any."""
+    try:
+        from qwenrun import catalog
+    except ImportError:  # the catalog is optional at this layer: Qwen3's defaults apply
+        return None
+
+    for key in ("general.basename", "general.name"):
+        name = metadata.get(key)
+        if not name:
+            continue
+        try:
+            return catalog.lookup(name)
+        except errors.ModelNotFoundError:
+            continue  # a fine-tune or an unknown name: try the next key, then defaults
+    return None
+
+
+def model_profile(template: ChatTemplate, name: str, spec: ModelSpec | None = None) -> ModelProfile:
+    display = spec.display if spec is not None else name
+    return ModelProfile(display, detect_thinking_kind(template), presets_from_spec(spec))

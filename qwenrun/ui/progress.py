@@ -1,0 +1,132 @@
+"""Progress and questions during start-up: loading weights, downloads, confirmations.
+
+Contract: presentation only. `load_progress` and `pull_progress` are context managers that
+yield callbacks for the engine and the downloader (bars on a terminal stderr, a line per
+file elsewhere); `confirm_pull` says what will be fetched and, when asked to, asks.
+`StartupHooks` bundles them for `launch.start`, which prints nothing itself. Whether a model
+is already downloaded is decided by the downloader (`PullTarget.cached`), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
+
+from qwenrun import units
+from qwenrun.ui.console import console, info
+
+if TYPE_CHECKING:
+    from qwenrun.hub.listing import PullTarget
+    from qwenrun.hub.transfer import PullProgress
+
+
+@contextmanager
+def load_progress(label: str = "Loading weights") -> Iterator[Callable[[float], None]]:
+    """A progress bar on a terminal stderr while llama.cpp loads; a no-op callback elsewhere.
+
+    Yields the callback for `Engine.load(on_progress=...)` (fractions 0.0 to 1.0).
+    """
+    con = console()
+    if not con.is_terminal:
+        yield lambda _p: None
+        return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
+    )
+    task = progress.add_task(label, total=1.0)
+    with progress:
+        yield lambda p: progress.update(task, completed=min(max(p, 0.0), 1.0))
+
+
+def confirm_pull(target: PullTarget, *, ask: bool) -> bool:
+    """Say what will be fetched (and its size); on a terminal, ask when qwenrun chose it."""
+    n = len(target.quant.files)
+    what = (
+        f"{target.reference} · {target.repo} · {units.gb(target.total_size)}"
+        f" in {n} file{'s' if n > 1 else ''}"
+    )
+    if target.cached:
+        info(f"{what} · already downloaded")
+        return True
+    info(what)
+    if not ask:
+        return True
+    import typer
+
+    return typer.confirm("Download it?", default=True, err=True)
+
+
+@contextmanager
+def pull_progress() -> Iterator[Callable[[PullProgress], None]]:
+    """One progress bar for the whole quant on a terminal; a line per file elsewhere."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    con = console()
+    progress: Progress | None = None
+    task = None
+    last_file = (0, "")
+
+    def on_progress(p: PullProgress) -> None:
+        nonlocal progress, task, last_file
+        verb = "verifying" if p.phase == "verify" else "downloading"
+        label = f"{verb} {p.file_index}/{p.n_files} {p.file.rsplit('/', 1)[-1]}"
+        if not con.is_terminal:
+            if (p.file_index, p.phase) != last_file:
+                last_file = (p.file_index, p.phase)
+                info(label)
+            return
+        if progress is None:
+            progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=False),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=con,
+                transient=False,
+            )
+            progress.start()
+            # Start at the bytes already there, so a resumed pull's speed is not inflated.
+            task = progress.add_task(label, total=p.total_bytes, completed=p.done_bytes)
+        assert task is not None
+        progress.update(task, description=label, completed=p.done_bytes)
+
+    try:
+        yield on_progress
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+class StartupHooks:
+    """What `launch.start` shows and asks on this terminal (see `launch.Hooks`)."""
+
+    def __init__(self, *, ask: bool) -> None:
+        self.ask = ask
+
+    def notice(self, text: str) -> None:
+        info(text)
+
+    def confirm_pull(self, target: PullTarget) -> bool:
+        return confirm_pull(target, ask=self.ask)
+
+    def pulling(self) -> AbstractContextManager[Callable[[PullProgress], None]]:
+        return pull_progress()
+
+    def loading(self) -> AbstractContextManager[Callable[[float], None]]:
+        return load_progress()

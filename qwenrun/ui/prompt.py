@@ -1,0 +1,185 @@
+"""The REPL's input line: prompt_toolkit on a terminal, plain lines from a pipe.
+
+Contract: `ChatPrompt.read()` returns one message or slash command. On a terminal it is a
+prompt_toolkit session with history (kept across sessions), slash-command completion,
+Alt+Enter for a new line and Ollama's triple-quote blocks; from a pipe each line is a message
+and triple-quote blocks still work. Ctrl-C raises `KeyboardInterrupt`, Ctrl-D (or the end of
+the input) `EOFError`. What the commands do is `ui/repl.py`'s business.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+
+SET_KEYS = ("temp", "top-p", "top-k", "min-p", "presence-penalty", "max-tokens", "seed")
+
+
+@dataclass(frozen=True)
+class SlashCommand:
+    name: str
+    args: str
+    help: str
+
+
+def _command_completer(commands: Sequence[SlashCommand]) -> Any:
+    from prompt_toolkit.completion import Completer, Completion
+
+    names = [c.name for c in commands]
+
+    class SlashCompleter(Completer):
+        """Completes `/command` names, `/set` keys and `/budget off`; nothing in messages."""
+
+        def get_completions(self, document: Any, complete_event: Any) -> Iterator[Completion]:
+            text = document.text_before_cursor
+            if not text.startswith("/") or "\n" in text:
+                return
+            words = text.split(" ")
+            if len(words) == 1:
+                for name in names:
+                    if name.startswith(words[0]):
+                        yield Completion(name, start_position=-len(words[0]))
+                return
+            choices: tuple[str, ...] = ()
+            if words[0] == "/set" and len(words) == 2:
+                choices = SET_KEYS
+            elif words[0] == "/budget" and len(words) == 2:
+                choices = ("off",)
+            for choice in choices:
+                if choice.startswith(words[-1]):
+                    yield Completion(choice, start_position=-len(words[-1]))
+
+    return SlashCompleter()
+
+
+def _key_bindings() -> Any:
+    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.key_binding import KeyBindings
+
+    kb = KeyBindings()
+
+    @Condition
+    def open_block() -> bool:
+        from prompt_toolkit.application import get_app
+
+        return triple_quote_open(get_app().current_buffer.text)
+
+    # Enter inside an unclosed `"""` block adds a line instead of sending (as in Ollama).
+    @kb.add("enter", filter=open_block)
+    def _newline_in_block(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    # Alt+Enter (or Esc then Enter) always adds a line.
+    @kb.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return kb
+
+
+def triple_quote_open(text: str) -> bool:
+    """Whether `text` starts a triple-quote block that is not yet closed."""
+    stripped = text.lstrip()
+    if not stripped.startswith('"""'):
+        return False
+    rest = stripped[3:]
+    return not rest.rstrip().endswith('"""')
+
+
+def strip_triple_quotes(text: str) -> str:
+    stripped = text.strip()
+    if stripped.startswith('"""'):
+        stripped = stripped[3:]
+        if stripped.rstrip().endswith('"""'):
+            stripped = stripped.rstrip()[:-3]
+    return stripped.strip("\n")
+
+
+class ChatPrompt:
+    """The REPL's input line: prompt_toolkit on a terminal, plain lines from a pipe.
+
+    `read()` returns one message or command; it raises `KeyboardInterrupt` on Ctrl-C and
+    `EOFError` on Ctrl-D (or the end of piped input).
+    """
+
+    def __init__(
+        self,
+        commands: Sequence[SlashCommand],
+        history_file: Path | None,
+        *,
+        interactive: bool | None = None,
+        stdin: TextIO | None = None,
+    ) -> None:
+        self.stdin = stdin or sys.stdin
+        self.interactive = self.stdin.isatty() if interactive is None else interactive
+        self._session: PromptSession[str] | None = None
+        if self.interactive:
+            self._session = self._make_session(commands, history_file)
+
+    @staticmethod
+    def _make_session(
+        commands: Sequence[SlashCommand], history_file: Path | None
+    ) -> PromptSession[str]:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        history: Any = InMemoryHistory()
+        if history_file is not None:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(history_file))
+        # With the answers going to a file (`qwenrun chat M > out.txt`), the prompt is drawn
+        # on the terminal through stderr, so the file gets answers only.
+        output = None
+        if not sys.stdout.isatty() and sys.stderr.isatty():
+            from prompt_toolkit.output import create_output
+
+            output = create_output(stdout=sys.stderr)
+        return PromptSession(
+            output=output,
+            history=history,
+            completer=_command_completer(commands),
+            complete_while_typing=True,
+            key_bindings=_key_bindings(),
+            multiline=False,
+            prompt_continuation=lambda width, _n, _soft: "." * (width - 1) + " ",
+        )
+
+    def read(self, mode_label: str = "") -> str:
+        if self._session is not None:
+            from prompt_toolkit.formatted_text import FormattedText
+
+            text = self._session.prompt(
+                ">>> ",
+                rprompt=FormattedText([("fg:ansibrightblack", mode_label)]) if mode_label else None,
+                placeholder=FormattedText(
+                    [("fg:ansibrightblack", 'Send a message (/help for commands, """ for lines)')]
+                ),
+            )
+            return strip_triple_quotes(text) if text.lstrip().startswith('"""') else text
+        return self._read_plain()
+
+    def _read_plain(self) -> str:
+        line = self.stdin.readline()
+        if not line:
+            raise EOFError
+        if not triple_quote_open(line):
+            return (
+                strip_triple_quotes(line) if line.lstrip().startswith('"""') else line.rstrip("\n")
+            )
+        lines = [line]
+        while triple_quote_open("".join(lines)):
+            more = self.stdin.readline()
+            if not more:
+                break
+            lines.append(more)
+        return strip_triple_quotes("".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# Downloads

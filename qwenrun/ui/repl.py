@@ -1,0 +1,268 @@
+"""The interactive chat loop: read a line, run a slash command or a turn, repeat.
+
+Contract: `repl(engine, conv, out)` runs until /exit, /bye or Ctrl-D and returns the exit
+status. Every command and every turn leaves the session alive: a `QwenrunError` is reported
+in one line and the loop goes on. Turns go through `chat.run_turn`; Ctrl-C during an answer
+cancels it (`chat.sigint_sets`), at the prompt it says how to leave. `/stats` shows the last
+answer's numbers, context use and the sampling in force.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from qwenrun import config, errors
+from qwenrun.chat import Conversation, Renderer, TurnResult, run_turn, sigint_sets
+from qwenrun.engine.llama import Engine, GenStats, SamplingParams
+from qwenrun.ui.console import info
+from qwenrun.ui.prompt import ChatPrompt, SlashCommand
+
+COMMANDS: tuple[SlashCommand, ...] = (
+    SlashCommand("/think", "", "thinking mode from the next message on"),
+    SlashCommand("/nothink", "", "direct mode: answer without thinking"),
+    SlashCommand("/budget", "N|off", "stop thinking after N tokens (off: no limit)"),
+    SlashCommand("/system", "TEXT|none", "set the system prompt (alone: show it)"),
+    SlashCommand(
+        "/set", "KEY VALUE", "temp, top-p, top-k, min-p, presence-penalty, max-tokens, seed"
+    ),
+    SlashCommand("/clear", "", "forget the conversation (the system prompt stays)"),
+    SlashCommand("/save", "FILE", "write the conversation to a JSON transcript"),
+    SlashCommand("/load", "FILE", "restore a conversation from a JSON transcript"),
+    SlashCommand("/stats", "", "numbers of the last answer, context use and settings"),
+    SlashCommand("/help", "", "this list"),
+    SlashCommand("/exit", "", "leave (also /bye or Ctrl-D)"),
+    SlashCommand("/bye", "", "leave"),
+)
+
+HELP_KEYS = (
+    'Enter sends · Alt+Enter (or Esc, Enter) adds a line · a message starting with """ '
+    'goes on until a line ending with """ · Ctrl-C stops an answer · Ctrl-D leaves'
+)
+
+
+class _Exit(Exception):
+    pass
+
+
+class Repl:
+    """The interactive loop: read, run a command or a turn, repeat."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        conv: Conversation,
+        out: Renderer,
+        prompt: ChatPrompt,
+        say: Callable[[str], None] = info,
+    ) -> None:
+        self.engine = engine
+        self.conv = conv
+        self.out = out
+        self.prompt = prompt
+        self.say = say
+        self.last: TurnResult | None = None
+        self.totals = {"turns": 0, "generated": 0, "evaluated": 0}
+
+    def mode_label(self) -> str:
+        label = "thinking" if self.conv.mode == "think" else "direct"
+        if self.conv.budget is not None and self.conv.mode == "think":
+            label += f" · budget {self.conv.budget}"
+        return label
+
+    def run(self) -> int:
+        while True:
+            try:
+                text = self.prompt.read(self.mode_label())
+            except KeyboardInterrupt:
+                self.say("Use /exit, /bye or Ctrl-D to leave.")
+                continue
+            except EOFError:
+                return 0
+            if not text.strip():
+                continue
+            try:
+                if text.lstrip().startswith("/") and "\n" not in text.strip():
+                    self.command(text.strip())
+                else:
+                    self.turn(text)
+            except _Exit:
+                return 0
+            except errors.QwenrunError as err:
+                # In a session, a bad command or a failed turn is reported and the chat goes on.
+                self.say(f"{err.message}" + (f" ({err.hint})" if err.hint else ""))
+
+    def turn(self, text: str) -> None:
+        cancel = threading.Event()
+        with sigint_sets(cancel):
+            result = run_turn(self.engine, self.conv, self.out, text, cancel=cancel)
+        self.last = result
+        self.totals["turns"] += 1
+        if result.stats is not None:
+            self.totals["generated"] += result.stats.generated_tokens
+            self.totals["evaluated"] += result.stats.eval_prompt_tokens
+
+    # ---- commands
+
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        handler = {
+            "/think": self._think,
+            "/nothink": self._nothink,
+            "/budget": self._budget,
+            "/system": self._system,
+            "/set": self._set,
+            "/clear": self._clear,
+            "/save": self._save,
+            "/load": self._load,
+            "/stats": self._stats,
+            "/help": self._help,
+            "/?": self._help,
+            "/exit": self._exit,
+            "/bye": self._exit,
+            "/quit": self._exit,
+        }.get(name.lower())
+        if handler is None:
+            raise errors.UsageError(f"unknown command {name}", hint="/help lists the commands")
+        handler(arg)
+
+    def _think(self, _arg: str) -> None:
+        self.conv.set_mode("think")
+        self.say(f"Thinking mode. {self.conv.profile.name} {self.conv.profile.describe_modes()}.")
+
+    def _nothink(self, _arg: str) -> None:
+        self.conv.set_mode("direct")
+        self.say("Direct mode: answers without thinking.")
+
+    def _budget(self, arg: str) -> None:
+        if arg.lower() in ("off", "none", ""):
+            self.conv.set_budget(None)
+            self.say("Thinking budget off.")
+            return
+        try:
+            n = int(arg)
+        except ValueError:
+            raise errors.UsageError(
+                f"/budget needs a number of tokens or off, not {arg!r}"
+            ) from None
+        self.conv.set_budget(n)
+        if self.conv.profile.thinking == "direct":
+            self.say(f"Budget set, but {self.conv.profile.name} never thinks.")
+        else:
+            self.say(f"Thinking stops after {n} tokens.")
+
+    def _system(self, arg: str) -> None:
+        if not arg:
+            self.say(
+                f"System prompt: {self.conv.system}" if self.conv.system else "No system prompt."
+            )
+            return
+        self.conv.system = None if arg.lower() == "none" else arg
+        self.say("System prompt removed." if self.conv.system is None else "System prompt set.")
+
+    def _set(self, arg: str) -> None:
+        key, _, value = arg.partition(" ")
+        if not key or not value.strip():
+            raise errors.UsageError("/set needs a name and a value", hint="e.g. /set temp 0.7")
+        self.conv.set(key, value.strip())
+        self.say(f"{key} = {value.strip()}")
+
+    def _clear(self, _arg: str) -> None:
+        self.conv.clear()
+        self.say("Conversation cleared.")
+
+    def _save(self, arg: str) -> None:
+        if not arg:
+            raise errors.UsageError("/save needs a file name", hint="e.g. /save chat.json")
+        path = Path(arg).expanduser()
+        self.conv.save(path)
+        self.say(f"Saved {_plural(len(self.conv.turns), 'turn')} to {path}.")
+
+    def _load(self, arg: str) -> None:
+        if not arg:
+            raise errors.UsageError("/load needs a file name", hint="e.g. /load chat.json")
+        path = Path(arg).expanduser()
+        notes = self.conv.load(path)
+        self.say(f"Loaded {_plural(len(self.conv.turns), 'turn')} from {path}.")
+        for note in notes:
+            self.say(note)
+
+    def _stats(self, _arg: str) -> None:
+        for line in self.stats_lines():
+            self.say(line)
+
+    def stats_lines(self) -> list[str]:
+        conv, eng = self.conv, self.engine
+        lines = [
+            f"model      {conv.profile.name} · {conv.profile.describe_modes()}",
+            f"mode       {self.mode_label()}",
+            f"context    {eng.cached_tokens} of {eng.n_ctx} tokens in use"
+            f" · {_plural(len(conv.turns), 'turn')}",
+            f"sampling   {_describe_sampling(conv.sampling())}"
+            + (f" · max-tokens {conv.max_tokens}" if conv.max_tokens else ""),
+            f"session    {_plural(self.totals['turns'], 'answer')}"
+            f" · {self.totals['generated']} tokens generated"
+            f" · {self.totals['evaluated']} prompt tokens evaluated",
+        ]
+        if self.last is not None and self.last.stats is not None:
+            lines.append(f"last       {_describe_stats(self.last.stats)}")
+            if self.last.thinking_tokens:
+                lines.append(
+                    f"thinking   {self.last.thinking_tokens} tokens in "
+                    f"{self.last.thinking_seconds:.1f} s"
+                )
+        else:
+            lines.append("last       no answer yet")
+        return lines
+
+    def _help(self, _arg: str) -> None:
+        width = max(len(c.name) + len(c.args) + 1 for c in COMMANDS)
+        for c in COMMANDS:
+            self.say(f"{(c.name + ' ' + c.args).strip():<{width}}  {c.help}")
+        self.say(HELP_KEYS)
+
+    def _exit(self, _arg: str) -> None:
+        raise _Exit
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _describe_sampling(s: SamplingParams) -> str:
+    text = f"temp {s.temperature:g} · top-p {s.top_p:g} · top-k {s.top_k} · min-p {s.min_p:g}"
+    if s.presence_penalty:
+        text += f" · presence-penalty {s.presence_penalty:g}"
+    if s.seed is not None:
+        text += f" · seed {s.seed}"
+    return text
+
+
+def _describe_stats(s: GenStats) -> str:
+    return (
+        f"{s.prompt_tokens} prompt tokens ({s.eval_prompt_tokens} evaluated) · "
+        f"{s.generated_tokens} generated · TTFT {s.ttft_ms:.0f} ms · "
+        f"prefill {s.prefill_tok_s:,.0f} tok/s · decode {s.decode_tok_s:.1f} tok/s · "
+        f"llama.cpp eval {s.llama_eval_ms:.0f} ms, sampling {s.llama_sample_ms:.0f} ms"
+    )
+
+
+def repl(
+    engine: Engine,
+    conv: Conversation,
+    out: Renderer,
+    *,
+    prompt: ChatPrompt | None = None,
+) -> int:
+    """Run the chat loop until /exit, /bye or Ctrl-D; returns the exit status."""
+    if prompt is None:
+        config.ensure_home()
+        prompt = ChatPrompt(COMMANDS, config.history_file())
+    loop = Repl(engine, conv, out, prompt)
+    info(
+        f"{conv.profile.name} {conv.profile.describe_modes()}. "
+        f"Mode: {loop.mode_label()}. /help for commands, Ctrl-D to leave."
+    )
+    return loop.run()

@@ -1,0 +1,55 @@
+"""Bytes and sizes: the binary units of memory, the decimal units of disks, and parsing.
+
+Contract: pure functions. Memory (RAM, VRAM, buffers) is shown in binary units, as the
+planner and llama.cpp count it (`gib`: "17.3 GiB"); file and download sizes in decimal units,
+as the hub and disks show them (`gb`: "18.6 GB"). `parse_size` reads what a user types for a
+memory size. Nothing here knows what the bytes are for.
+"""
+
+from __future__ import annotations
+
+import re
+
+from qwenrun import errors
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+TIB = 1 << 40
+
+
+def gib(n: int | float) -> str:
+    """Memory: `17.3 GiB`, `512 MiB`, `64 KiB`."""
+    if abs(n) >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    if abs(n) >= MIB:
+        return f"{n / MIB:.0f} MiB"
+    return f"{n / KIB:.0f} KiB"
+
+
+def gb(n: float) -> str:
+    """Files and downloads, in decimal units as the hub shows sizes: `17.7 GB`."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": GIB, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
+
+
+def parse_size(text: str, flag: str = "size") -> int:
+    """Bytes from `24GiB`, `24G`, `24GB`, `512M`, `1.5T` or a bare `24` (GiB).
+
+    Memory is sold in binary units (a "24 GB" card holds 24 GiB), so GB and GiB both mean
+    2^30 bytes here. `0` means none.
+    """
+    m = _SIZE_RE.match(text)
+    if not m or (m.group(3) and not m.group(2)):
+        raise errors.UsageError(
+            f"cannot read {flag} {text!r}",
+            hint="give a size such as 24GiB, 12G or 512M (a bare number means GiB; 0 means none)",
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
