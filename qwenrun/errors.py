@@ -26,6 +26,13 @@ class UsageError(QwenrunError):
     """An option or argument that cannot work (bad value, conflicting flags)."""
 
 
+class Declined(QwenrunError):
+    """The user answered no to a question (a download): a choice, not an error.
+
+    `cli` prints the message alone, without "error:", and exits 1 (as `rm -i` answered no).
+    """
+
+
 class ModelNotFoundError(QwenrunError):
     """A model reference that names no file, catalog entry or hub quant."""
 

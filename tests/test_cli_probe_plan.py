@@ -7,7 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from qwenrun import catalog
+from qwenrun.testing.hub_server import HubServer
 from qwenrun.testing.proc import error_line, run_qwenrun
 
 GIB = 1 << 30
@@ -175,6 +178,15 @@ def test_plan_unknown_quant_is_exit_2():
     one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--quant", "Q9_Z"), 2)
 
 
+def test_plan_catalog_reference_with_a_quant_plans_that_quant():
+    p = plan_json("qwen3-30b-a3b:q4_k_m", "--gpu-mem", "0", "--ram", "64G")
+    assert p["quant"] == "Q4_K_M" and p["estimated"] is True
+    same = plan_json("qwen3-30b-a3b", "--quant", "Q4_K_M", "--gpu-mem", "0", "--ram", "64G")
+    assert same == p
+    line = one_line_error(qwenrun("plan", "qwen3-30b-a3b:Q4_K_M", "--quant", "Q8_0"), 2)
+    assert "Q4_K_M" in line and "Q8_0" in line
+
+
 # --------------------------------------------------------------------------------------
 # plan, a local file (exact bytes)
 
@@ -200,3 +212,79 @@ def test_plan_local_gguf_rejects_quant(tiny_models):
 def test_plan_missing_local_file_is_exit_3(tmp_path):
     line = one_line_error(qwenrun("plan", str(tmp_path / "nope.gguf")), 3)
     assert "no such file" in line  # the same words as `run` (one check of a path)
+
+
+# --------------------------------------------------------------------------------------
+# plan, a hub repo (real headers, read with range requests)
+
+REPO = "tiny/plan-GGUF"  # outside the catalog
+Q8 = "Plan-Q8_0.gguf"
+Q4 = ("Q4_K_M/Plan-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/Plan-Q4_K_M-00002-of-00002.gguf")
+BF16 = "Plan-BF16.gguf"
+
+
+@pytest.fixture
+def hub(tiny_models):
+    single = tiny_models("qwen3moe")
+    first = tiny_models("qwen3moe", split=2)
+    second = first.with_name(first.name.replace("-00001-of-", "-00002-of-"))
+    with HubServer() as server:
+        server.add_repo(REPO, {Q8: single, Q4[0]: first, Q4[1]: second, BF16: single})
+        yield server
+
+
+def hub_plan(hub: HubServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_qwenrun("plan", *args, "--gpu-mem", "0", env={"HF_ENDPOINT": hub.url, **env})
+
+
+def header_reads(hub: HubServer, name: str) -> list[str | None]:
+    """The Range of every GET of the file's bytes (at the storage URL the hub redirects to)."""
+    return [r.range for r in hub.requests_for(name, "GET") if r.path.startswith("/_content/")]
+
+
+def test_plan_hub_repo_from_its_real_headers(hub):
+    proc = hub_plan(hub, REPO, "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    # The best quant that fits, from exact bytes: full precision is not a default pick.
+    assert p["quant"] == "Q8_0" and p["estimated"] is False
+    assert [f.rsplit("/", 1)[-1] for f in p["files"]] == [Q8]
+    size = hub.file(REPO, Q8).size
+    cpu = p["devices"][0]
+    assert 0.9 * size < cpu["weights_dense"] + cpu["weights_experts"] <= size
+    # Only the header of the one quant that decided: a range from byte 0, never the file.
+    reads = header_reads(hub, Q8)
+    assert reads and all(r is not None and r.startswith("bytes=0-") for r in reads)
+    assert header_reads(hub, Q4[0]) == [] and header_reads(hub, BF16) == []
+
+
+def test_plan_hub_repo_does_not_read_a_quant_too_big_for_the_machine(hub):
+    hub.advertise_size(REPO, Q8, 10**15)  # a petabyte: no header needed to rule it out
+    p = json.loads(hub_plan(hub, REPO, "--json").stdout)
+    assert p["quant"] == "Q4_K_M" and p["estimated"] is False
+    assert [f.rsplit("/", 1)[-1] for f in p["files"]] == [Path(q).name for q in Q4]
+    assert header_reads(hub, Q8) == []
+    assert header_reads(hub, Q4[0]) and header_reads(hub, Q4[1])
+
+
+def test_plan_hub_repo_with_a_quant(hub):
+    for args in ((f"hf.co/{REPO}:q4_k_m",), (REPO, "--quant", "Q4_K_M")):
+        proc = hub_plan(hub, *args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["quant"] == "Q4_K_M"
+    line = one_line_error(hub_plan(hub, f"{REPO}:Q2_K"), 3)
+    assert "has no quant Q2_K" in line and "Q8_0" in line
+
+
+def test_plan_hub_repo_offline_uses_a_cached_copy_or_says_it_cannot(hub):
+    line = one_line_error(hub_plan(hub, REPO, HF_HUB_OFFLINE="1"), 5)
+    assert "offline" in line and REPO in line
+    pulled = run_qwenrun("pull", f"{REPO}:Q4_K_M", env={"HF_ENDPOINT": hub.url})
+    assert pulled.returncode == 0, pulled.stderr
+    hub.clear_requests()
+    proc = hub_plan(hub, REPO, "--json", HF_HUB_OFFLINE="1")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    assert p["quant"] == "Q4_K_M" and p["estimated"] is False
+    assert p["files"] == pulled.stdout.split()
+    assert hub.requests == []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
 import pytest
+from huggingface_hub import hf_hub_download
 
 from qwenrun import catalog
 from qwenrun.testing.hub_server import HubServer
@@ -176,10 +179,12 @@ def test_terminal_asks_before_a_chosen_quant_and_draws_one_bar(hub):
     declined.expect_exact(f"{SPEC.name}:Q4_K_M")
     declined.expect_exact("Download it?")
     declined.sendline("n")
-    declined.expect_exact("not confirmed")
+    declined.expect_exact("Not downloading")
     declined.expect(pexpect.EOF)
     declined.close()
-    assert declined.exitstatus == 2
+    # Saying no is a choice, not an error: no "error:", exit 1 (as `rm -i` answered no).
+    assert "error" not in (declined.before or "")
+    assert declined.exitstatus == 1
     assert hub.requests_for(SINGLE, "GET") == []
 
     accepted = spawn_tty(hub, "pull", SPEC.name)
@@ -236,3 +241,115 @@ def test_run_offline_without_the_files_says_what_is_missing(hub):
     proc = qwenrun(hub, "run", f"{SPEC.name}:Q4_K_M", "hello", HF_HUB_OFFLINE="1")
     line = one_error_line(proc, 5)
     assert "Q4_K_M" in line
+
+
+# ---- only real work shows progress; a script is told what is fetched before the first byte
+
+
+def test_a_complete_model_shows_no_progress(hub):
+    ref = f"{SPEC.name}:Q4_K_M"
+    first = qwenrun(hub, "pull", ref)
+    assert first.returncode == 0, first.stderr
+    assert "downloading 1/1" in first.stderr
+    again = qwenrun(hub, "pull", ref)
+    assert again.returncode == 0, again.stderr
+    assert "already downloaded" in again.stderr
+    assert "downloading" not in again.stderr and "verifying" not in again.stderr
+    for env in ({}, {"HF_HUB_OFFLINE": "1"}):
+        proc = qwenrun(hub, "run", ref, "hi", "--max-tokens", "2", "--ctx", "512", **env)
+        assert proc.returncode == 0, proc.stderr
+        assert "downloading" not in proc.stderr and "verifying" not in proc.stderr
+
+
+def test_a_cached_file_checked_for_the_first_time_says_verifying_once(hub):
+    # Fetched by another tool: qwenrun hashes it once, and says only that.
+    cache_dir = Path(os.environ["HF_HOME"]) / "hub"
+    hf_hub_download(REPO, SINGLE, cache_dir=cache_dir, endpoint=hub.url)
+    args = ("run", f"{REPO}:Q4_K_M", "hi", "--max-tokens", "2", "--ctx", "512")
+    first = qwenrun(hub, *args)
+    assert first.returncode == 0, first.stderr
+    assert "verifying 1/1" in first.stderr and "downloading" not in first.stderr
+    second = qwenrun(hub, *args)
+    assert second.returncode == 0, second.stderr
+    assert "verifying" not in second.stderr and "downloading" not in second.stderr
+
+
+def test_a_script_is_told_what_is_downloaded_and_its_size_first(hub):
+    # No terminal, no --yes: qwenrun downloads (as Ollama and llama.cpp -hf do), after
+    # saying on stderr what and how big.
+    ref = f"{SPEC.name}:Q4_K_M"
+    proc = qwenrun(hub, "run", ref, "hi", "--max-tokens", "2", "--ctx", "512")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    said = [i for i, ln in enumerate(lines) if ref in ln and REPO in ln and "1.3 MB" in ln]
+    fetched = [i for i, ln in enumerate(lines) if ln.startswith("downloading")]
+    assert said and fetched and said[0] < fetched[0], proc.stderr
+
+
+# ---- a full disk
+
+
+def qwenrun_with_file_limit(hub: HubServer, limit: int, *args: str) -> subprocess.CompletedProcess:
+    """qwenrun in a child whose files cannot grow past `limit` bytes (RLIMIT_FSIZE).
+
+    Past the limit, write() fails with EFBIG exactly where a full disk fails with ENOSPC (and
+    a quota with EDQUOT), through the same code: a full disk without needing one. Python
+    ignores SIGXFSZ, so the child sees the error rather than the signal.
+    """
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "qwenrun", *args],
+        capture_output=True,
+        text=True,
+        env=child_env({"HF_ENDPOINT": hub.url}),
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        preexec_fn=limit_file_size,
+    )
+
+
+def test_disk_full_during_a_pull_is_one_line_and_the_pull_resumes(hub):
+    limit = 500_000
+    ref = f"{REPO}:Q4_K_M"
+    full = qwenrun_with_file_limit(hub, limit, "pull", ref)
+    line = one_error_line(full, 5)
+    assert len(full.stderr.strip().splitlines()) <= 3, full.stderr  # what, a progress line, why
+    # How much is there, how much is missing, and what to do.
+    assert "500.0 kB of 1.3 MB" in line and "839.0 kB still missing" in line, line
+    assert "run the same command" in line
+    (partial,) = (Path(os.environ["HF_HOME"]) / "hub").rglob("*.incomplete")
+    assert partial.stat().st_size == limit  # kept for the next run
+
+    hub.clear_requests()
+    again = qwenrun(hub, "pull", ref)
+    assert again.returncode == 0, again.stderr
+    assert [r.range for r in hub.requests_for(SINGLE, "GET") if "/_content/" in r.path] == [
+        f"bytes={limit}-"
+    ]
+
+
+# ---- any shard of a split model, and repos outside the catalog
+
+
+def test_run_takes_any_shard_of_a_split_model(tiny_models):
+    first = tiny_models("qwen3moe", steer=2, split=2)
+    run_answers(str(first.with_name(first.name.replace("-00001-of-", "-00002-of-"))))
+
+
+def test_a_repo_outside_the_catalog_gets_the_quant_its_real_headers_allow(hub, tiny_models):
+    # Before: a fixed 4-bit default. Now: the planner's best over the files' real headers,
+    # read with Range requests (Q8_0 fits a tiny model on any machine).
+    repo = "tiny/outside-GGUF"
+    model = tiny_models("qwen3moe", steer=2)
+    hub.add_repo(repo, {"Outside-Q8_0.gguf": model, "Outside-Q4_K_M.gguf": model})
+    proc = qwenrun(hub, "pull", repo)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{repo}:Q8_0" in proc.stderr
+    assert proc.stdout.strip().endswith("Outside-Q8_0.gguf")
+    content = [r for r in hub.requests if r.method == "GET" and "/_content/" in r.path]
+    header_reads = [r.range or "" for r in content if r.path.endswith("Q8_0.gguf")][:-1]
+    assert header_reads and all(r.startswith("bytes=0-") for r in header_reads)
+    assert not [r for r in content if r.path.endswith("Q4_K_M.gguf")]

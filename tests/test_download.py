@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -216,7 +217,11 @@ def test_verified_file_is_not_hashed_again_until_it_changes(hub):
     pull.pull(f"{REPO}:Q4_K_M", retry=FAST)
     phases: list[str] = []
     pull.pull(f"{REPO}:Q4_K_M", on_progress=lambda p: phases.append(p.phase), retry=FAST)
-    assert "verify" not in phases
+    # Nothing to do is nothing to show: no "downloading 1/1 … 0.0/1.3 MB" bar.
+    assert phases == []
+    seen: list[transfer.PullProgress] = []
+    pull.resolve_local(f"{REPO}:Q4_K_M", pull_if_missing=False, on_progress=seen.append)
+    assert seen == []
     blob = storage() / "blobs" / hub.file(REPO, SINGLE).sha256
     later = time.time() + 5
     os.utime(blob, (later, later))
@@ -248,6 +253,30 @@ def test_huge_advertised_size_is_refused_before_any_byte(hub):
     assert not blobs.exists() or not list(blobs.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("code", "cause", "advice"),
+    [
+        (errno.ENOSPC, "the disk is full", "free at least 839.0 kB on "),
+        (errno.EDQUOT, "the disk quota is used up", "free at least 839.0 kB on "),
+        (errno.EFBIG, "the file system refused a file this large", "ulimit -f"),
+    ],
+)
+def test_a_write_without_room_says_what_is_there_and_what_is_missing(hub, code, cause, advice):
+    # What `fetch` makes of a write that fails for room (tests/test_cli_pull.py makes a real
+    # one fail): the bytes on disk, the bytes missing, and the same command to resume.
+    target = listing.plan_pull(refs.parse_ref(f"{REPO}:Q4_K_M"))
+    metas = [transfer.file_meta(target, f) for f in target.quant.files]
+    partial = storage() / "blobs" / f"{metas[0].etag}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\0" * 500_000)
+    err = transfer.disk_full(OSError(code, os.strerror(code)), target, metas, storage())
+    assert isinstance(err, errors.DiskSpaceError)
+    assert err.message.startswith(cause) and f"downloading {REPO}:Q4_K_M" in err.message
+    assert "500.0 kB of 1.3 MB on disk, 839.0 kB still missing" in err.message
+    assert advice in (err.hint or "") and "run the same command" in (err.hint or "")
+    assert transfer.disk_full(OSError(errno.EIO, "I/O error"), target, metas, storage()) is None
+
+
 def test_files_fetched_by_huggingface_hub_are_reused(hub):
     hf_hub_download(REPO, SINGLE, cache_dir=cache_dir(), endpoint=hub.url)
     hub.clear_requests()
@@ -256,8 +285,14 @@ def test_files_fetched_by_huggingface_hub_are_reused(hub):
         f"{REPO}:Q4_K_M", pull_if_missing=False, on_progress=lambda p: phases.append(p.phase)
     )
     assert paths[0].read_bytes() == hub.file(REPO, SINGLE).source.read_bytes()
-    assert "verify" in phases  # checked once against the sha256 its blob name carries
+    # Checked once against the sha256 its blob name carries, and only that is shown.
+    assert set(phases) == {"verify"}
     assert hub.requests == []
+    phases.clear()
+    pull.resolve_local(
+        f"{REPO}:Q4_K_M", pull_if_missing=False, on_progress=lambda p: phases.append(p.phase)
+    )
+    assert phases == []
 
 
 # ------------------------------------------------------------------------------ auth
@@ -335,8 +370,9 @@ def test_confirm_can_decline_before_any_byte(hub):
         seen.append(t)
         return False
 
-    with pytest.raises(errors.UsageError, match="not confirmed"):
+    with pytest.raises(errors.Declined, match="Not downloading") as info:
         pull.resolve_local(REPO, pull_if_missing=True, confirm=decline)
+    assert not isinstance(info.value, errors.UsageError)  # a choice, not a mistake
     (target,) = seen
     assert target.quant.quant == "Q4_K_M"  # the stand-in's 4-bit default
     assert target.total_size == hub.file(REPO, SINGLE).size
@@ -355,6 +391,39 @@ def test_removal_frees_the_quant_and_keeps_the_others(hub):
     removal.execute()
     assert [c.quant for c in cache.cached_quants()] == ["Q4_K_M"]
     assert not scan_cache_dir(cache_dir()).warnings
+
+
+def test_removal_never_touches_another_repo_with_the_same_commit(hub):
+    # The loopback hub's commit is a hash of the files: repos with the same files share it.
+    # Real commits are unique, but a deletion must not depend on that. (huggingface_hub's
+    # delete_revisions takes bare hashes and picks whichever repo comes first in a set.)
+    files = {p: f.source or f.data or b"" for p, f in hub.repos[REPO].files.items()}
+    repos = [REPO, *(f"acme/Other{k}-GGUF" for k in range(1, 6))]
+    for repo in repos[1:]:
+        assert hub.add_repo(repo, files) == hub.repos[REPO].commit
+    for repo in repos:
+        pull.pull(repo, "Q4_K_M", retry=FAST)
+    pull.pull(REPO, "Q8_0", retry=FAST)
+
+    def complete() -> set[tuple[str, str]]:
+        return {(c.repo, c.quant) for c in cache.cached_quants() if c.complete}
+
+    def remove(repo: str, quant: str) -> None:
+        (cq,) = [c for c in cache.cached_quants() if (c.repo, c.quant) == (repo, quant)]
+        cache.plan_removal([cq]).execute()
+
+    left = {(r, "Q4_K_M") for r in repos} | {(REPO, "Q8_0")}
+    for repo in [*repos, REPO]:
+        quant = "Q8_0" if (repo, "Q4_K_M") not in left else "Q4_K_M"
+        remove(repo, quant)
+        left.discard((repo, quant))
+        assert complete() == left
+        for other in {r for r, _ in left}:
+            folder = cache_dir() / ("models--" + other.replace("/", "--"))
+            assert (folder / "refs" / "main").read_text() == hub.repos[other].commit
+        assert not scan_cache_dir(cache_dir()).warnings
+    # A repo's last quant takes its folder with it: no empty models--… folder is left.
+    assert not [p.name for p in cache_dir().glob("models--*")]
 
 
 def test_local_split_file_brings_its_shards(tiny_models):
@@ -407,3 +476,17 @@ def test_hub_without_storage_redirect(monkeypatch, tiny_models):
         assert path.read_bytes() == server.file(REPO, SINGLE).source.read_bytes()
         gets = [r.range for r in server.requests_for(SINGLE, "GET")]
         assert gets == [None, "bytes=123456-"]
+
+
+def test_notes_a_home_cannot_take_never_fail_a_command(tmp_path, monkeypatch):
+    # QWENRUN_HOME names a file: verification and pull notes cannot be kept. That only means
+    # hashing again next time; the files themselves are fine.
+    home = tmp_path / "not-a-folder"
+    home.write_text("x")
+    monkeypatch.setenv("QWENRUN_HOME", str(home))
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"data")
+    cache.record_verified(blob, "0" * 64)
+    assert not cache.is_verified(blob)
+    cache.forget_verified(blob)
+    cache.forget_pull("o/r", "Q4_K_M")

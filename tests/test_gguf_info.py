@@ -311,6 +311,24 @@ def test_read_remote_split_model_from_the_first_url(
     assert both.files == info.files and info_view(both) == info_view(info)
 
 
+def test_read_hub_reads_a_quant_in_a_repo_folder(monkeypatch, tiny_models) -> None:
+    # What `plan` and the quant chooser read: one quant's shards at one commit, through the
+    # hub's `resolve` URLs (a redirect to storage, as on the real hub), header bytes only.
+    from qwenrun.testing.hub_server import HubServer
+
+    first = tiny_models("qwen3moe", split=2)
+    second = first.with_name(first.name.replace("-00001-of-", "-00002-of-"))
+    paths = ["Q8_0/M-Q8_0-00001-of-00002.gguf", "Q8_0/M-Q8_0-00002-of-00002.gguf"]
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        commit = hub.add_repo("acme/M-GGUF", {paths[0]: first, paths[1]: second})
+        info = header.read_hub("acme/M-GGUF", commit, paths)
+        assert info_view(info) == info_view(read_local(first))
+        assert [f.rsplit("/", 2)[-2:] for f in info.files] == [p.split("/") for p in paths]
+        gets = [r for r in hub.requests if r.method == "GET" and "/_content/" in r.path]
+        assert len(gets) == 2 and all((r.range or "").startswith("bytes=0-") for r in gets)
+
+
 def test_read_remote_from_a_server_that_ignores_range(server: tuple[Served, str]) -> None:
     served, base = server
     served.honour_range = False

@@ -78,6 +78,20 @@ def test_existing_gguf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert parse_ref("./m.gguf").kind == "file"
 
 
+def test_any_shard_of_a_split_model_names_its_first(tmp_path: Path):
+    # llama.cpp loads a split model only from its first shard: run, chat and plan get that one.
+    names = [f"m-Q8_0-0000{k}-of-00003.gguf" for k in (1, 2, 3)]
+    for n in names:
+        (tmp_path / n).write_bytes(b"GGUF")
+    for n in names:
+        ref = parse_ref(str(tmp_path / n))
+        assert ref.kind == "file" and ref.path == tmp_path / names[0]
+        assert ref.text == str(tmp_path / n)
+    (tmp_path / names[0]).unlink()
+    with pytest.raises(errors.ModelNotFoundError, match="missing 1 of 3 files"):
+        parse_ref(str(tmp_path / names[1]))
+
+
 @pytest.mark.parametrize("text", ["missing.gguf", "./models/nothere", "/no/such/model.GGUF"])
 def test_missing_path_is_model_not_found(text, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)

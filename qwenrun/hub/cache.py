@@ -7,16 +7,21 @@ huggingface_hub does (`write_ref`, `link`, `remove_blob`). It reads the cache th
 `names.group_files`. It keeps two kinds of notes under `QWENRUN_HOME`: verification records
 (a blob whose sha256 was checked, keyed by its path, size and mtime, so a 100 GB file is
 hashed once) and pull records (which files a started `pull` wants, so a partial download can
-be listed and resumed). It plans and executes removals through huggingface_hub's own
-deletion strategy, and never touches the network.
+be listed and resumed). It plans the removal of files through huggingface_hub's own
+deletion strategy (per file, so blobs another revision uses are kept); what that leaves
+empty (a snapshot folder, the refs to it, the repo folder) it removes itself, inside the
+folder of the repo named, never by a bare commit hash, which other repos may share. It never
+touches the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,10 +89,16 @@ def _notes_dir(kind: str) -> Path:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a note, best effort: a home that cannot take it (a file, a full disk, no
+    permission) only means checking again next time, never a failed command."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _read_json(path: Path) -> Any:
@@ -128,7 +139,8 @@ def is_verified(blob: Path, sha256: str | None = None) -> bool:
 
 
 def forget_verified(blob: Path) -> None:
-    _verified_note(blob).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # no note where there is no notes folder
+        _verified_note(blob).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,8 @@ def record_pull(record: PullRecord) -> None:
 
 
 def forget_pull(repo: str, quant: str) -> None:
-    _pull_note(repo, quant).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        _pull_note(repo, quant).unlink(missing_ok=True)
 
 
 def pull_records() -> list[PullRecord]:
@@ -378,19 +391,38 @@ def plan_removal(quants: Sequence[CachedQuant], cache: Path | None = None) -> Re
 
 
 def _drop_empty_revisions(cache: Path, repos: set[str]) -> None:
-    """Revisions left without files go too (and the repo folder with its last one)."""
+    """Revisions left without files go too (and the repo folder with its last one).
+
+    Each repo is cleaned inside its own folder. (huggingface_hub's `delete_revisions` takes
+    bare commit hashes and deletes the first cached revision with that hash, whichever repo
+    holds it: two repos at the same commit would lose the wrong one.)
+    """
     info = _scan(cache)
     if info is None:
         return
     wanted = {r.lower() for r in repos}
-    empty = [
-        rev.commit_hash
-        for repo in info.repos
-        if repo.repo_id.lower() in wanted
-        # A repo folder can go with its last revision: keep it while it holds partial downloads.
-        and not any((repo.repo_path / "blobs").glob("*.incomplete"))
-        for rev in repo.revisions
-        if not rev.files
-    ]
-    if empty:
-        info.delete_revisions(*empty).execute()
+    for repo in info.repos:
+        if repo.repo_type != "model" or repo.repo_id.lower() not in wanted:
+            continue
+        folder = Path(repo.repo_path)
+        if any((folder / "blobs").glob("*.incomplete")):
+            # Partial downloads a later pull resumes: keep the folder and its revisions
+            # (a repo folder without snapshots is one huggingface_hub calls corrupted).
+            continue
+        empty = [rev for rev in repo.revisions if not rev.files]
+        if len(empty) == len(repo.revisions):
+            shutil.rmtree(folder, ignore_errors=True)  # the repo goes with its last revision
+            continue
+        for rev in empty:
+            _remove_revision(folder, rev.commit_hash)
+
+
+def _remove_revision(folder: Path, commit: str) -> None:
+    """`snapshots/<commit>` and every `refs/*` naming it, inside one repo's folder only."""
+    snapshot = folder / "snapshots" / commit
+    if snapshot.parent == folder / "snapshots" and commit not in ("", ".", ".."):
+        shutil.rmtree(snapshot, ignore_errors=True)
+    refs = folder / "refs"
+    for ref in refs.rglob("*") if refs.is_dir() else ():
+        if ref.is_file() and ref.read_text().strip() == commit:
+            ref.unlink()

@@ -3,7 +3,8 @@
 Contract: two ways to read a `GGUFInfo` without loading any weights:
 - `read_local(path)`: the header of a local file, and of every shard of a split model;
 - `read_remote(urls)`: the same through HTTP range requests that fetch only the header bytes
-  (1 MiB first, doubling until the tensor-info table parses).
+  (1 MiB first, doubling until the tensor-info table parses); `read_hub(repo, revision,
+  paths)` is that for one quant's files in a hub repo (what `plan` and the quant chooser read).
 (The planner's `recipes.estimate` builds the same value from a catalog model's shapes.)
 Type names, block sizes and value types come from the `gguf` package's tables
 (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`): bytes of a tensor are
@@ -15,6 +16,7 @@ file is a `ModelNotFoundError`, a file that is not a (complete) GGUF an `Invalid
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -61,12 +63,13 @@ class TensorInfo:
     shape: tuple[int, ...]
     n_bytes: int
 
-    @property
+    # Cached: the planner asks these of every tensor of every quant it tries.
+    @functools.cached_property
     def layer(self) -> int | None:
         """N of `blk.N.…`; None for tensors outside the blocks (embeddings, output)."""
         return layer_of(self.name)
 
-    @property
+    @functools.cached_property
     def is_routed_expert(self) -> bool:
         """Matches llama.cpp's `--cpu-moe` pattern (never a shared expert)."""
         return is_routed_expert(self.name)
@@ -642,3 +645,14 @@ def read_remote(urls: Sequence[str], headers: Mapping[str, str] | None = None) -
         _check_complete(source.name, source.size, header)
         parsed.append(header)
     return _merge(parsed, all_urls)
+
+
+def read_hub(repo: str, revision: str, paths: Sequence[str]) -> GGUFInfo:
+    """The header of one quant of a hub repo (its files, in shard order, at one commit),
+    read with range requests through `resolve` URLs, as a download would fetch them."""
+    from huggingface_hub import hf_hub_url
+
+    from qwenrun.hub.session import hub_endpoint
+
+    endpoint = hub_endpoint()
+    return read_remote([hf_hub_url(repo, p, revision=revision, endpoint=endpoint) for p in paths])

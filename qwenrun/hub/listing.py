@@ -4,8 +4,9 @@ Contract: `list_repo` makes one hub request (the repo's files with sizes and LFS
 groups the files into quants with `names.group_files` (split sets in shard order, `mmproj`
 files apart). `plan_pull` turns a model reference into a `PullTarget` — one quant of one
 repo at one commit — trying a catalog model's repos in order; which quant, when the user
-names none, is the caller's `Chooser` (the planner's) or `choose_quant`'s fixed rule. It
-downloads no file and writes nothing.
+names none, is the caller's `Chooser` (the planner's, `launch.planner_chooser`, which reads
+real headers for repos outside the catalog) or, without one, `choose_quant`'s fixed rule.
+It downloads no file and writes nothing.
 """
 
 from __future__ import annotations
@@ -142,11 +143,11 @@ DEFAULT_QUANTS = ("UD-Q4_K_XL", "Q4_K_M")
 
 
 def choose_quant(ref: ModelRef, listing: RepoListing) -> QuantFiles:
-    """The quant to pull when the user names none.
+    """The quant to pull when the user names none and the caller gives no `Chooser`.
 
-    For catalog models `launch.planner_chooser` asks the planner instead; this rule serves
-    repos outside the catalog: a 4-bit default when the repo has one, else the best quant
-    smaller than Q4_K_M, else the smallest.
+    The commands pass `launch.planner_chooser`, which plans from tensor sizes instead; this
+    fixed rule needs no machine and no header: a 4-bit default when the repo has one, else
+    the best quant smaller than Q4_K_M, else the smallest.
     """
     if not listing.quants:
         raise errors.ModelNotFoundError(f"{listing.repo} holds no GGUF files")
@@ -188,17 +189,18 @@ def plan_pull(
             return PullTarget(repo, listing.revision, "main", found, ref.spec)
     if not listings:
         raise unusable[0]
-    raise _no_such_quant(ref, wanted, listings)
+    raise no_such_quant(ref.name, wanted, listings)
 
 
-def _no_such_quant(
-    ref: ModelRef, wanted: str | None, listings: Sequence[RepoListing]
+def no_such_quant(
+    name: str, wanted: str | None, listings: Sequence[RepoListing]
 ) -> errors.ModelNotFoundError:
+    """`name` (a model or repo) has no quant `wanted`: the close ones and all on offer."""
     import difflib
 
     have = sorted({q for lst in listings for q in lst.quant_names}, key=catalog.quant_rank)
     close = difflib.get_close_matches(wanted or "", have, n=3, cutoff=0.5)
-    message = f"{ref.name} has no quant {wanted}"
+    message = f"{name} has no quant {wanted}"
     if close:
         message += f"; did you mean {', '.join(close)}?"
     return errors.ModelNotFoundError(

@@ -3,11 +3,15 @@
 Contract: `pull(ref)` lists the repo, picks the quant (the caller's `Chooser`), asks the
 caller's `confirm` before the first byte, then fetches every file verified and resumable
 into the standard cache layout (`blobs/`, `snapshots/<commit>/<path>` links, `refs/<branch>`),
-so other tools find them. `resolve_local(ref)` gives `run` and `chat` local paths: a file as
-it is (all shards of a split model, first first), a complete cached copy without asking the
-hub (hashed once), or a pull. Offline (`HF_HUB_OFFLINE`, or the hub unreachable) a complete
-cached copy still works, and a missing one is an `OfflineError` naming what is missing.
-Nothing here prints: progress and questions go to the caller's callbacks.
+so other tools find them; a `confirm` that says no is `errors.Declined` (a choice, not an
+error). A disk that fills up mid-pull is one `DiskSpaceError` saying what is on disk and what
+is missing; the partial file stays, so the same command resumes. `resolve_local(ref)` gives
+`run` and `chat` local paths: a file as it is (all shards of a split model, first first), a
+complete cached copy without asking the hub (hashed once), or a pull. Offline
+(`HF_HUB_OFFLINE`, or the hub unreachable) a complete cached copy still works, and a missing
+one is an `OfflineError` naming what is missing. Nothing here prints: progress and questions
+go to the caller's callbacks, and progress only for real work (a download, or the first hash
+of a cached file), never for a copy already verified.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from qwenrun.hub.transfer import (
     ProgressFn,
     RetryPolicy,
     check_disk,
+    disk_full,
     download,
     file_meta,
 )
@@ -53,30 +58,38 @@ def fetch(
     root = config.hf_hub_cache()
     storage = cache.repo_folder(root, target.repo)
     metas = [file_meta(target, f) for f in target.quant.files]
-    cache.record_pull(
-        cache.PullRecord(
-            repo=target.repo,
-            revision=target.revision,
-            quant=target.quant.quant,
-            files=tuple(
-                cache.PulledFile(f.path, f.size, f.sha256, m.etag)
-                for f, m in zip(target.quant.files, metas, strict=True)
-            ),
-        )
-    )
     check_disk(target, metas, storage)
-    cache.write_ref(storage, target.revision, target.branch)
     meter = Meter(target, on_progress)
     paths = []
-    for i, (f, meta) in enumerate(zip(target.quant.files, metas, strict=True), start=1):
-        # huggingface_hub's own lock for this blob: two pulls (or a pull and an
-        # `hf download`) never write the same file at once; the second waits, then finds it.
-        lock = root / ".locks" / storage.name / f"{meta.etag}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock):
-            blob = _ensure_blob(target, f, meta, storage, meter, retry, i)
-        paths.append(cache.link(storage, target.revision, f.path, blob))
-    meter.set(target.quant.files[-1].size, force=True)
+    try:
+        cache.record_pull(
+            cache.PullRecord(
+                repo=target.repo,
+                revision=target.revision,
+                quant=target.quant.quant,
+                files=tuple(
+                    cache.PulledFile(f.path, f.size, f.sha256, m.etag)
+                    for f, m in zip(target.quant.files, metas, strict=True)
+                ),
+            )
+        )
+        cache.write_ref(storage, target.revision, target.branch)
+        for i, (f, meta) in enumerate(zip(target.quant.files, metas, strict=True), start=1):
+            # huggingface_hub's own lock for this blob: two pulls (or a pull and an
+            # `hf download`) never write the same file at once; the second waits, then finds it.
+            lock = root / ".locks" / storage.name / f"{meta.etag}.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with WeakFileLock(lock):
+                blob = _ensure_blob(target, f, meta, storage, meter, retry, i)
+            paths.append(cache.link(storage, target.revision, f.path, blob))
+    except OSError as err:
+        # The free space was checked before the first byte, but the disk is shared (or a
+        # quota or file size limit applies): a write can still find no room.
+        full = disk_full(err, target, metas, storage)
+        if full is None:
+            raise
+        raise full from err
+    meter.finish()
     return paths
 
 
@@ -114,10 +127,10 @@ def _verify_existing(
     meter: Meter,
     index: int,
 ) -> None:
-    """A blob already there (earlier pull, other tool): hash it once, unless already done."""
+    """A blob already there (earlier pull, other tool): hash it once, unless already done.
+
+    Only the hashing is reported: a file already verified has nothing to show."""
     if expected is None or cache.is_verified(blob, expected.digest):
-        meter.start_file(index, f, "download")
-        meter.set(f.size)
         return
     meter.start_file(index, f, "verify")
     digest = hash_file(blob, expected, meter.set)
@@ -144,7 +157,8 @@ def pull(
 ) -> list[Path]:
     """Fetch a quant of a model into the HF cache (nothing when it is there and verified).
 
-    `confirm` sees what will be fetched before any byte and may say no (UsageError). Offline
+    `confirm` sees what will be fetched before any byte and may say no (`errors.Declined`,
+    which is not an error: the caller says so without "error:"). Offline
     (or with the hub unreachable), a complete cached copy is returned; with none, OfflineError
     (or HubUnreachableError) says what is missing.
     """
@@ -166,9 +180,7 @@ def pull(
         return verify_cached(cached, on_progress)
     target = replace(target, cached=cached_copy(target) is not None)
     if confirm is not None and not confirm(target):
-        raise errors.UsageError(
-            f"download of {target.reference} not confirmed", hint="pass --yes to skip the question"
-        )
+        raise errors.Declined(f"Not downloading {target.reference}.")
     return fetch(target, on_progress=on_progress, retry=retry)
 
 
@@ -252,4 +264,5 @@ def verify_cached(cached: cache.CachedQuant, on_progress: ProgressFn | None = No
             else None
         )
         _verify_existing(target, f, blob, expected, meter, i)
+    meter.finish()
     return list(cached.paths)

@@ -4,11 +4,12 @@ Contract: `parse_ref(text)` turns a user's model argument into a `ModelRef`, one
 - a catalog name or alias, optionally with a quant: `qwen3-30b-a3b`, `qwen3.5-35b:UD-Q4_K_XL`;
 - a hub repo with a quant, as Ollama and llama.cpp's `-hf` accept: `owner/repo:Q4_K_M`,
   `hf.co/owner/repo:Q4_K_M`, `huggingface.co/owner/repo` (optionally with `https://`);
-- a local `.gguf` file.
+- a local `.gguf` file; any shard of a split model names its first shard (the file llama.cpp
+  loads the model from), so `run`, `chat` and `plan` accept every shard alike.
 Quant names match case-insensitively and come back in the catalog's spelling. Unknown names
 raise `ModelNotFoundError` with the closest catalog names (from `catalog.lookup`). This module
-is pure: it looks at the file system only to ask whether a path exists, and never touches the
-network or the cache.
+is pure: it looks at the file system only to ask whether a path (and a split model's sibling
+shards) exists, and never touches the network or the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from qwenrun import catalog, errors
+from qwenrun.hub import names
 
 RefKind = Literal["catalog", "hub", "file"]
 
@@ -37,7 +39,7 @@ class ModelRef:
     spec: catalog.ModelSpec | None = None  # catalog entry (also set for a hub repo it lists)
     repos: tuple[str, ...] = ()  # hub repos to look in, preferred first
     quant: str | None = None  # canonical spelling, None when not given
-    path: Path | None = None  # local file
+    path: Path | None = None  # local file (a split model's first shard)
 
     @property
     def name(self) -> str:
@@ -114,7 +116,9 @@ def _as_local_file(text: str) -> ModelRef | None:
     path = Path(text).expanduser()
     # Only path-looking text counts, so a stray file named like a model cannot shadow it.
     if path.is_file() and _looks_like_path(text):
-        return ModelRef(kind="file", text=text, path=path)
+        # llama.cpp loads a split model only from its first shard; this also checks that
+        # every shard is there (ModelNotFoundError naming the missing ones).
+        return ModelRef(kind="file", text=text, path=names.local_shards(path)[0])
     if path.is_dir() and _looks_like_path(text):
         raise errors.UsageError(
             f"{text} is a folder, not a GGUF file",

@@ -6,13 +6,18 @@ expired storage URL is retried with backoff (`RetryPolicy`), and every byte rece
 kept, on Ctrl-C too. Bytes go to the caller's `Hasher` as they are written. The token goes
 only to the hub's own origin, never to the storage a download is redirected to.
 `check_disk` refuses before the first byte when the bytes still missing exceed the free
-space. Progress for the whole quant goes to the caller's callback through `Meter`, at most
-every 0.1 s. It decides nothing about the cache's layout (`cache`) or which files to fetch
-(`listing`).
+space; `disk_full` words a write that fails anyway (ENOSPC, EDQUOT, EFBIG) as one
+`DiskSpaceError` saying what is on disk and what is missing (the partial file is kept, so the
+same command resumes). Progress for the whole quant goes to the caller's callback through
+`Meter`, at most every 0.1 s, and only for real work (bytes moving or a file being hashed):
+a file already present and verified reports nothing. It decides nothing about the cache's
+layout (`cache`) or which files to fetch (`listing`).
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +64,11 @@ ProgressFn = Callable[[PullProgress], None]
 
 
 class Meter:
-    """Counts bytes for the whole quant and calls back at most every 0.1 s (and at the end)."""
+    """Counts bytes for the whole quant and calls back at most every 0.1 s (and at the end).
+
+    Only files with work to do are reported (`start_file`): a quant already complete and
+    verified makes no call at all, so nothing shows a bar for bytes that never move.
+    """
 
     def __init__(self, target: PullTarget, on_progress: ProgressFn | None) -> None:
         self.target = target
@@ -69,17 +78,28 @@ class Meter:
         self.index = 0
         self.file = ""
         self.phase: Literal["download", "verify"] = "download"
+        self.working = False  # a file was downloaded or hashed: the end is worth reporting
         self._last = 0.0
 
     def start_file(self, index: int, f: HubFile, phase: Literal["download", "verify"]) -> None:
+        """Real work on file `index` begins: bytes to download, or a file to hash."""
         self.index, self.file, self.phase = index, f.path, phase
         self.base = sum(x.size for x in self.target.quant.files[: index - 1])
+        self.working = True
         self.set(0, force=True)
+
+    def finish(self) -> None:
+        """The whole quant is there: a last report, if anything was reported before."""
+        if self.working:
+            self.base = 0
+            self.set(self.target.total_size, force=True)
 
     def set(self, file_bytes: int, *, force: bool = False) -> None:
         self.done = self.base + file_bytes
         now = time.monotonic()
-        if self.on_progress is None or (not force and now - self._last < _PROGRESS_EVERY_S):
+        if self.on_progress is None or not self.working:
+            return
+        if not force and now - self._last < _PROGRESS_EVERY_S:
             return
         self._last = now
         self.on_progress(
@@ -178,6 +198,46 @@ def check_disk(target: PullTarget, metas: Sequence[FileMeta], storage: Path) -> 
             f"download, {units.gb(free)} free on {where}",
             hint="free some space, or set HF_HUB_CACHE to a folder on a larger disk",
         )
+
+
+# Writes that fail because the disk (or the user's share of it, or the largest file it or a
+# `ulimit -f` allows) has no room left: the same situation for the user, worded by cause.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file system refused a file this large",
+}
+
+
+def disk_full(
+    err: OSError, target: PullTarget, metas: Sequence[FileMeta], storage: Path
+) -> errors.DiskSpaceError | None:
+    """A failed write in words: what is on disk, what is missing, what to do; None for an
+    OSError that is not about room. The partial file is kept: the same command resumes."""
+    cause = _NO_ROOM.get(err.errno or 0)
+    if cause is None:
+        return None
+    missing = missing_bytes(target, metas, storage)
+    have = max(target.total_size - missing, 0)
+    # The file that found no room names its disk (a note in QWENRUN_HOME may be elsewhere);
+    # a write to an open file names none: then it is the cache's.
+    free, where = _free_bytes(Path(err.filename) if isinstance(err.filename, str) else storage)
+    if err.errno == errno.EFBIG:
+        hint = (
+            "set HF_HUB_CACHE to a folder on a file system that takes large files "
+            "(or raise `ulimit -f`), then run the same command: it resumes from there"
+        )
+    else:
+        hint = (
+            f"free at least {units.gb(missing)} on {where} ({units.gb(free)} free now), "
+            "or set HF_HUB_CACHE to a larger disk, then run the same command: "
+            "it resumes from there"
+        )
+    return errors.DiskSpaceError(
+        f"{cause} while downloading {target.reference}: {units.gb(have)} of "
+        f"{units.gb(target.total_size)} on disk, {units.gb(missing)} still missing",
+        hint=hint,
+    )
 
 
 def download(
@@ -340,7 +400,7 @@ def _write_body(
             data = b"".join(pieces)  # one copy; the same bytes go to the file and the hash
             pieces.clear()
             pending = 0
-            out.write(data)
+            _write_all(out, data)
             if hasher is not None:
                 hasher.feed(data)
             have += len(data)
@@ -359,3 +419,11 @@ def _write_body(
                         )
         finally:
             flush()  # also on Ctrl-C or a dropped connection: those bytes are kept
+
+
+def _write_all(out: io.FileIO, data: bytes) -> None:
+    """Write every byte: an unbuffered write may take only part (a disk filling up takes
+    what fits, then fails), and a byte silently left out would leave a gap in the file."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
