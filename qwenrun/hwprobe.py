@@ -9,7 +9,8 @@ missing driver, library or tool means "none of that here", never an exception.
 QWENRUN_HOME; `probe()` uses a cached figure when it was measured on this CPU model.
 Whether the installed llama.cpp can offload to a GPU is asked of `engine.native` (the only
 llama_cpp importer) and only when `probe(check_backend=True)` finds a GPU, because it loads
-llama.cpp.
+llama.cpp; the same flag asks `engine.crash` whether llama.cpp's extra CPU kernels run on
+this CPU (a verdict kept per machine, probed once in a child process on AMX CPUs).
 This module plans nothing and prints nothing.
 """
 
@@ -64,6 +65,13 @@ class HardwareProfile:
     gpu_offload: bool | None = None  # can the installed llama.cpp offload; None = not asked
     cpu_bandwidth_source: BandwidthSource = "default"
     notes: tuple[str, ...] = field(default=())  # what the probe could not tell
+    # llama.cpp's extra CPU buffer types (repacked / AMX kernels) usable here; off where the
+    # once-per-machine check saw them crash (engine/crash.py), with the reason in words.
+    extra_bufts: bool = True
+    cpu_kernels: str | None = None
+    # The speed model's parameters fitted from this machine's `qwenrun bench` runs, as
+    # (name, value) pairs; empty: the defaults calibrated on the H200 data.
+    speed_params: tuple[tuple[str, float], ...] = ()
 
     @property
     def has_gpu(self) -> bool:
@@ -497,6 +505,52 @@ def gpu_offload_supported() -> bool | None:
         return None  # llama.cpp's library did not load; `qwenrun doctor` explains why
 
 
+def _cpu_kernels(cpu: CPUInfo) -> dict[str, Any]:
+    """Whether llama.cpp's extra CPU buffer types run here (checked once per machine)."""
+    from qwenrun.engine import crash
+
+    check = crash.cpu_check(cpu.model, cpu.flags)
+    return {"extra_bufts": check.extra_bufts, "cpu_kernels": check.describe()}
+
+
+def machine_key(hw: HardwareProfile) -> str:
+    """What identifies a machine for measurements kept about it: its GPUs (name and memory),
+    its CPU model, cores and RAM (rounded to GiB, so free memory moving about does not count)."""
+    gpus = ",".join(f"{g.name}:{round(g.total_bytes / GIB)}G" for g in hw.gpus) or "no-gpu"
+    ram = round(hw.ram_total_bytes / GIB)
+    return f"{gpus}|{hw.cpu_model}|{hw.physical_cores}c/{hw.logical_cores}t|{ram}G"
+
+
+def _calibration_file() -> Path:
+    return config.qwenrun_home() / "bench" / "calibration.json"
+
+
+def stored_speed_params(key: str) -> tuple[tuple[str, float], ...]:
+    """The speed model's parameters `qwenrun bench` fitted on this machine, if any."""
+    try:
+        data = json.loads(_calibration_file().read_text("utf-8"))
+        params = data[key]["params"]
+        return tuple((str(k), float(v)) for k, v in params.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ()  # none yet, or unreadable: the defaults calibrated on the H200 apply
+
+
+def store_speed_params(key: str, params: dict[str, float], runs: int) -> None:
+    """Keep the parameters fitted from `runs` measurements of this machine."""
+    path = _calibration_file()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"params": params, "runs": runs, "fitted_at": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), "utf-8")
+    os.replace(tmp, path)
+
+
 def default_threads() -> int:
     """Threads for llama.cpp when the user sets none: the physical cores.
 
@@ -513,7 +567,8 @@ def default_threads() -> int:
 
 def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProfile:
     """Read this machine. `measure=True` runs (and caches) the CPU bandwidth test;
-    `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found."""
+    `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found and
+    whether its extra CPU kernels run here."""
     cpu = _cpu_info()
     physical, logical = _cores()
     total, available, swap, ram_note = _ram()
@@ -531,7 +586,7 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
             "unknown); `qwenrun probe --measure` measures it"
         )
     gpus = probe_gpus()
-    return HardwareProfile(
+    hw = HardwareProfile(
         gpus=gpus,
         ram_total_bytes=total,
         ram_available_bytes=available,
@@ -544,9 +599,11 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
         cpu_bandwidth_gbs=gbs,
         # Only a GPU makes the question worth loading llama.cpp for.
         gpu_offload=gpu_offload_supported() if check_backend and gpus else None,
+        **(_cpu_kernels(cpu) if check_backend else {}),
         cpu_bandwidth_source=source,
         notes=tuple(notes),
     )
+    return replace(hw, speed_params=stored_speed_params(machine_key(hw)))
 
 
 # --------------------------------------------------------------------------------------
@@ -568,7 +625,8 @@ def with_memory(
     """
     out = hw
     if gpu_bytes is not None:
-        out = replace(out, gpus=_gpus_with(hw.gpus, gpu_bytes))
+        # Another GPU: this machine's measured speed calibration does not carry over.
+        out = replace(out, gpus=_gpus_with(hw.gpus, gpu_bytes), speed_params=())
         if gpu_bytes > 0:
             # The question is "what would this GPU give me", not "can my build use one".
             out = replace(out, gpu_offload=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenrun import doctor
+from qwenrun.engine import doctor
 from qwenrun.hwprobe import GPUInfo, HardwareProfile
 
 GIB = 1 << 30

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
+from qwenrun.testing import kquant
+
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +159,7 @@ def test_cut_down_shapes_are_validated():
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0])
 def test_random_blocks_dequantize_to_small_zero_mean_weights(qtype):
-    blocks = sm.random_blocks(qtype, 512, np.random.PCG64(3))
+    blocks = kquant.random_blocks(qtype, 512, np.random.PCG64(3))
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     assert blocks.shape == (512, block_bytes)
     w = dequantize(blocks, qtype)
@@ -171,10 +173,10 @@ def test_random_blocks_dequantize_to_small_zero_mean_weights(qtype):
 
 
 def test_blocks_differ_between_chunks_and_repeat_with_the_seed():
-    a = sm.random_blocks(Q.Q4_K, 16, np.random.PCG64(7))
-    b = sm.random_blocks(Q.Q4_K, 16, np.random.PCG64(7))
+    a = kquant.random_blocks(Q.Q4_K, 16, np.random.PCG64(7))
+    b = kquant.random_blocks(Q.Q4_K, 16, np.random.PCG64(7))
     gen = np.random.PCG64(7)
-    c1, c2 = sm.random_blocks(Q.Q4_K, 8, gen), sm.random_blocks(Q.Q4_K, 8, gen)
+    c1, c2 = kquant.random_blocks(Q.Q4_K, 8, gen), kquant.random_blocks(Q.Q4_K, 8, gen)
     assert np.array_equal(a, b)
     assert not np.array_equal(c1[:, 16:], c2[:, 16:])
 

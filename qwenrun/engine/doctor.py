@@ -79,7 +79,7 @@ def cpu_install_command(version: str | None) -> str:
 @dataclass(frozen=True)
 class Finding:
     level: Level
-    topic: str  # "llama-cpp-python", "gpu-offload", "gpu", "host"
+    topic: str  # "llama-cpp-python", "gpu-offload", "gpu", "host", "cpu-kernels", "probe"
     text: str
     fix: str | None = None  # a shell command, when one fixes it
 
@@ -144,6 +144,7 @@ def diagnose(
         *_offload_findings(hw, llama_version, gpu_offload, pin, offload_error),
         *_gpu_findings(hw),
         _host_finding(hw),
+        *_kernel_findings(hw),
         # What the probe could not tell (e.g. an unmeasured RAM bandwidth): said, not judged.
         *(Finding("ok", "probe", f"note: {note}") for note in hw.notes),
     ]
@@ -252,6 +253,14 @@ def _host_finding(hw: HardwareProfile) -> Finding:
     )
 
 
+def _kernel_findings(hw: HardwareProfile) -> list[Finding]:
+    """The once-per-machine check of llama.cpp's CPU kernels (engine/crash.py), when made."""
+    if hw.cpu_kernels is None:
+        return []
+    # Off is not an error: qwenrun runs, with the plain (slower) kernels. It is worth a look.
+    return [Finding("ok" if hw.extra_bufts else "warn", "cpu-kernels", hw.cpu_kernels)]
+
+
 # --------------------------------------------------------------------------------------
 # Rendering and the machine
 
@@ -268,8 +277,9 @@ def collect() -> Diagnosis:
     """Read this machine and diagnose it (the only function here with side effects)."""
     from qwenrun import hwprobe
 
-    hw = hwprobe.probe()
     version = installed_llama_version()
+    # With llama.cpp installed, also check its CPU kernels (on AMX CPUs: once, in a child).
+    hw = hwprobe.probe(check_backend=version is not None)
     offload, error = _check_offload() if version else (None, None)
     return diagnose(hw, version, offload, offload_error=error)
 

@@ -26,6 +26,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qwenrun.testing.kquant import random_blocks
+
+Q4_K = gguf.GGMLQuantizationType.Q4_K
+
 ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35moe")
 HYBRID_ARCHES = ("qwen3next", "qwen35moe")
 
@@ -304,6 +308,10 @@ def write_model(
     `chat_template` is a bundled template name or the template text itself.
     `eos_bias` (with steer >= 1) raises `<|im_end|>`'s logit lane: 10 makes every answer
     end at once, for tests of stopping at end-of-generation.
+    `dtype="q4_k"` writes every matrix whose rows are whole 256-element blocks as random
+    Q4_K blocks (`kquant`), the rest in f32: a K-quant model, the kind whose CPU kernels
+    (repacked, AMX) differ from the float ones. Use dims with n_embd a multiple of 256.
+    Steering needs float weights, so a q4_k model is unsteered (its text is random bytes).
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
@@ -319,7 +327,8 @@ def write_model(
     )
     path = dest / f"{stem}.gguf"
 
-    w = _Weights(np.random.default_rng(seed), dtype, steer)
+    quantize = dtype == "q4_k"
+    w = _Weights(np.random.default_rng(seed), "f32" if quantize else dtype, steer)
     tensors = _global_tensors(vocab, dims, w, steer, eos_bias)
     for i in range(n_layer):
         tensors += _layer_tensors(arch, i, dims, w)
@@ -329,8 +338,14 @@ def write_model(
     writer.add_name(stem)
     _add_hparams(writer, arch, n_layer, dims, context_length)
     add_tokenizer(writer, arch, vocab, template)
+    bitgen = np.random.PCG64(seed)
     for tname, arr in tensors:
-        writer.add_tensor(tname, arr)
+        if quantize and arr.ndim >= 2 and arr.shape[-1] % 256 == 0:
+            blocks = random_blocks(Q4_K, arr.size // 256, bitgen)
+            byte_shape = (*arr.shape[:-1], arr.shape[-1] // 256 * blocks.shape[1])
+            writer.add_tensor(tname, blocks.reshape(byte_shape), raw_dtype=Q4_K)
+        else:
+            writer.add_tensor(tname, arr)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
