@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.template import ChatTemplate, model_profile
 from qwenrun.testing.tiny_gguf import template_text
 from qwenrun.thinking import BARE_CLOSE, WRAP_UP
+from qwenrun.transcript import Turn, format_number
 from qwenrun.ui import render, repl
 from qwenrun.ui.prompt import ChatPrompt
 
@@ -82,9 +86,7 @@ def test_qwen35_prompt_opens_thinking_itself():
 @pytest.mark.parametrize("name", ["qwen3", "qwen3.5"])
 def test_thinking_is_not_sent_back(name):
     conv = conversation(name)
-    conv.add_turn(
-        chat.Turn("first?", "the visible answer", thinking="SECRET-THOUGHT", mode="think")
-    )
+    conv.add_turn(Turn("first?", "the visible answer", thinking="SECRET-THOUGHT", mode="think"))
     prompt = conv.render("second?")
     assert "the visible answer" in prompt
     assert "SECRET-THOUGHT" not in prompt
@@ -163,6 +165,7 @@ def test_settings_accept_field_names_from_the_command_line():
     [
         ("temp", "hot", "number"),
         ("top-k", "2.5", "whole number"),
+        ("top-k", 2.5, "whole number"),
         ("top-p", "1.5", "between"),
         ("max-tokens", "0", "between"),
         ("colour", "blue", "unknown setting"),
@@ -173,15 +176,52 @@ def test_bad_settings_are_usage_errors(key, value, message):
         conversation("qwen3").set(key, value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # Limits as people write them: not "1e+07" or "4.29497e+09".
+        ("max-tokens", "0", "max-tokens must be between 1 and 10,000,000, not 0"),
+        ("max_tokens", 20_000_000, "max-tokens must be between 1 and 10,000,000, not 20,000,000"),
+        ("seed", 2**32, "seed must be between 0 and 4,294,967,295, not 4,294,967,296"),
+        ("top-k", "2000000", "top-k must be between 0 and 1,000,000, not 2000000"),
+        ("temp", "9", "temp must be between 0.0 and 5.0, not 9"),
+        ("temperature", 1e-7 + 5, "temp must be between 0.0 and 5.0, not 5.0000001"),
+        ("presence-penalty", -3.0, "presence-penalty must be between -2.0 and 2.0, not -3.0"),
+    ],
+)
+def test_range_errors_write_numbers_as_people_do(key, value, message):
+    with pytest.raises(errors.UsageError) as caught:
+        conversation("qwen3").set(key, value)
+    assert caught.value.message == message
+    assert "e+" not in caught.value.message
+
+
+def test_format_number_never_writes_an_exponent():
+    assert [format_number(x) for x in (10_000_000, 2**32 - 1, 0, -2)] == [
+        "10,000,000",
+        "4,294,967,295",
+        "0",
+        "-2",
+    ]
+    assert [format_number(x) for x in (0.0, 5.0, 0.95, 1e-05, 1e16, -2.0)] == [
+        "0.0",
+        "5.0",
+        "0.95",
+        "0.00001",
+        "10,000,000,000,000,000.0",
+        "-2.0",
+    ]
+
+
 # ---- transcripts
 
 
 def test_transcript_round_trip(tmp_path: Path):
     conv = conversation("qwen3", system="Sys", budget=50, settings={"temp": 0.4})
-    conv.add_turn(chat.Turn("q1", "a1", thinking="t1", mode="think"))
+    conv.add_turn(Turn("q1", "a1", thinking="t1", mode="think"))
     conv.set_mode("direct")
-    conv.add_turn(chat.Turn("q2 é", "a2 cut", mode="direct", cut=True))
-    path = tmp_path / "sub" / "chat.json"
+    conv.add_turn(Turn("q2 é", "a2 cut", mode="direct", cut=True))
+    path = tmp_path / "chat.json"
     conv.save(path)
     doc = json.loads(path.read_text("utf-8"))
     assert doc["messages"][3] == {
@@ -205,7 +245,7 @@ def test_transcript_round_trip(tmp_path: Path):
 
 def test_loading_a_thinking_transcript_into_a_direct_model_keeps_direct_mode(tmp_path: Path):
     conv = conversation("qwen3")
-    conv.add_turn(chat.Turn("q", "a", mode="think"))
+    conv.add_turn(Turn("q", "a", mode="think"))
     conv.save(tmp_path / "t.json")
     coder = conversation("qwen3-coder")
     notes = coder.load(tmp_path / "t.json")
@@ -217,21 +257,198 @@ def test_loading_a_thinking_transcript_into_a_direct_model_keeps_direct_mode(tmp
     ("content", "message"),
     [
         ("not json", "not a JSON transcript"),
+        pytest.param("[" * 100_000, "nested too deeply", id="deeply-nested"),
+        pytest.param("\xff\xfe", "not UTF-8 text", id="not-utf-8"),
         ('{"x": 1}', "no messages"),
         (
             '{"messages": [{"role": "assistant", "content": "a"},'
             ' {"role": "user", "content": "q"}]}',
-            "followed by an answer",
+            "message 1 is an answer with no user message before it",
         ),
     ],
 )
 def test_bad_transcripts_are_usage_errors(tmp_path: Path, content, message):
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))  # byte for byte: "\xff" is not UTF-8
     with pytest.raises(errors.UsageError, match=message):
         conversation("qwen3").load(path)
     with pytest.raises(errors.UsageError, match="no such transcript"):
         conversation("qwen3").load(tmp_path / "missing.json")
+
+
+def a_conversation_with_history() -> chat.Conversation:
+    conv = conversation("qwen3", system="Keep me", budget=9, settings={"temp": 0.3, "seed": 4})
+    conv.add_turn(Turn("q1", "a1", thinking="t1", mode="think"))
+    conv.set_mode("direct")
+    return conv
+
+
+def snapshot(conv: chat.Conversation) -> dict[str, Any]:
+    doc = conv.to_json()
+    del doc["saved"]
+    return doc
+
+
+GOOD_PAIR = '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
+
+
+@pytest.mark.parametrize(
+    ("messages", "extra", "message"),
+    [
+        ('[{"role": "user"}]', "", 'message 1 (user) has no "content" text'),
+        ('[{"role": "user", "content": 5}]', "", 'message 1 (user) has no "content" text'),
+        (f'[{GOOD_PAIR}, "hello"]', "", "message 3 is not an object"),
+        ('[{"role": "bot", "content": "x"}]', "", "message 1 has role 'bot'"),
+        (f'[{GOOD_PAIR}, {{"role": "user", "content": "q2"}}]', "", "the last message is a user"),
+        (
+            '[{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}]',
+            "",
+            "message 2 follows user message 1, which has no answer",
+        ),
+        (
+            '[{"role": "user", "content": "q"},'
+            ' {"role": "assistant", "content": "a", "cut": "yes"}]',
+            "",
+            'message 2 has "cut" that is not true or false',
+        ),
+        (
+            '[{"role": "user", "content": "q"},'
+            ' {"role": "assistant", "content": "a", "mode": "fast"}]',
+            "",
+            "message 2 has mode 'fast'",
+        ),
+        (
+            f'[{GOOD_PAIR}, {{"role": "system", "content": "late"}}, {GOOD_PAIR}]',
+            "",
+            "message 3 is a system message",
+        ),
+        # Fields after the messages used to fail after the conversation was already replaced.
+        (f"[{GOOD_PAIR}]", ', "settings": {"temp": 99}', "temp must be between 0.0 and 5.0"),
+        (f"[{GOOD_PAIR}]", ', "settings": {"top_k": "many"}', "setting top_k should be a number"),
+        (f"[{GOOD_PAIR}]", ', "budget": -1', '"budget" should be a number of tokens'),
+        (f"[{GOOD_PAIR}]", ', "system": ["x"]', '"system" should be text or null'),
+        (f"[{GOOD_PAIR}]", ', "mode": "fast"', '"mode" should be "think" or "direct"'),
+        (f"[{GOOD_PAIR}]", ', "format": "other/2"', "\"format\" is 'other/2'"),
+    ],
+)
+def test_a_transcript_that_fails_validation_changes_nothing_and_says_where(
+    tmp_path: Path, messages, extra, message
+):
+    path = tmp_path / "bad.json"
+    path.write_text(f'{{"messages": {messages}{extra}}}', "utf-8")
+    conv = a_conversation_with_history()
+    before = snapshot(conv)
+    with pytest.raises(errors.UsageError) as caught:
+        conv.load(path)
+    assert caught.value.message.startswith(f"{path}: ")
+    assert message in caught.value.message
+    assert snapshot(conv) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("folder", "is a folder, not a transcript"),
+        ("/dev/null", "is not a regular file"),
+        ("file/x.json", "no such transcript"),
+    ],
+)
+def test_loading_what_is_not_a_transcript_file_is_one_line(tmp_path: Path, where, message):
+    (tmp_path / "file").write_text("{}")
+    (tmp_path / "folder").mkdir()
+    conv = a_conversation_with_history()
+    before = snapshot(conv)
+    with pytest.raises(errors.UsageError, match=message):
+        conv.load(tmp_path / where)
+    assert snapshot(conv) == before
+
+
+def test_a_transcript_from_elsewhere_with_a_leading_system_message_loads(tmp_path: Path):
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
+        "utf-8",
+    )
+    conv = a_conversation_with_history()
+    assert conv.load(path) == []
+    assert conv.system == "Be brief." and [(t.user, t.answer) for t in conv.turns] == [("q", "a")]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file/x.json", "is a file, not a folder"),
+        ("folder", "it is a folder"),
+        ("missing/deeper/x.json", "there is no folder"),
+        ("/dev/null", "not a regular file"),
+        ("/proc/x.json", "cannot save to /proc/x.json"),
+    ],
+)
+def test_save_refuses_what_it_cannot_write_and_makes_no_folders(tmp_path: Path, where, message):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    target = tmp_path / where
+    conv = a_conversation_with_history()
+    with pytest.raises(errors.UsageError, match=message) as caught:
+        conv.save(target)
+    assert caught.value.hint
+    assert not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no temp files
+
+
+# Writes past 300 bytes fail (EFBIG) in this child, as a full disk would.
+SAVE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+from qwenrun import chat, errors
+from qwenrun.template import ChatTemplate, model_profile
+from qwenrun.transcript import Turn, format_number
+from qwenrun.testing.tiny_gguf import template_text
+
+template = ChatTemplate(template_text("qwen3"))
+conv = chat.Conversation(template, model_profile(template, "m"))
+conv.add_turn(Turn("q", "a long answer " * 100))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.RLIM_INFINITY))
+try:
+    conv.save(Path(sys.argv[1]))
+except errors.UsageError as err:
+    print(err.message)
+"""
+
+
+def test_a_save_that_fails_midway_leaves_the_old_file_whole(tmp_path: Path):
+    path = tmp_path / "chat.json"
+    old = a_conversation_with_history()
+    old.save(path)
+    before = path.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_WITH_A_FILE_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"cannot save to {path}: file too large")
+
+
+def test_save_replaces_a_file_and_keeps_its_permissions(tmp_path: Path):
+    path = tmp_path / "chat.json"
+    path.write_text("old")
+    path.chmod(0o600)
+    a_conversation_with_history().save(path)
+    assert json.loads(path.read_text("utf-8"))["system"] == "Keep me"
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 # ---- turns on the real engine
@@ -532,6 +749,31 @@ def test_repl_commands_change_the_conversation(engines, tmp_path: Path):
     stats = "\n".join(said)
     assert "2 answers" in stats and "temp 0.25" in stats and "evaluated" in stats
     assert "never read" not in [t.user for t in conv.turns]
+
+
+def context_in_use(said: list[str]) -> list[int]:
+    return [
+        int(m.group(1).replace(",", ""))
+        for line in said
+        if (m := re.match(r"context\s+([\d,]+) of [\d,]+ tokens", line))
+    ]
+
+
+def test_stats_after_clear_and_load_show_the_context_the_conversation_takes(engines, tmp_path):
+    engine = engines("qwen3")
+    transcript = tmp_path / "t.json"
+    lines = ["hello", "second", "/stats", f"/save {transcript}", "/clear", "/stats"]
+    script = "\n".join([*lines, f"/load {transcript}", "/stats", ""])
+    code, conv, said, _ = run_repl(engine, script)
+    assert code == 0
+    full, cleared, loaded = context_in_use(said)
+    # Cleared: what the next prompt holds before the message, though the engine's cache
+    # still has the old turns in it.
+    empty = chat.Conversation.for_engine(engine)
+    assert cleared == len(engine.tokenize(empty.render(""))) < full
+    assert engine.cached_tokens > cleared
+    assert loaded == full == len(engine.tokenize(conv.render("")))
+    assert any(re.search(r"context .* · 0 turns", line) for line in said)
 
 
 def test_repl_reports_bad_commands_and_goes_on(engines):

@@ -1,13 +1,16 @@
 """`qwenrun chat` as a user meets it: a real pseudo-terminal (pexpect), and pipes.
 
 Every test runs the real CLI in its own process on a generated tiny model (steer=2: it never
-stops by itself, so answers last exactly --max-tokens tokens and Ctrl-C has time to land).
+stops by itself, so answers last exactly --max-tokens tokens and Ctrl-C has time to land);
+the one whose answer depends on the machine runs the same start-up (`launch.start`) in-process
+on a hypothetical machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +18,26 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from qwenrun.testing.proc import child_env
+from qwenrun import launch
+from qwenrun.offload import Wishes
+from qwenrun.testing.hardware import machine
+from qwenrun.testing.hub_server import HubServer
+from qwenrun.testing.proc import child_env, error_line, run_qwenrun
 
 PROMPT = ">>> "
 TIMEOUT = 60
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
     # A pty under test answers no cursor-position queries; tell prompt_toolkit not to ask.
-    return child_env({"TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"})
+    return child_env({"TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1", **extra})
 
 
-def spawn(model: Path, *args: str, cwd: Path) -> pexpect.spawn:
+def spawn(model: Path, *args: str, cwd: Path, **extra_env: str) -> pexpect.spawn:
     child = pexpect.spawn(
         sys.executable,
         ["-m", "qwenrun", "chat", str(model), "--seed", "1", *args],
-        env=env(),
+        env=env(**extra_env),
         cwd=str(cwd),
         encoding="utf-8",
         timeout=TIMEOUT,
@@ -78,7 +85,7 @@ def test_a_session_with_modes_stats_save_and_load(model, tmp_path):
         child.expect_exact("Loaded 2 turns")
         child.expect_exact(PROMPT)
         child.sendline("/stats")
-        child.expect(r"context\s+\d+ of \d+ tokens in use · 2 turns")
+        child.expect(r"context\s+[\d,]+ of [\d,]+ tokens before your next message · 2 turns")
         child.expect_exact(PROMPT)
         child.sendline("/exit")
         assert finish(child) == 0
@@ -181,15 +188,59 @@ def test_history_persists_under_the_qwenrun_home(model, tmp_path):
     assert "remember this line" in history.read_text("utf-8")
 
 
+def test_a_qwenrun_home_that_is_a_file_turns_history_off_and_the_chat_works(model, tmp_path):
+    home = tmp_path / "home-is-a-file"
+    home.write_text("not a folder")
+    child = spawn(model, "--max-tokens", "3", cwd=tmp_path, QWENRUN_HOME=str(home))
+    try:
+        assert f"History is off: {home} is a file, not a folder" in child.before
+        child.sendline("hello")
+        child.expect(r"3 tokens")
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        assert finish(child) == 0
+        said = child.before or ""
+    finally:
+        child.terminate(force=True)
+    assert "Traceback" not in said and "History is off" not in said  # said once, at the start
+    assert home.read_text() == "not a folder"
+
+
+def test_history_that_fails_midway_turns_off_once_and_the_chat_goes_on(model, tmp_path):
+    child = spawn(model, "--max-tokens", "3", cwd=tmp_path)
+    try:
+        child.sendline("kept")
+        child.expect(r"3 tokens")
+        child.expect_exact(PROMPT)
+        # The history file turns into a folder under the session's feet.
+        history = Path(os.environ["QWENRUN_HOME"]) / "history"
+        history.unlink()
+        history.mkdir()
+        child.sendline("not kept")
+        child.expect(r"3 tokens")
+        child.expect_exact(f"History is off: cannot write {history}")
+        child.expect_exact(PROMPT)
+        child.sendline("still here")
+        child.expect(r"3 tokens")
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        assert finish(child) == 0
+        assert "History is off" not in (child.before or "")
+    finally:
+        child.terminate(force=True)
+
+
 # ---- pipes
 
 
-def chat_piped(model: Path, lines: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def chat_piped(
+    model: Path, lines: str, *args: str, cwd: Path, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "qwenrun", "chat", str(model), "--seed", "1", *args],
         input=lines.encode(),
         capture_output=True,
-        env=env(),
+        env=env(**extra_env),
         cwd=str(cwd),
         timeout=TIMEOUT,
     )
@@ -252,3 +303,106 @@ def test_bad_option_is_a_one_line_usage_error(model, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --budget") and len(proc.stderr.splitlines()) == 1
     assert proc.stdout == ""
+
+
+def test_failed_saves_and_loads_leave_the_session_and_the_conversation(model, tmp_path):
+    (tmp_path / "model.gguf").write_text("a file, not a folder")
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "user"}]}')
+    script = [
+        "hello",
+        "/save model.gguf/x.json",
+        f"/save {tmp_path}",
+        "/save missing/dir/x.json",
+        "/save /proc/x.json",
+        f"/load {tmp_path}",
+        "/load bad.json",
+        "/save kept.json",
+    ]
+    proc = chat_piped(model, "\n".join(script) + "\n", "--max-tokens", "4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for said in (
+        "cannot save to model.gguf/x.json: model.gguf is a file, not a folder",
+        f"cannot save to {tmp_path}: it is a folder",
+        "cannot save to missing/dir/x.json: there is no folder missing",
+        "cannot save to /proc/x.json",
+        f"{tmp_path} is a folder, not a transcript",
+        'bad.json: message 1 (user) has no "content" text',
+        "Saved 1 turn to kept.json",
+    ):
+        assert said in proc.stderr
+    assert not (tmp_path / "missing").exists()
+    doc = json.loads((tmp_path / "kept.json").read_text("utf-8"))
+    assert [m["content"] for m in doc["messages"] if m["role"] == "user"] == ["hello"]
+
+
+def test_piped_chat_needs_no_qwenrun_home(model, tmp_path):
+    home = tmp_path / "home-is-a-file"
+    home.write_text("not a folder")
+    proc = chat_piped(model, "hello\n", "--max-tokens", "4", cwd=tmp_path, QWENRUN_HOME=str(home))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr
+    assert "History" not in proc.stderr  # a pipe keeps no history: nothing to say
+
+
+# ---- `qwenrun chat` with no model, when the hub is out of reach
+
+CACHED = "tiny/offline-GGUF:Q4_K_M"
+
+
+@pytest.fixture
+def downloaded(tiny_models) -> Path:
+    """A tiny model pulled into this test's HF cache: a model, but not the default one."""
+    server = HubServer().start()
+    try:
+        server.add_repo("tiny/offline-GGUF", {"tiny-Q4_K_M.gguf": tiny_models("qwen3moe", steer=2)})
+        proc = run_qwenrun("pull", CACHED, env={"HF_ENDPOINT": server.url})
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.stop()
+    return Path(proc.stdout.strip())
+
+
+def test_offline_chat_without_a_model_uses_a_downloaded_one(downloaded):
+    proc = run_qwenrun("chat", "--max-tokens", "4", stdin="hello\n", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"offline (HF_HUB_OFFLINE is set): using {CACHED}, already downloaded" in proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_offline_chat_with_nothing_downloaded_says_how_to_get_a_model():
+    proc = run_qwenrun("chat", stdin="hello\n", env={"HF_HUB_OFFLINE": "1"})
+    line = error_line(proc, 5)
+    assert "offline (HF_HUB_OFFLINE is set), and no model is downloaded" in line
+    assert "qwenrun pull " in line and "./model.gguf" in line
+
+
+class Notices(launch.QuietHooks):
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def notice(self, text: str) -> None:
+        self.said.append(text)
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_chat_without_a_model_uses_a_downloaded_one_when_the_hub_cannot_be_reached(
+    downloaded, monkeypatch
+):
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    hooks = Notices()
+    # A machine on which a catalog model is the default (and it is not downloaded).
+    started = launch.start(None, Wishes(), hooks=hooks, hw=machine(None, 64))
+    try:
+        assert started.path == downloaded
+        assert any(
+            "cannot be reached: using " + CACHED in line and "instead of downloading" in line
+            for line in hooks.said
+        ), hooks.said
+    finally:
+        started.engine.close()

@@ -11,7 +11,7 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from qwenrun import chat
-from qwenrun.engine.llama import GenStats
+from qwenrun.engine.llama import GenStats, SamplingParams
 from qwenrun.ui import render, repl
 from qwenrun.ui.prompt import ChatPrompt, _command_completer, strip_triple_quotes, triple_quote_open
 
@@ -50,6 +50,13 @@ def test_stats_line():
         == "TTFT 0.21 s · prefill 812 tok/s · decode 41.3 tok/s · 128 tokens"
     )
     assert render.format_thought(4.23, 312) == "Thought for 4.2 s · 312 tokens"
+
+
+def test_stats_write_sampling_numbers_as_people_do():
+    text = repl._describe_sampling(
+        SamplingParams(temperature=1e-05, top_p=1.0, top_k=1_000_000, seed=2**32 - 1)
+    )
+    assert text == ("temp 0.00001 · top-p 1.0 · top-k 1,000,000 · min-p 0.0 · seed 4,294,967,295")
 
 
 def test_plain_renderer_keeps_stdout_for_the_answer():

@@ -4,13 +4,15 @@ Contract: `ChatPrompt.read()` returns one message or slash command. On a termina
 prompt_toolkit session with history (kept across sessions), slash-command completion,
 Alt+Enter for a new line and Ollama's triple-quote blocks; from a pipe each line is a message
 and triple-quote blocks still work. Ctrl-C raises `KeyboardInterrupt`, Ctrl-D (or the end of
-the input) `EOFError`. What the commands do is `ui/repl.py`'s business.
+the input) `EOFError`. History that cannot be kept (its folder is a file, or not writable)
+never stops the chat: the session keeps it in memory, and `take_notices()` says once why it
+is off. What the commands do is `ui/repl.py`'s business.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -115,24 +117,46 @@ class ChatPrompt:
         *,
         interactive: bool | None = None,
         stdin: TextIO | None = None,
+        history_hint: str = "",
     ) -> None:
         self.stdin = stdin or sys.stdin
         self.interactive = self.stdin.isatty() if interactive is None else interactive
+        self._notices: list[str] = []
+        self._history_hint = history_hint
         self._session: PromptSession[str] | None = None
         if self.interactive:
-            self._session = self._make_session(commands, history_file)
+            self._session = self._make_session(commands, self._history(history_file))
+
+    def take_notices(self) -> list[str]:
+        """What the user should know about the prompt itself (history turned off), once."""
+        notices, self._notices = self._notices, []
+        return notices
+
+    def _history_off(self, why: str) -> None:
+        hint = f" ({self._history_hint})" if self._history_hint else ""
+        self._notices.append(
+            f"History is off: {why}{hint}. Up and down still recall this session's messages."
+        )
+
+    def _history(self, history_file: Path | None) -> Any:
+        """A file-backed history when the file can be written, else one in memory."""
+        from prompt_toolkit.history import InMemoryHistory
+
+        if history_file is None:
+            return InMemoryHistory()
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(history_file, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            self._history_off(_unwritable(history_file, exc))
+            return InMemoryHistory()
+        return _kept_history(history_file, self._history_off)
 
     @staticmethod
-    def _make_session(
-        commands: Sequence[SlashCommand], history_file: Path | None
-    ) -> PromptSession[str]:
+    def _make_session(commands: Sequence[SlashCommand], history: Any) -> PromptSession[str]:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
 
-        history: Any = InMemoryHistory()
-        if history_file is not None:
-            history_file.parent.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(history_file))
         # With the answers going to a file (`qwenrun chat M > out.txt`), the prompt is drawn
         # on the terminal through stderr, so the file gets answers only.
         output = None
@@ -181,5 +205,41 @@ class ChatPrompt:
         return strip_triple_quotes("".join(lines))
 
 
-# --------------------------------------------------------------------------------------
-# Downloads
+def _unwritable(path: Path, exc: OSError) -> str:
+    """Why `path` cannot be written, naming a file that stands where a folder should be."""
+    for above in path.parents:
+        if above.exists():
+            if not above.is_dir():
+                return f"{above} is a file, not a folder"
+            break
+    return f"cannot write {path} ({(exc.strerror or type(exc).__name__).lower()})"
+
+
+def _kept_history(path: Path, off: Callable[[str], None]) -> Any:
+    """prompt_toolkit's FileHistory that turns itself off, once, when the file fails later
+    (removed, disk full): a history is never worth losing the conversation over."""
+    from prompt_toolkit.history import FileHistory
+
+    class KeptHistory(FileHistory):
+        working = True
+
+        def load_history_strings(self) -> Iterator[str]:
+            try:
+                yield from super().load_history_strings()
+            except OSError as exc:
+                self._fail(exc)
+
+        def store_string(self, string: str) -> None:
+            if not self.working:
+                return
+            try:
+                super().store_string(string)
+            except OSError as exc:
+                self._fail(exc)
+
+        def _fail(self, exc: OSError) -> None:
+            if self.working:
+                self.working = False
+                off(_unwritable(path, exc))
+
+    return KeptHistory(str(path))

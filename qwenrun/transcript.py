@@ -1,0 +1,323 @@
+"""A conversation as values and as a file: its turns, its settings, the JSON transcript.
+
+Contract: `Turn` is one exchange (the user's message, the answer, its thinking, the mode, cut
+or not). `parse_setting` is the one check of a sampling setting (`/set`, a command-line flag,
+a transcript), by any of its names, with its range; numbers in messages are written as people
+write them (`format_number`: 10,000,000, never 1e+07). `write_file_atomically` writes all of
+a file or nothing (a temporary file renamed over it) and creates no folder; `read_transcript`
+checks a whole transcript before anything uses it, so a bad file changes nothing and the
+error names the message and field at fault. Every problem with a file is a one-line
+`UsageError`, never an OSError. Nothing here renders prompts or runs a model (`chat.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from qwenrun import errors
+from qwenrun.template import Mode
+
+TRANSCRIPT_FORMAT = "qwenrun-transcript/1"
+
+# `/set` names → SamplingParams fields (max-tokens is the conversation's own).
+SETTINGS: dict[str, tuple[str, type]] = {
+    "temp": ("temperature", float),
+    "top-p": ("top_p", float),
+    "top-k": ("top_k", int),
+    "min-p": ("min_p", float),
+    "presence-penalty": ("presence_penalty", float),
+    "seed": ("seed", int),
+    "max-tokens": ("max_tokens", int),
+}
+
+# Field names (transcripts, keyword arguments) → the `/set` names.
+_SETTING_ALIASES = {field: key for key, (field, _kind) in SETTINGS.items()} | {
+    k.replace("-", "_"): k for k in SETTINGS
+}
+
+
+@dataclass
+class Turn:
+    user: str
+    answer: str
+    thinking: str = ""
+    mode: Mode = "direct"
+    cut: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Settings, and numbers as people write them
+
+
+def format_number(value: float) -> str:
+    """10,000,000 for an int; 0.0, 5.0, 0.95 or 0.00001 for a float (never an exponent)."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return f"{int(value):,}"
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    # repr is the shortest text that reads back as this float; Decimal spells it out.
+    text = format(Decimal(repr(value)), ",f")
+    return text if "." in text else text + ".0"
+
+
+def parse_setting(key: str, value: Any) -> tuple[str, int | float]:
+    """A setting by any of its names (`top-p`, `top_p`) and a value (text or number) →
+    (its SamplingParams field or `max_tokens`, the value typed and checked against its range).
+    """
+    key = _SETTING_ALIASES.get(key, key)
+    if key not in SETTINGS:
+        raise errors.UsageError(f"unknown setting {key!r}", hint=f"one of: {', '.join(SETTINGS)}")
+    name, kind = SETTINGS[key]
+    # A whole-number setting given 2.5 (a transcript, a keyword argument) is refused, not cut.
+    fractional = isinstance(value, float) and not value.is_integer()
+    try:
+        if isinstance(value, bool) or (kind is int and fractional):
+            raise ValueError
+        typed: int | float = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise errors.UsageError(
+            f"{key} needs a {'whole number' if kind is int else 'number'}, not {value!r}"
+        ) from None
+    _check_range(key, typed, value)
+    return name, typed
+
+
+def _check_range(key: str, value: float, given: Any) -> None:
+    limits: dict[str, tuple[float, float]] = {
+        "temp": (0.0, 5.0),
+        "top-p": (0.0, 1.0),
+        "top-k": (0, 1_000_000),
+        "min-p": (0.0, 1.0),
+        "presence-penalty": (-2.0, 2.0),
+        "max-tokens": (1, 10_000_000),
+        "seed": (0, 2**32 - 1),
+    }
+    lo, hi = limits[key]
+    if not lo <= value <= hi:
+        # The value as the user typed it; the limits as they are written above.
+        shown = given.strip() if isinstance(given, str) else format_number(value)
+        raise errors.UsageError(
+            f"{key} must be between {format_number(lo)} and {format_number(hi)}, not {shown}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Transcript files
+
+# Far above any real transcript (a full 256k-token context is about a megabyte of text):
+# a bigger file is not one, and reading it whole would only cost memory.
+_MAX_TRANSCRIPT_BYTES = 64 * 1024 * 1024
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, renamed over it,
+    so a failed write leaves no half a file (and any earlier file as it was).
+
+    Refuses, as a one-line UsageError, a missing folder (never created here: a typo must
+    not make folders), a folder or a device in place of the file, and what the system
+    refuses (permissions, a full disk).
+    """
+    if path.is_symlink():
+        path = path.resolve()  # replace the file the link points to, not the link
+    folder = path.parent
+    problem = _folder_problem(folder)
+    if problem:
+        raise errors.UsageError(f"cannot save to {path}: {problem[0]}", hint=problem[1])
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _save_error(path, exc) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise errors.UsageError(
+            f"cannot save to {path}: it is a folder",
+            hint=f"name a file in it, such as {path / 'chat.json'}",
+        )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise errors.UsageError(
+            f"cannot save to {path}: it is not a regular file", hint="name a .json file"
+        )
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))  # a replaced file keeps its permissions
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _save_error(path, exc) from None
+
+
+def _folder_problem(folder: Path) -> tuple[str, str] | None:
+    """Why files cannot be created in `folder`, and what to do (None: it is a folder)."""
+    elsewhere = "save in a folder that exists"
+    try:
+        if stat.S_ISDIR(folder.stat().st_mode):
+            return None
+        return f"{folder} is a file, not a folder", elsewhere
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        return f"{folder}: {_reason(exc)}", elsewhere
+    # Name the first part of the path that is in the way: a file, or the missing folder.
+    missing = folder
+    for above in folder.parents:
+        if above.exists():
+            if not above.is_dir():
+                return f"{above} is a file, not a folder", elsewhere
+            break
+        missing = above
+    return f"there is no folder {missing}", f"create it first (mkdir -p {folder}), or {elsewhere}"
+
+
+def _save_error(path: Path, exc: OSError) -> errors.UsageError:
+    hint = "the conversation is still here: save it somewhere else"
+    if exc.errno == 28:  # ENOSPC
+        hint = "free some disk space and save again, or save somewhere else"
+    return errors.UsageError(f"cannot save to {path}: {_reason(exc)}", hint=hint)
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError in words, without the path it repeats ("permission denied")."""
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _read_document(path: Path) -> Any:
+    """The parsed JSON of a transcript file, or a one-line UsageError saying why not."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise errors.UsageError(f"no such transcript: {path}") from None
+    except OSError as exc:
+        raise errors.UsageError(f"cannot read {path}: {_reason(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise errors.UsageError(
+            f"{path} is a folder, not a transcript", hint="name a .json file that /save wrote"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.UsageError(f"{path} is not a regular file, not a transcript")
+    if st.st_size > _MAX_TRANSCRIPT_BYTES:
+        raise errors.UsageError(
+            f"{path} is {st.st_size:,} bytes: too large to be a qwenrun transcript"
+        )
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise errors.UsageError(f"{path} is not a JSON transcript: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise errors.UsageError(f"cannot read {path}: {_reason(exc)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise errors.UsageError(f"{path} is not a JSON transcript: {exc}") from None
+    except RecursionError:
+        raise errors.UsageError(f"{path} is not a JSON transcript: nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A transcript file, checked whole, ready to replace a conversation."""
+
+    system: str | None
+    turns: list[Turn]
+    mode: Mode | None
+    budget: int | None
+    settings: dict[str, Any]
+    max_tokens: int | None
+
+
+_ONE_ANSWER = "each user message must be followed by an answer"
+
+
+def _parse(doc: Any, path: Path) -> Transcript:
+    def bad(what: str, hint: str | None = None) -> errors.UsageError:
+        return errors.UsageError(f"{path}: {what}", hint=hint)
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
+        raise errors.UsageError(f"{path} is not a qwenrun transcript (no messages list)")
+    fmt = doc.get("format")
+    if fmt is not None and fmt != TRANSCRIPT_FORMAT:
+        raise bad(f'"format" is {fmt!r}, not {TRANSCRIPT_FORMAT!r}')
+    system = doc.get("system")
+    if system is not None and not isinstance(system, str):
+        raise bad(f'"system" should be text or null, not {system!r}')
+    turns: list[Turn] = []
+    question: str | None = None  # the user message waiting for its answer
+    for n, msg in enumerate(doc["messages"], start=1):
+        where = f"message {n}"
+        if not isinstance(msg, dict):
+            raise bad(f"{where} is not an object with a role and content")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise bad(f'{where} has role {role!r}; expected "user" or "assistant"')
+        if not isinstance(content, str):
+            raise bad(f'{where} ({role}) has no "content" text')
+        if role == "system":
+            if n != 1:
+                raise bad(f"{where} is a system message; only the first message may be one")
+            system = system if "system" in doc else content
+        elif role == "user":
+            if question is not None:
+                raise bad(f"{where} follows user message {n - 1}, which has no answer", _ONE_ANSWER)
+            question = content
+        else:
+            if question is None:
+                raise bad(f"{where} is an answer with no user message before it", _ONE_ANSWER)
+            turns.append(_answer_turn(question, msg, content, f"{path}: {where}"))
+            question = None
+    if question is not None:
+        raise bad("the last message is a user message with no answer", _ONE_ANSWER)
+    mode = doc.get("mode")
+    if mode not in (None, "think", "direct"):
+        raise bad(f'"mode" should be "think" or "direct", not {mode!r}')
+    budget = doc.get("budget")
+    if budget is not None and (
+        not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
+    ):
+        raise bad(f'"budget" should be a number of tokens (0 or more) or null, not {budget!r}')
+    raw = doc.get("settings")
+    if raw is not None and not isinstance(raw, dict):
+        raise bad(f'"settings" should be an object such as {{"temperature": 0.6}}, not {raw!r}')
+    settings: dict[str, Any] = {}
+    max_tokens: int | None = None
+    for key, value in (raw or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad(f"setting {key} should be a number, not {value!r}")
+        try:
+            name, typed = parse_setting(key, value)
+        except errors.UsageError as err:
+            raise bad(f'"settings": {err.message}', err.hint) from None
+        if name == "max_tokens":
+            max_tokens = int(typed)
+        else:
+            settings[name] = typed
+    return Transcript(system or None, turns, mode, budget, settings, max_tokens)
+
+
+def _answer_turn(question: str, msg: dict[str, Any], content: str, where: str) -> Turn:
+    """The turn an assistant message closes; its optional fields checked."""
+    mode: Mode = msg.get("mode") or "direct"
+    if mode not in ("think", "direct"):
+        raise errors.UsageError(f'{where} has mode {mode!r}; expected "think" or "direct"')
+    thinking = msg.get("thinking") or ""
+    if not isinstance(thinking, str):
+        raise errors.UsageError(f'{where} has "thinking" that is not text ({thinking!r})')
+    cut = msg.get("cut", False)
+    if not isinstance(cut, bool):
+        raise errors.UsageError(f'{where} has "cut" that is not true or false ({cut!r})')
+    return Turn(question, content, thinking=thinking, mode=mode, cut=cut)
+
+
+def read_transcript(path: Path) -> Transcript:
+    """A transcript file, checked whole; a one-line UsageError says what is wrong where."""
+    return _parse(_read_document(path), path)
