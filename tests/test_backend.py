@@ -258,7 +258,10 @@ def test_stats_are_filled(tiny_models):
             "decode_wall_ms",
             "llama_eval_ms",
             "llama_sample_ms",
+            "reused_tokens",
+            "reused_from",
         }
+        assert s.reused_tokens == 0 and s.reused_from == ""
 
 
 def test_prompt_longer_than_context(tiny_models):

@@ -8,7 +8,14 @@ through `Generation`. It uses llama-cpp-python 0.3.36's low-level bindings only 
 - decoding: `llama_decode` on a reused one-token batch, a native sampler chain, and
   `llama_token_to_piece`, with nothing in the per-token loop that the loop does not need;
 - the KV cache persists across `generate` calls; a new prompt evaluates only the tokens
-  after the common prefix with what the cache holds;
+  after the common prefix with what the cache holds. Attention-only models trim the cache
+  to that prefix; hybrid models (recurrent state, which cannot be trimmed) go back to the
+  latest checkpoint at or before it (`checkpoints.py`: taken while prompts are evaluated,
+  at the positions a chat comes back to), or evaluate everything when none applies;
+- a prompt of at least `promptcache.MIN_TOKENS` tokens is saved to the prompt cache on disk
+  (`promptcache.py`), and a later prompt (in any process) with the same model, settings and
+  token prefix loads that state instead of evaluating it; `GenStats` says how many prompt
+  tokens were reused and from where, `cache_report()` what the checkpoints and the disk hold;
 - what llama.cpp actually placed where (overridden tensors, buffer sizes) is read from its
   log (`llamalog`) and kept as `Engine.placement`.
 
@@ -30,6 +37,15 @@ from types import ModuleType
 from typing import Any
 
 from qwenrun import errors, hwprobe
+from qwenrun.engine import promptcache
+from qwenrun.engine.checkpoints import (
+    ChatMarks,
+    CheckpointStore,
+    partial_flag,
+    positions,
+    read_state,
+    write_state,
+)
 from qwenrun.engine.llamalog import LOG, OOM_RE, PlacementReport, load_failure, parse_placement
 from qwenrun.engine.loadconfig import KV_TYPES, LoadConfig
 from qwenrun.engine.native import bindings, loaded, override_array
@@ -47,6 +63,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repeat_penalty: float = 1.0
     seed: int | None = None
+    # Never end early: end-of-generation tokens get a logit of -inf (`qwenrun bench` decodes
+    # a fixed number of tokens whatever the model would say).
+    ban_eog: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,9 +79,33 @@ class GenStats:
     decode_wall_ms: float
     llama_eval_ms: float
     llama_sample_ms: float
+    # Prompt tokens not evaluated, and where they came from: "cache" (the context still
+    # held them), "checkpoint" (a hybrid's checkpoint restored), "disk" (the prompt cache).
+    reused_tokens: int = 0
+    reused_from: str = ""
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | str]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What the engine keeps to avoid evaluating prompts again (for `/stats`)."""
+
+    checkpoints: bool  # a hybrid model: checkpoints are taken (attention-only: not needed)
+    checkpoint_count: int
+    checkpoint_bytes: int
+    checkpoint_max_count: int
+    checkpoint_max_bytes: int
+    disk: promptcache.DiskReport | None  # None: the prompt cache is off
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """How much of a prompt the context holds before evaluating it, and from where."""
+
+    n_tokens: int
+    source: str  # "", "cache", "checkpoint", "disk"
 
 
 @dataclass(frozen=True)
@@ -120,6 +163,12 @@ class Engine:
         self._ctx: Any = None
         self._keep: tuple[Any, ...] = ()
         self._cache: list[int] = []
+        self.checkpoints = CheckpointStore(max_count=0)
+        self._marks: ChatMarks | None = None
+        self._disk: promptcache.PromptCache | None = None
+        # How many tokens of what the context holds are in a disk entry already (loaded or
+        # saved): a prompt is saved again only when it adds MIN_TOKENS beyond that.
+        self._disk_base = 0
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self.log_lines: list[str] = []
@@ -138,6 +187,10 @@ class Engine:
         config = config or LoadConfig()
         path = Path(path)
         _check_file(path)
+        # A bad QWENRUN_PROMPT_CACHE is an error before seconds of loading, not after.
+        disk_cap = config.prompt_cache
+        if disk_cap is None:
+            disk_cap = promptcache.cap_from_env()
         lc = bindings()
         self = cls()
         self.config = config
@@ -147,6 +200,7 @@ class Engine:
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = config.placement.n_gpu_layers
         mparams.load_mode = lc.LLAMA_LOAD_MODE_MMAP if config.mmap_enabled() else 0
+        mparams.use_extra_bufts = config.extra_bufts
         patterns = config.placement.override_patterns()
         arr, encoded = override_array(patterns) if patterns else (None, [])
         if arr is not None:
@@ -224,7 +278,38 @@ class Engine:
         self.log_lines = [ln for _, ln in LOG.since(mark)]
         self.placement = parse_placement(self.log_lines, config.placement.n_gpu_layers)
         self.meta = self._read_meta(path)
+        if self._recurrent:
+            self.checkpoints = CheckpointStore()
+        self._marks = self._chat_marks()
+        if disk_cap > 0:
+            self._disk = self._open_prompt_cache(path, config, disk_cap)
         return self
+
+    def _chat_marks(self) -> ChatMarks | None:
+        """`<|im_start|>` and `assistant\\n` as this vocabulary spells them (None if the
+        model has no such special token: checkpoints then go a few tokens before the end)."""
+        start = self.tokenize("<|im_start|>", special=True)
+        if len(start) != 1 or self.token_text(start[0]) != "<|im_start|>":
+            return None
+        return ChatMarks(start[0], tuple(self.tokenize("assistant\n", special=False)))
+
+    def _open_prompt_cache(
+        self, path: Path, config: LoadConfig, cap: int
+    ) -> promptcache.PromptCache | None:
+        lc = bindings()
+        try:
+            model = promptcache.model_identity(path)
+        except OSError:
+            return None  # an unreadable shard: no cache, the model itself loaded
+        on_gpu = bool(lc.llama_supports_gpu_offload()) and config.placement.n_gpu_layers != 0
+        key = promptcache.key_for(
+            model,
+            promptcache.build_identity(lc),
+            kv_type=config.kv_type,
+            flash_attn=config.flash_attn,
+            on_gpu=on_gpu,
+        )
+        return promptcache.PromptCache(promptcache.folder(), cap, key)
 
     def _read_meta(self, path: Path) -> ModelMeta:
         lc = bindings()
@@ -257,6 +342,8 @@ class Engine:
         )
 
     def close(self) -> None:
+        if self._disk is not None:
+            self._disk.wait()  # a prompt being saved is finished, not cut short
         lc = loaded()
         if lc is None:
             return
@@ -333,10 +420,27 @@ class Engine:
         """Forget the KV cache (and recurrent state): the next prompt is evaluated whole."""
         bindings().llama_memory_clear(self._mem, True)
         self._cache = []
+        self.checkpoints.clear()
+        self._disk_base = 0
 
     @property
     def cached_tokens(self) -> int:
         return len(self._cache)
+
+    def common_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of `tokens` the context holds now."""
+        return _common_prefix(self._cache, tokens)
+
+    def cache_report(self) -> CacheReport:
+        store = self.checkpoints
+        return CacheReport(
+            checkpoints=self._recurrent,
+            checkpoint_count=store.count,
+            checkpoint_bytes=store.bytes,
+            checkpoint_max_count=store.max_count,
+            checkpoint_max_bytes=store.max_bytes,
+            disk=self._disk.report() if self._disk is not None else None,
+        )
 
     def generate(
         self,
@@ -355,24 +459,131 @@ class Engine:
             )
         return Generation(self, prompt, sampling or SamplingParams(), max_tokens, cancel)
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Drop what the cache holds past the common prefix; return how many tokens stay."""
+    def _reuse_prefix(self, prompt: list[int]) -> Reuse:
+        """Keep (or load) as much of `prompt` as possible; the caller evaluates the rest.
+
+        What the context holds is kept up to the common prefix: trimmed there on an
+        attention-only model; on a hybrid, whose recurrent state cannot be trimmed, taken
+        back to the latest checkpoint at or before it. When that leaves MIN_TOKENS or more to
+        evaluate, the prompt cache on disk is asked for a longer prefix. Anything refused on
+        the way clears the context: a full evaluation is always correct.
+        """
         lc = bindings()
         cache = self._cache
-        n = 0
-        limit = min(len(cache), len(prompt))
-        while n < limit and cache[n] == prompt[n]:
-            n += 1
         # The last prompt token must be evaluated again to get its logits.
-        n = min(n, len(prompt) - 1)
-        if n < len(cache):
-            # A recurrent state cannot roll back to an earlier position: llama.cpp refuses
-            # the partial removal, and then only a full re-evaluation is correct.
-            if n == 0 or not lc.llama_memory_seq_rm(self._mem, 0, n, -1):
-                lc.llama_memory_clear(self._mem, True)
-                n = 0
-            del cache[n:]
-        return n
+        common = min(_common_prefix(cache, prompt), len(prompt) - 1)
+        ckpt = None
+        if common == len(cache) or not self._recurrent:
+            planned = common
+        else:
+            ckpt = self.checkpoints.best(common)
+            planned = ckpt.n_tokens if ckpt is not None else 0
+        if self._disk is not None and len(prompt) - planned >= promptcache.MIN_TOKENS:
+            loaded_n = self._load_from_disk(prompt, planned)
+            if loaded_n > 0:
+                return Reuse(loaded_n, "disk")
+            if loaded_n < 0:
+                return Reuse(0, "")  # a refused entry cleared the context
+        if common == len(cache):
+            return Reuse(common, "cache" if common else "")
+        if not self._recurrent:
+            if common > 0 and lc.llama_memory_seq_rm(self._mem, 0, common, -1):
+                self._cut(common)
+                return Reuse(common, "cache")
+        elif ckpt is not None and self.checkpoints.restore(self._ctx, self._mem, ckpt):
+            self._cut(ckpt.n_tokens)
+            return Reuse(ckpt.n_tokens, "checkpoint")
+        self.reset()
+        return Reuse(0, "")
+
+    def _cut(self, n: int) -> None:
+        """The context now holds only the first `n` tokens of the cache."""
+        del self._cache[n:]
+        self.checkpoints.drop_after(n)
+        self._disk_base = min(self._disk_base, n)
+
+    def _load_from_disk(self, prompt: list[int], better_than: int) -> int:
+        """Load the disk entry that keeps most of `prompt`, if it keeps more than
+        `better_than` tokens. Returns the tokens kept; 0 if none was loaded (the context is
+        untouched); -1 if llama.cpp refused an entry (the context is cleared, the entry
+        removed)."""
+        disk = self._disk
+        assert disk is not None
+        limit = len(prompt) - 1
+        best: tuple[int, promptcache.Entry, promptcache.Section | None] | None = None
+        for entry in disk.candidates(prompt):
+            if entry.n_tokens >= self.n_ctx:
+                continue  # another context size saved it: fine there, too big here
+            common = min(_common_prefix(entry.tokens, prompt), limit)
+            part = None
+            if common >= entry.n_tokens or not self._recurrent:
+                use = min(common, entry.n_tokens)
+            else:
+                fits = [p for p in entry.partials if p.n_tokens <= common]
+                part = max(fits, key=lambda p: p.n_tokens, default=None)
+                use = part.n_tokens if part is not None else 0
+            if best is None or use > best[0]:
+                best = (use, entry, part)
+        if best is None or best[0] <= max(better_than, promptcache.BUCKET_TOKENS - 1):
+            return 0
+        use, entry, part = best
+        # Every byte is checked against its sha256 before llama.cpp sees it.
+        full = disk.read(entry, entry.full)
+        partial = disk.read(entry, part) if part is not None and full is not None else None
+        if full is None or (part is not None and partial is None):
+            return 0
+        lc = bindings()
+        ok = write_state(self._ctx, full, 0)
+        ok = ok and lc.llama_memory_seq_pos_max(self._mem, 0) == entry.n_tokens - 1
+        if ok and partial is not None:
+            ok = write_state(self._ctx, partial, partial_flag())
+        if ok and use < entry.n_tokens:
+            ok = bool(lc.llama_memory_seq_rm(self._mem, 0, use, -1))
+        if not ok:
+            disk.discard(entry)
+            self.reset()
+            return -1
+        self._cache = list(prompt[:use])
+        self.checkpoints.clear()
+        if partial is not None:
+            self.checkpoints.add(use, partial)
+        self._disk_base = use
+        disk.used(entry, use)
+        return use
+
+    def _prefill(self, prompt: list[int], start: int, cancel: threading.Event | None) -> bool:
+        """Evaluate `prompt[start:]`, stopping at checkpoint positions (hybrids) to save one.
+        False if cancelled (what was evaluated stays, with its checkpoints)."""
+        stops = positions(prompt, start, self._marks) if self.checkpoints.enabled else []
+        at = start
+        for stop in [*stops, len(prompt)]:
+            if not self._decode_chunk(prompt[at:stop], cancel):
+                return False
+            if stop < len(prompt):
+                self.checkpoints.save(self._ctx, stop)
+            at = stop
+        return True
+
+    def _save_to_disk(self, prompt: list[int]) -> None:
+        """After a prompt is evaluated: save it to the disk cache if it is worth it.
+
+        Only the copy out of llama.cpp happens here (the context holds exactly the prompt
+        now, before the first generated token); hashing and writing run in the background.
+        """
+        disk = self._disk
+        n = len(prompt)
+        least = promptcache.MIN_TOKENS
+        if disk is None or n < least or n - self._disk_base < least:
+            return
+        # No copy (hundreds of MiB for a long context) of a state the cache would not keep.
+        if not disk.would_keep(int(bindings().llama_state_seq_get_size_ext(self._ctx, 0, 0))):
+            return
+        full = read_state(self._ctx, 0)
+        if full is None:
+            return
+        partials = [(c.n_tokens, c.data) for c in self.checkpoints.share(n - 1)]
+        disk.save_async(promptcache.Snapshot(list(prompt), full, partials))
+        self._disk_base = n
 
     def _decode_chunk(self, tokens: list[int], cancel: threading.Event | None = None) -> bool:
         """Evaluate `tokens` in batches; False if `cancel` was set between two batches.
@@ -396,6 +607,14 @@ class Engine:
             self._cache.extend(chunk)
         return True
 
+    def _eog_ban(self) -> Any:
+        """A logit-bias sampler that rules out every end-of-generation token."""
+        lc = bindings()
+        n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        eog = [t for t in range(n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        biases = (lc.llama_logit_bias * len(eog))(*((t, float("-inf")) for t in eog))
+        return lc.llama_sampler_init_logit_bias(n_vocab, len(eog), biases)
+
     def _sampler_chain(self, s: SamplingParams) -> Any:
         lc = bindings()
         sp = lc.llama_sampler_chain_default_params()
@@ -407,6 +626,8 @@ class Engine:
                 chain,
                 lc.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, s.presence_penalty),
             )
+        if s.ban_eog:
+            add(chain, self._eog_ban())
         if s.temperature <= 0:
             add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -477,14 +698,17 @@ class Generation:
         lc.llama_perf_context_reset(ctx)
         chain = eng._sampler_chain(self._sampling)
         try:
-            n_keep = eng._reuse_prefix(self._prompt)
+            reuse = eng._reuse_prefix(self._prompt)
+            n_keep = reuse.n_tokens
             new = self._prompt[n_keep:]
-            if not eng._decode_chunk(new, self._cancel):
+            if not eng._prefill(self._prompt, n_keep, self._cancel):
                 # Ctrl-C during a long prompt: stop before the first token.
                 self.finish_reason = "cancelled"
                 t = time.perf_counter()
-                self.stats = self._stats(lc, chain, t0, t, 0.0, t, len(eng._cache) - n_keep)
+                n_eval = len(eng._cache) - n_keep
+                self.stats = self._stats(lc, chain, t0, t, 0.0, t, n_eval, reuse)
                 return
+            eng._save_to_disk(self._prompt)
             t_prefill = time.perf_counter()
 
             # The hot loop: sample, piece, decode. Everything else is kept out of it or
@@ -539,7 +763,7 @@ class Generation:
                 yield tail
             self.finish_reason = reason
             t_end = time.perf_counter()
-            self.stats = self._stats(lc, chain, t0, t_prefill, t_first, t_end, len(new))
+            self.stats = self._stats(lc, chain, t0, t_prefill, t_first, t_end, len(new), reuse)
         finally:
             lc.llama_sampler_free(chain)
 
@@ -552,6 +776,7 @@ class Generation:
         t_first: float,
         t_end: float,
         n_eval_prompt: int,
+        reuse: Reuse,
     ) -> GenStats:
         pc = lc.llama_perf_context(self._engine._ctx)
         ps = lc.llama_perf_sampler(chain)
@@ -569,4 +794,13 @@ class Generation:
             decode_wall_ms=decode_s * 1000,
             llama_eval_ms=float(pc.t_eval_ms + pc.t_p_eval_ms),
             llama_sample_ms=float(ps.t_sample_ms),
+            reused_tokens=reuse.n_tokens,
+            reused_from=reuse.source,
         )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

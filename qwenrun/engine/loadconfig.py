@@ -154,6 +154,11 @@ class LoadConfig:
 
     `use_mmap=None` lets the engine decide: off when tensors are overridden to the CPU,
     as llama.cpp's loader itself advises, on otherwise (fast start, shared page cache).
+    `extra_bufts=False` turns off llama.cpp's extra CPU buffer types (weights repacked for
+    AVX2/AVX-512/AMX kernels): slower CPU matmuls, but the plain kernels run on CPUs where
+    the AMX ones crash (see `engine/crash.py`).
+    `prompt_cache` caps the prompt cache on disk in bytes (`engine/promptcache.py`); 0 turns
+    it off, None leaves it to `QWENRUN_PROMPT_CACHE` or the default.
     """
 
     placement: Placement = field(default_factory=Placement)
@@ -164,6 +169,8 @@ class LoadConfig:
     flash_attn: FlashAttn = "auto"
     n_threads: int | None = None
     use_mmap: bool | None = None
+    extra_bufts: bool = True
+    prompt_cache: int | None = None
 
     def mmap_enabled(self) -> bool:
         if self.use_mmap is not None:
