@@ -28,6 +28,9 @@ ThinkingKind = Literal["hybrid", "thinking", "direct"]
 Arch = Literal["qwen3moe", "qwen3next", "qwen35moe"]
 
 HYBRID_ARCHES = ("qwen3next", "qwen35moe")
+# The llama.cpp architectures of Qwen's GGUFs that qwenrun plans and runs (dense Qwen3 and
+# Qwen3.5 too: the same loader rules, just no routed experts to place).
+QWEN_ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35", "qwen35moe")
 
 
 @dataclass(frozen=True)

@@ -24,31 +24,57 @@ Rules (each stated in the plan's reasons when it matters):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import catalog, errors, hwprobe
 from qwenrun.engine.loadconfig import KV_TYPES, LoadConfig, Placement
 from qwenrun.hub import names
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.planner import explain
-from qwenrun.planner.costs import DeviceBytes, Layout
+from qwenrun.planner.costs import CpuMoeFrom, DeviceBytes, Layout, usage
 from qwenrun.planner.facts import ModelFacts
 from qwenrun.planner.search import (
     MIN_CTX,
     PREFERRED_MIN_CTX,
     Budget,
     Fit,
+    cannot_fit,
+    cpu_moe_order,
     fit_option,
     fixed_cpu_moe,
 )
-from qwenrun.planner.speed import Speed, cpu_bandwidth, gpu_bandwidth, predict
+from qwenrun.planner.speed import cpu_bandwidth, gpu_bandwidth, predict
 
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
     from qwenrun.hub.header import GGUFInfo
+
+Prefer = Literal["quality", "balanced", "speed"]
+
+# How `--prefer balanced` (the default) trades quality for speed: the best quant that decodes
+# at BALANCED_SHARE of the fastest 4-bit-class quant's speed or more, or at BALANCED_ENOUGH_TOK_S
+# (past that, answers come faster than anyone reads, and quality is worth more than speed).
+BALANCED_SHARE = 0.8
+BALANCED_ENOUGH_TOK_S = 40.0
+# The 4-bit class: the smallest quants whose answers stay close to the full model's; below it
+# quality drops faster than speed grows, so `speed` never goes there on its own.
+FOUR_BIT = (
+    "UD-Q4_K_XL",
+    "Q4_K_L",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_1",
+    "IQ4_NL",
+    "UD-IQ4_XS",
+    "IQ4_XS",
+    "Q4_0",
+    "MXFP4_MOE",
+)
+_FOUR_BIT_FLOOR = max(catalog.quant_rank(q) for q in FOUR_BIT)
 
 # The smallest context anyone may ask for: llama.cpp pads contexts to 256 cells, and a
 # chat template alone takes dozens of tokens.
@@ -67,9 +93,11 @@ class Wishes:
     n_ctx: int | None = None
     kv_type: str | None = None
     cpu_moe: bool = False  # every layer's routed experts on the CPU
-    n_cpu_moe: int | None = None  # the first N layers' routed experts on the CPU
+    n_cpu_moe: int | None = None  # N layers' routed experts on the CPU (the first N alone)
+    cpu_moe_from: CpuMoeFrom | None = None  # which layers' experts: "first" or "last" N
     n_gpu_layers: int | None = None
     threads: int | None = None
+    prefer: Prefer = "balanced"  # how to weigh quality against speed when choosing the quant
     gpu_mem_bytes: int | None = None  # plan for a GPU of this size (0: no GPU)
     ram_bytes: int | None = None  # plan for this much RAM
 
@@ -92,8 +120,17 @@ class Wishes:
             raise errors.UsageError("--n-cpu-moe must be 0 or more")
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise errors.UsageError("--gpu-layers must be -1 (all) or more")
+        if self.cpu_moe_from is not None and self.cpu_moe_from not in ("first", "last"):
+            raise errors.UsageError(
+                f"--cpu-moe-from {self.cpu_moe_from!r} is not a choice",
+                hint="first (llama.cpp's --n-cpu-moe) or last (llama.cpp's --fit)",
+            )
         if self.threads is not None and self.threads < 1:
             raise errors.UsageError("--threads must be 1 or more")
+        if self.prefer not in ("quality", "balanced", "speed"):
+            raise errors.UsageError(
+                f"--prefer {self.prefer!r} is not a choice", hint="quality, balanced or speed"
+            )
         for flag, value in (("--gpu-mem", self.gpu_mem_bytes), ("--ram", self.ram_bytes)):
             if value is not None and value < 0:
                 raise errors.UsageError(f"{flag} cannot be negative")
@@ -109,6 +146,8 @@ class Wishes:
             out.append("--cpu-moe")
         if self.n_cpu_moe is not None:
             out.append(f"--n-cpu-moe {self.n_cpu_moe}")
+        if self.cpu_moe_from is not None:
+            out.append(f"--cpu-moe-from {self.cpu_moe_from}")
         if self.n_gpu_layers is not None:
             out.append(f"--gpu-layers {self.n_gpu_layers}")
         if self.kv_type:
@@ -118,16 +157,39 @@ class Wishes:
 
 @dataclass(frozen=True)
 class QuantOption:
-    """One quant of the model: its tensors, the files that hold it, their total size."""
+    """One quant of the model: its tensors, the files that hold it, their total size.
+
+    `source` is the quant's GGUF header, or a function that makes it (a catalog estimate):
+    then it is made only when the search reaches this quant.
+    """
 
     name: str
-    info: GGUFInfo
+    source: GGUFInfo | Callable[[], GGUFInfo]
     files: tuple[str, ...] = ()
     size_bytes: int = 0  # download size; 0: the tensor bytes
+    local: bool = False  # a file on disk: the quant is what it is, not a choice
+    # A catalog estimate: its facts come from `facts_source` (a cache) without the header.
+    estimate: bool = False
+    facts_source: Callable[[], ModelFacts] | None = None
 
     @property
     def total_bytes(self) -> int:
-        return self.size_bytes or sum(t.n_bytes for t in self.info.tensors)
+        return self.size_bytes or self.facts.file_bytes
+
+    @property
+    def estimated(self) -> bool:
+        return self.estimate or self.info.estimated
+
+    @functools.cached_property
+    def info(self) -> GGUFInfo:
+        return self.source() if callable(self.source) else self.source
+
+    @functools.cached_property
+    def facts(self) -> ModelFacts:
+        """The planner's condensed view of the tensors, computed once per option."""
+        if self.facts_source is not None:
+            return self.facts_source()
+        return ModelFacts.from_info(self.info)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,6 +245,11 @@ class Plan:
     prefill_rough: bool = True
     arch: str = ""
     repack_bytes: int = 0  # reported by llama.cpp as CPU_REPACK on top of CPU_Mapped
+    # What the user asked for that was clamped or is risky: shown even without --verbose.
+    warnings: tuple[str, ...] = ()
+    # The search's own terms for the placement (which run of layers, the boundary tensors),
+    # for `qwenrun bench` to try its neighbours.
+    layout: Layout | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -225,6 +292,7 @@ class Plan:
             "kv_type": self.load.kv_type,
             "n_batch": self.load.n_batch,
             "n_ubatch": self.load.n_ubatch,
+            "n_threads": self.load.n_threads,
             "n_gpu_layers": p.n_gpu_layers,
             "n_layer": self.n_layer,
             "cpu_moe_all": p.cpu_moe_all,
@@ -241,6 +309,7 @@ class Plan:
                 "prefill_rough": self.prefill_rough,
             },
             "reasons": list(self.reasons),
+            "warnings": list(self.warnings),
         }
 
 
@@ -255,7 +324,8 @@ def _apply_wishes(hw: HardwareProfile, wishes: Wishes) -> HardwareProfile:
 def _ordered(quants: Sequence[QuantOption], wishes: Wishes) -> list[QuantOption]:
     if not quants:
         raise errors.ModelNotFoundError("no quant to plan for", hint="check the model name")
-    options = sorted(quants, key=lambda q: (catalog.quant_rank(q.name), -q.total_bytes))
+    # Best first; the bigger file first within a rank (size as listed: no header is read).
+    options = sorted(quants, key=lambda q: (catalog.quant_rank(q.name), -q.size_bytes))
     if wishes.quant:
         want = catalog.normalize_quant(wishes.quant)
         options = [q for q in options if catalog.normalize_quant(q.name) == want]
@@ -274,27 +344,183 @@ def plan(
     hw: HardwareProfile,
     wishes: Wishes | None = None,
     spec: ModelSpec | None = None,
+    measured: Sequence[MeasuredPlacement] = (),
 ) -> Plan:
-    """The best plan for this model on this machine (see the module docstring)."""
+    """The best plan for this model on this machine (see the module docstring).
+
+    `measured` are placements `qwenrun bench` measured for this very file here: the fastest
+    one that fits is preferred to the search's pick (unless the user fixed the placement).
+    """
     wishes = wishes or Wishes()
     wishes.validate()
     hw = _apply_wishes(hw, wishes)
     budget = Budget.from_hw(hw)
     name = spec.display if spec is not None else None
-    options = [
-        (opt, ModelFacts.from_info(opt.info, name or _model_name(opt)))
-        for opt in _ordered(quants, wishes)
-    ]
+    ordered = _ordered(quants, wishes)
+    named: dict[int, ModelFacts] = {}
+
+    def facts_of(i: int) -> ModelFacts:
+        # Only for the quants the search reaches: facts are the costly part of planning.
+        if i not in named:
+            opt = ordered[i]
+            named[i] = replace(opt.facts, name=name or _model_name(opt))
+        return named[i]
+
     # A context of PREFERRED_MIN_CTX or more comes before quality; below it, quality first.
     passes = (PREFERRED_MIN_CTX, MIN_CTX) if wishes.n_ctx is None else (MIN_CTX,)
+    smallest = _hopeless(ordered, facts_of, budget, wishes)
+    if smallest is not None:
+        raise explain.does_not_fit(smallest, hw, budget, wishes, spec, _replan(quants, hw, spec))
     for least in passes:
         rejected: list[tuple[QuantOption, ModelFacts]] = []
-        for opt, facts in options:
-            fit = fit_option(facts, budget, wishes, hw.cpu_flags, least)
-            if fit is not None:
-                return _make_plan(opt, facts, fit, hw, budget, wishes, rejected, least, options)
-            rejected.append((opt, facts))
-    raise explain.does_not_fit(rejected, hw, budget, wishes, spec, _replan(quants, hw))
+        fitting: list[_Candidate] = []
+        for i, opt in enumerate(ordered):
+            if fitting and not _worth_trying(opt, fitting, wishes):
+                break
+            facts = facts_of(i)
+            fit = fit_option(facts, budget, wishes, _repack_flags(hw), least)
+            if fit is None:
+                if not fitting:
+                    rejected.append((opt, facts))
+                continue
+            decode = predict(facts, fit.layout, fit.use, hw, budget.has_gpu).decode_tok_s
+            fitting.append(_Candidate(opt, facts, fit, decode))
+        if fitting:
+            chosen, why = _choose(fitting, wishes)
+            fit, wishes_now, note = _prefer_measured(chosen, measured, budget, wishes, hw)
+            plan_ = _make_plan(
+                chosen.opt, chosen.facts, fit, hw, budget, wishes_now, rejected, least, why
+            )
+            return replace(plan_, reasons=(*plan_.reasons, note)) if note else plan_
+    raise explain.does_not_fit(rejected, hw, budget, wishes, spec, _replan(quants, hw, spec))
+
+
+# Catalog quants are sized from their recipes: the lowest-ranked are the smallest. When even
+# they cannot fit, neither can the rest, and the others' estimates need not be made.
+_SMALLEST_TO_CHECK = 3
+
+
+def _hopeless(
+    ordered: list[QuantOption],
+    facts_of: Callable[[int], ModelFacts],
+    budget: Budget,
+    wishes: Wishes,
+) -> list[tuple[QuantOption, ModelFacts]] | None:
+    """The smallest catalog quants, when they cannot fit at any context; else None."""
+    if len(ordered) <= _SMALLEST_TO_CHECK or any(q.size_bytes or q.local for q in ordered):
+        return None  # listed or local quants have real sizes: the search is cheap anyway
+    kv = (wishes.kv_type or "f16").lower()
+    last = range(len(ordered) - _SMALLEST_TO_CHECK, len(ordered))
+    smallest = [(ordered[i], facts_of(i)) for i in last]
+    for _opt, facts in smallest:
+        ctx = wishes.n_ctx or min(facts.ctx_native or MIN_CTX, MIN_CTX)
+        if not cannot_fit(facts, ctx, kv, budget):
+            return None
+    return smallest
+
+
+@dataclass(frozen=True)
+class MeasuredPlacement:
+    """A placement `qwenrun bench` measured for one model file on this machine."""
+
+    label: str
+    n_gpu_layers: int
+    n_cpu_moe: int
+    cpu_moe_from: CpuMoeFrom
+    cpu_tensors: tuple[str, ...]
+    n_ubatch: int
+    use_gpu: bool
+    threads: int | None
+    use_mmap: bool | None
+    decode_tok_s: float  # the median of its runs
+    runs: int
+
+
+def _prefer_measured(
+    chosen: _Candidate,
+    measured: Sequence[MeasuredPlacement],
+    budget: Budget,
+    wishes: Wishes,
+    hw: HardwareProfile,
+) -> tuple[Fit, Wishes, str | None]:
+    """The measured-fastest placement that fits now, in place of the search's pick."""
+    placed_by_user = (
+        wishes.cpu_moe
+        or wishes.n_cpu_moe is not None
+        or wishes.n_gpu_layers is not None
+        or wishes.cpu_moe_from is not None
+    )
+    fit = chosen.fit
+    if not measured or placed_by_user:
+        return fit, wishes, None
+    for m in sorted(measured, key=lambda m: -m.decode_tok_s):
+        if m.use_gpu != fit.layout.use_gpu:
+            continue
+        layout = replace(
+            fit.layout,
+            n_gpu_layers=m.n_gpu_layers,
+            n_cpu_moe=m.n_cpu_moe,
+            cpu_moe_from=m.cpu_moe_from,
+            cpu_tensors=m.cpu_tensors,
+            n_ubatch=m.n_ubatch,
+            n_batch=max(fit.layout.n_batch, m.n_ubatch),
+            use_mmap=m.use_mmap,
+        )
+        use = usage(chosen.facts, layout, _repack_flags(hw))
+        if not budget.fits(use):
+            continue
+        threads = wishes.threads if wishes.threads is not None else m.threads
+        note = (
+            f"placement measured fastest by `qwenrun bench` on this machine: {m.label} "
+            f"(median {m.decode_tok_s:.1f} tok/s over {m.runs} runs)"
+        )
+        return Fit(layout, use, fit.ctx_reason), replace(wishes, threads=threads), note
+    return fit, wishes, None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    opt: QuantOption
+    facts: ModelFacts
+    fit: Fit
+    decode_tok_s: float
+
+
+def _worth_trying(opt: QuantOption, fitting: list[_Candidate], wishes: Wishes) -> bool:
+    """Whether a worse quant can still be chosen, once a better one fits: only down to the
+    end of the 4-bit class, and only when the preference weighs speed at all."""
+    if wishes.prefer == "quality" or wishes.quant:
+        return False
+    return catalog.quant_rank(opt.name) <= _FOUR_BIT_FLOOR
+
+
+def _choose(fitting: list[_Candidate], wishes: Wishes) -> tuple[_Candidate, str | None]:
+    """The quant `--prefer` asks for among those that fit (best quality first), and why, in
+    words, when it is not simply the best that fits."""
+    best = fitting[0]
+    four_bit = [c for c in fitting if catalog.quant_rank(c.opt.name) <= _FOUR_BIT_FLOOR]
+    if wishes.prefer == "quality" or len(fitting) == 1 or not four_bit:
+        return best, None
+    fastest = max(four_bit, key=lambda c: c.decode_tok_s)
+    if wishes.prefer == "speed":
+        chosen = fastest
+        why = "the fastest quant of 4-bit class or better (--prefer speed)"
+    else:
+        floor = min(BALANCED_SHARE * fastest.decode_tok_s, BALANCED_ENOUGH_TOK_S)
+        chosen = next(c for c in fitting if c.decode_tok_s >= floor or c is fastest)
+        why = (
+            f"the best quant that decodes at {BALANCED_SHARE:.0%} of the fastest 4-bit "
+            f"quant's speed ({fastest.opt.name}, ≈ {fastest.decode_tok_s:.0f} tok/s) or at "
+            f"{BALANCED_ENOUGH_TOK_S:.0f} tok/s"
+        )
+    if chosen is best:
+        return best, None
+    why = (
+        f"{chosen.opt.name} (≈ {chosen.decode_tok_s:.0f} tok/s) is {why}; the best quant that "
+        f"fits, {best.opt.name}, would decode at ≈ {best.decode_tok_s:.0f} tok/s "
+        "(--prefer quality takes it)"
+    )
+    return chosen, why
 
 
 def _model_name(opt: QuantOption) -> str:
@@ -306,12 +532,19 @@ def _model_name(opt: QuantOption) -> str:
     return opt.info.arch
 
 
-def _replan(quants: Sequence[QuantOption], hw: HardwareProfile) -> explain.Replan:
+def _repack_flags(hw: HardwareProfile) -> frozenset[str]:
+    """The CPU flags llama.cpp's repacking goes by; none when its extra buffer types are off."""
+    return hw.cpu_flags if hw.extra_bufts else frozenset()
+
+
+def _replan(
+    quants: Sequence[QuantOption], hw: HardwareProfile, spec: ModelSpec | None
+) -> explain.Replan:
     """For the does-not-fit hint: what a relaxed wish would give, in a few words."""
 
     def attempt(wishes: Wishes) -> str | None:
         try:
-            p = plan(quants, hw, wishes)
+            p = plan(quants, hw, wishes, spec)
         except errors.DoesNotFitError:
             return None
         return f"{p.quant} at context {p.n_ctx:,}, about {p.decode_tok_s:.0f} tok/s"
@@ -332,13 +565,17 @@ def _make_plan(
     wishes: Wishes,
     rejected: list[tuple[QuantOption, ModelFacts]],
     least_ctx: int,
-    options: list[tuple[QuantOption, ModelFacts]],
+    chosen_because: str | None,
 ) -> Plan:
     layout, use = fit.layout, fit.use
-    load = _load_config(facts, layout, wishes)
+    warnings = _clamped(facts, wishes, hw)
+    threads = wishes.threads
+    if threads is not None and hw.logical_cores and threads > hw.logical_cores:
+        threads = hw.logical_cores
+    load = load_config(facts, layout, replace(wishes, threads=threads), hw.extra_bufts)
     gpu_bw = gpu_bandwidth(hw)
     cpu_bw, cpu_bw_note = cpu_bandwidth(hw)
-    sp = predict(facts, fit.layout, fit.use, hw, budget.has_gpu)
+    sp = predict(facts, fit.layout, fit.use, hw, budget.has_gpu, load.n_threads)
     gpu_dev = None
     if layout.use_gpu:
         gpu_dev = DevicePlan(
@@ -353,8 +590,8 @@ def _make_plan(
     )
     if wishes.n_ctx is None and least_ctx < PREFERRED_MIN_CTX:
         reasons.insert(1, f"no quant fits with {PREFERRED_MIN_CTX:,} tokens of context or more")
-    if not wishes.quant:
-        reasons.extend(_faster_option(opt, sp, options, hw, budget, wishes, least_ctx))
+    if chosen_because:
+        reasons[0] = chosen_because
     return Plan(
         model=facts.name,
         quant=opt.name,
@@ -368,46 +605,37 @@ def _make_plan(
         native_ctx=facts.ctx_native,
         decode_tok_s=sp.decode_tok_s,
         prefill_tok_s=sp.prefill_tok_s,
-        estimated=bool(getattr(opt.info, "estimated", False)),
+        estimated=opt.estimated,
         reasons=tuple(reasons),
         arch=facts.arch,
         repack_bytes=use.cpu.repack if load.mmap_enabled() else 0,
+        warnings=tuple(warnings),
+        layout=layout,
     )
 
 
-# Quality first can mean slow: when the chosen quant decodes below SLOW_TOK_S, the plan
-# names the best 4-bit-class quant if it would run markedly faster (the user decides).
-SLOW_TOK_S = 15.0
-FOUR_BIT = ("UD-Q4_K_XL", "Q4_K_L", "Q4_K_M", "Q4_K_S", "UD-IQ4_XS", "IQ4_XS", "IQ4_NL")
+def _clamped(facts: ModelFacts, wishes: Wishes, hw: HardwareProfile) -> list[str]:
+    """Settings the user gave that the model or machine cannot honour as written."""
+    out = []
+    if wishes.n_cpu_moe is not None and facts.is_moe and wishes.n_cpu_moe > facts.n_layer:
+        out.append(
+            f"--n-cpu-moe {wishes.n_cpu_moe:,} is more than the model's {facts.n_layer} "
+            "layers: every layer's routed experts go to the CPU"
+        )
+    if wishes.threads is not None and hw.logical_cores and wishes.threads > hw.logical_cores:
+        out.append(
+            f"--threads {wishes.threads:,} is more than this machine's {hw.logical_cores} "
+            f"CPU threads: using {hw.logical_cores}"
+        )
+    if wishes.n_ctx is not None and facts.ctx_native and wishes.n_ctx > facts.ctx_native:
+        out.append(
+            f"--ctx {wishes.n_ctx:,} is beyond the {facts.ctx_native:,} tokens the model was "
+            "trained for: answers may degrade past that point"
+        )
+    return out
 
 
-def _faster_option(
-    chosen: QuantOption,
-    sp: Speed,
-    options: list[tuple[QuantOption, ModelFacts]],
-    hw: HardwareProfile,
-    budget: Budget,
-    wishes: Wishes,
-    least_ctx: int,
-) -> list[str]:
-    if sp.decode_tok_s >= SLOW_TOK_S:
-        return []
-    rank = catalog.quant_rank(chosen.name)
-    for opt, facts in options:
-        name = catalog.normalize_quant(opt.name)
-        if name not in FOUR_BIT or catalog.quant_rank(name) <= rank:
-            continue
-        fit = fit_option(facts, budget, wishes, hw.cpu_flags, least_ctx)
-        if fit is None:
-            continue
-        faster = predict(facts, fit.layout, fit.use, hw, budget.has_gpu).decode_tok_s
-        if faster >= 1.4 * sp.decode_tok_s:
-            return [f"for speed: --quant {opt.name} would decode ≈ {faster:.0f} tok/s"]
-        return []
-    return []
-
-
-def _load_config(facts: ModelFacts, layout: Layout, wishes: Wishes) -> LoadConfig:
+def load_config(facts: ModelFacts, layout: Layout, wishes: Wishes, extra_bufts: bool) -> LoadConfig:
     if not layout.use_gpu:
         # Everything runs on the CPU anyway; expert flags still go to llama.cpp as given, as
         # its own `--cpu-moe` / `--n-cpu-moe` would (they also turn memory-mapping off).
@@ -415,14 +643,22 @@ def _load_config(facts: ModelFacts, layout: Layout, wishes: Wishes) -> LoadConfi
         placement = Placement(
             n_gpu_layers=0,
             cpu_moe_all=wishes.cpu_moe and facts.is_moe,
-            expert_cpu_layers=tuple(range(fixed)) if fixed and not wishes.cpu_moe else (),
+            expert_cpu_layers=tuple(
+                Layout(0, n_cpu_moe=fixed, cpu_moe_from=cpu_moe_order(wishes)).cpu_expert_layers(
+                    facts.n_layer
+                )
+            )
+            if fixed and not wishes.cpu_moe
+            else (),
         )
     elif facts.is_moe and layout.n_cpu_moe >= facts.n_layer and not layout.cpu_tensors:
         placement = Placement(n_gpu_layers=layout.n_gpu_layers, cpu_moe_all=True)
     else:
         placement = Placement(
             n_gpu_layers=layout.n_gpu_layers,
-            expert_cpu_layers=tuple(range(layout.n_cpu_moe)) if facts.is_moe else (),
+            expert_cpu_layers=tuple(layout.cpu_expert_layers(facts.n_layer))
+            if facts.is_moe
+            else (),
             expert_cpu_tensors=layout.cpu_tensors,
         )
     return LoadConfig(
@@ -430,7 +666,10 @@ def _load_config(facts: ModelFacts, layout: Layout, wishes: Wishes) -> LoadConfi
         n_ctx=layout.n_ctx,
         kv_type=layout.kv_type,
         n_ubatch=layout.n_ubatch,
+        n_batch=max(layout.n_batch, layout.n_ubatch),
         n_threads=wishes.threads,
+        extra_bufts=extra_bufts,
+        use_mmap=layout.use_mmap,
     )
 
 
@@ -439,20 +678,38 @@ def _load_config(facts: ModelFacts, layout: Layout, wishes: Wishes) -> LoadConfi
 
 
 def quant_name_for(info: GGUFInfo, path: str | Path) -> str:
-    """The quant a GGUF holds: from its file name (`…-UD-Q4_K_XL.gguf`), else its file type."""
-    return names.parse_quant(str(path)) or info.file_type or "unknown"
+    """The quant a GGUF holds: from its file name (`…-UD-Q4_K_XL.gguf`), else its file type,
+    else the type holding most of its weight bytes (`F32`, `Q8_0`)."""
+    named = names.parse_quant(str(path)) or info.file_type
+    if named:
+        return named.removeprefix("ALL_")  # llama.cpp's ftype of a float file is ALL_F32
+    by_type: dict[str, int] = {}
+    for t in info.tensors:
+        if len(t.shape) >= 2:
+            by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_bytes
+    return max(by_type, key=lambda k: by_type[k]) if by_type else "unknown"
 
 
-def plan_for_file(path: str | Path, hw: HardwareProfile, wishes: Wishes | None = None) -> Plan:
+def plan_for_file(
+    path: str | Path,
+    hw: HardwareProfile,
+    wishes: Wishes | None = None,
+    measured: Sequence[MeasuredPlacement] = (),
+) -> Plan:
     """Read a local GGUF (all shards) and plan it: exact bytes from its header."""
     from qwenrun.hub import header
 
     info = header.read_local(path)
+    if info.arch not in catalog.QWEN_ARCHES:
+        raise errors.UnsupportedModelError(
+            f"{Path(path).name}: architecture {info.arch!r} is not one qwenrun plans for",
+            hint=f"qwenrun runs Qwen GGUFs: {', '.join(catalog.QWEN_ARCHES)}",
+        )
     files = tuple(info.files) or (str(path),)
     size = sum(Path(f).stat().st_size for f in files if Path(f).exists())
-    option = QuantOption(quant_name_for(info, path), info, files, size)
+    option = QuantOption(quant_name_for(info, path), info, files, size, local=True)
     # The file is the quant: a --quant wish cannot choose another one here.
-    return plan([option], hw, replace(wishes or Wishes(), quant=None))
+    return plan([option], hw, replace(wishes or Wishes(), quant=None), measured=measured)
 
 
 # --------------------------------------------------------------------------------------
@@ -486,15 +743,31 @@ OFFLINE_QUANTS: tuple[str, ...] = (
 def options_for_spec(spec: ModelSpec, quants: Sequence[str] = OFFLINE_QUANTS) -> list[QuantOption]:
     """Quants of `spec` with estimated tensor lists (no network); quants without a size
     recipe are left out (they cannot be planned before download)."""
-    from qwenrun.planner import recipes
-
     out = []
     for q in quants:
-        try:
-            out.append(QuantOption(q, recipes.estimate(spec, q)))
-        except errors.UsageError:
-            continue
+        option = _catalog_option(spec, q)
+        if option is not None:
+            out.append(option)
     return out
+
+
+@functools.lru_cache(maxsize=512)
+def _catalog_option(spec: ModelSpec, quant: str) -> QuantOption | None:
+    """One estimated quant, kept for the process: probe, the default model and the
+    does-not-fit alternatives plan the same catalog quants again and again."""
+    from qwenrun.planner import factcache, recipes
+
+    if not recipes.has_recipe(quant, spec.shape.arch):
+        return None
+    make = functools.partial(recipes.estimate, spec, quant)
+    return QuantOption(
+        quant,
+        make,
+        estimate=True,
+        facts_source=functools.partial(
+            factcache.cached_facts, spec, quant, lambda: ModelFacts.from_info(make())
+        ),
+    )
 
 
 def plan_for_spec(

@@ -134,22 +134,27 @@ def test_more_ram_never_gives_a_worse_quant():
 # Placement details
 
 
-def test_12gib_gpu_puts_most_experts_on_cpu_and_fills_the_rest():
+@pytest.mark.parametrize("order", ["last", "first"])
+def test_12gib_gpu_puts_most_experts_on_cpu_and_fills_the_rest(order):
     hw = machine(12, 32)
-    p = plan_or_none(QWEN3_30B, hw, Wishes(quant="Q4_K_M"))
+    wishes = Wishes(quant="Q4_K_M", cpu_moe_from=None if order == "last" else "first")
+    p = plan_or_none(QWEN3_30B, hw, wishes)
     assert p is not None and p.gpu is not None
     pl = p.load.placement
     assert pl.n_gpu_layers == -1
     n = len(pl.expert_cpu_layers)
-    assert pl.expert_cpu_layers == tuple(range(n))  # --n-cpu-moe semantics: the first N
+    # By default the last N layers' experts (llama.cpp's --fit); asked, the first N.
+    run = tuple(range(48 - n, 48)) if order == "last" else tuple(range(n))
+    assert pl.expert_cpu_layers == run
     assert 24 <= p.cpu_expert_layers < 48  # most, not all
-    # The single tensors left on the CPU belong to the next layer, and the VRAM left over
-    # cannot take another of them.
+    # The single tensors left on the CPU belong to the layer next to the run, and the VRAM
+    # left over cannot take another of them.
+    boundary_layer = 48 - n - 1 if order == "last" else n
     leftover = p.gpu.budget - p.gpu.bytes.used
     for name in pl.expert_cpu_tensors:
-        assert name.startswith(f"blk.{n}.")
+        assert name.startswith(f"blk.{boundary_layer}.")
     info = next(o for o in options(QWEN3_30B) if o.name == "Q4_K_M").info
-    boundary = [t for t in info.tensors if t.layer == n and t.is_routed_expert]
+    boundary = [t for t in info.tensors if t.layer == boundary_layer and t.is_routed_expert]
     on_gpu = [t for t in boundary if t.name not in pl.expert_cpu_tensors]
     still_cpu = [t for t in boundary if t.name in pl.expert_cpu_tensors]
     if still_cpu:
@@ -158,7 +163,7 @@ def test_12gib_gpu_puts_most_experts_on_cpu_and_fills_the_rest():
     # Override patterns are llama.cpp's: per layer, then exact tensor names.
     pats = [pat for pat, buft in pl.override_patterns()]
     assert all(buft == "CPU" for _, buft in pl.override_patterns())
-    assert pats[0] == r"blk\.0\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    assert pats[0] == rf"blk\.{run[0]}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
     assert not p.load.mmap_enabled()
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from qwenrun.planner.facts import ModelFacts, pad_ctx
 from qwenrun.units import MIB
@@ -64,12 +65,17 @@ COMPUTE_SLACK_BYTES = 4 * MIB
 # A layout and what it costs
 
 
+CpuMoeFrom = Literal["first", "last"]
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where things go, in llama.cpp's terms.
 
-    `n_cpu_moe` whole trunk layers (0..n-1) keep their routed experts on the CPU; the named
-    `cpu_tensors` (routed-expert tensors of layer n) stay there too.
+    `n_cpu_moe` whole trunk layers keep their routed experts on the CPU: the first ones
+    (0..n-1, llama.cpp's `--n-cpu-moe`) or the last ones (what llama.cpp's `--fit` does),
+    as `cpu_moe_from` says. The named `cpu_tensors` (routed-expert tensors of the boundary
+    layer, the GPU layer next to that run: `boundary_layer`) stay on the CPU too.
     """
 
     n_ctx: int
@@ -80,6 +86,19 @@ class Layout:
     n_ubatch: int = 512
     flash_attn: bool = True
     use_gpu: bool = True
+    cpu_moe_from: CpuMoeFrom = "first"
+    n_batch: int = 2048
+    use_mmap: bool | None = None  # None: llama.cpp's advice (off when tensors are moved)
+
+    def cpu_expert_layers(self, n_layer: int) -> range:
+        """The trunk layers whose routed experts all sit on the CPU."""
+        k = min(max(0, self.n_cpu_moe), n_layer)
+        return range(k) if self.cpu_moe_from == "first" else range(n_layer - k, n_layer)
+
+    def boundary_layer(self, n_layer: int) -> int:
+        """The layer whose single expert tensors (`cpu_tensors`) may sit on the CPU too."""
+        k = min(max(0, self.n_cpu_moe), n_layer)
+        return k if self.cpu_moe_from == "first" else n_layer - k - 1
 
 
 @dataclass(frozen=True)
@@ -133,14 +152,19 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
     n = facts.n_layer
     first = min(first_gpu_layer(facts, layout), n)
     output_on_gpu = layout.use_gpu and first_gpu_layer(facts, layout) <= facts.n_layer_all
-    n_cpu_moe = min(max(0, layout.n_cpu_moe), n)
-    boundary = n_cpu_moe  # the layer whose single tensors may stay on the CPU
+    cpu_moe = layout.cpu_expert_layers(n)
+    boundary = layout.boundary_layer(n)  # the layer whose single tensors may stay on the CPU
     extra = _tensor_bytes(facts, boundary, layout.cpu_tensors) if boundary >= first else 0
     if not layout.use_gpu:
         first, output_on_gpu, extra = n, False, 0
+    # The layers whose experts are on the GPU: from the first GPU layer, minus the CPU run.
+    if layout.cpu_moe_from == "first":
+        gpu_from, gpu_to = max(first, cpu_moe.stop), n
+    else:
+        gpu_from, gpu_to = first, max(first, cpu_moe.start)
 
     gpu_dense = s.dense_suffix[first] + (facts.output_bytes if output_on_gpu else 0)
-    gpu_experts = s.expert_suffix[max(first, n_cpu_moe)] - extra
+    gpu_experts = s.expert_suffix[gpu_from] - s.expert_suffix[gpu_to] - extra
     cpu_dense = facts.total_dense_bytes - s.dense_suffix[first] + facts.token_embd_bytes
     if not output_on_gpu:
         # a tied output shares token_embd's data on the CPU: no second copy there
@@ -155,7 +179,12 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
     # Weights in host memory that big batches copy to the GPU, one layer's worth at a time.
     host_copy = 0
     if layout.use_gpu and layout.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
-        host_copy = max(s.layer_max_prefix[first], s.expert_max_prefix[n_cpu_moe], extra)
+        run_max = (
+            s.expert_max_prefix[cpu_moe.stop]
+            if layout.cpu_moe_from == "first"
+            else s.expert_max_suffix[cpu_moe.start]
+        )
+        host_copy = max(s.layer_max_prefix[first], run_max, extra)
     gpu_compute, cpu_compute = compute_bytes(facts, layout, output_on_gpu, host_copy)
     repack = 0 if layout.use_gpu else repack_bytes(facts, cpu_flags)
 
@@ -175,7 +204,7 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
         output=facts.n_vocab * 4,
         repack=repack,
     )
-    on_gpu = n - max(first, n_cpu_moe) - (1 if extra else 0)
+    on_gpu = gpu_to - gpu_from - (1 if extra else 0)
     return Usage(gpu=gpu, cpu=cpu, gpu_expert_layers=max(0, on_gpu), first_gpu_layer=first)
 
 

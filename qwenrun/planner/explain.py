@@ -19,7 +19,7 @@ from qwenrun.engine.loadconfig import LoadConfig, layer_ranges
 from qwenrun.planner.costs import Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
 from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Budget, Fit
-from qwenrun.planner.speed import Speed
+from qwenrun.planner.speed import PLAN_CONTEXT_TOKENS, PLAN_PROMPT_TOKENS, Speed
 from qwenrun.units import GIB
 from qwenrun.units import gib as fmt_bytes
 
@@ -48,6 +48,8 @@ def reasons(
     out: list[str] = []
     if wishes.quant:
         out.append(f"quant {opt.name}, as asked")
+    elif opt.local:
+        out.append(f"quant {opt.name}: the file's own")
     elif rejected:
         better = ", ".join(f"{q.name} ({fmt_bytes(f.weight_bytes)})" for q, f in rejected[:3])
         more = f" (and {len(rejected) - 3} more)" if len(rejected) > 3 else ""
@@ -60,12 +62,12 @@ def reasons(
     out.append(_machine_reason(hw, budget))
     out.extend(_placement_reasons(facts, layout, use, budget, hw))
     out.append(_cache_reason(facts, layout))
-    out.append(_speed_reason(layout, sp, gpu_bw, cpu_bw, cpu_bw_note))
+    out.append(_speed_reason(layout, sp, gpu_bw, cpu_bw, cpu_bw_note, bool(hw.speed_params)))
+    if not hw.extra_bufts and hw.cpu_kernels:
+        out.append(hw.cpu_kernels)
     if layout.use_gpu and not load.mmap_enabled():
         out.append("memory-mapping off: llama.cpp advises it when tensors are moved to the CPU")
-    if layout.n_ctx > (facts.ctx_native or layout.n_ctx):
-        out.append(f"context beyond the native {facts.ctx_native:,}: answers may degrade")
-    if getattr(opt.info, "estimated", False):
+    if opt.estimated:
         out.append(
             "sizes are estimated from the catalog's shapes and the quant's recipe; "
             "the downloaded file's header gives the exact bytes"
@@ -106,15 +108,17 @@ def _placement_reasons(
         if layout.n_cpu_moe == 0 and not layout.cpu_tensors:
             out.append(f"every layer's routed experts on the GPU ({n} layers)")
         else:
-            cpu_layers = list(range(layout.n_cpu_moe))
+            cpu_layers = list(layout.cpu_expert_layers(n))
             text = f"routed experts of {layer_ranges(cpu_layers)} on the CPU" if cpu_layers else ""
             if layout.cpu_tensors:
                 part = (
-                    f"{len(layout.cpu_tensors)} expert tensor(s) of layer {layout.n_cpu_moe} "
-                    "too (the rest of that layer fills the VRAM left over)"
+                    f"{len(layout.cpu_tensors)} expert tensor(s) of layer "
+                    f"{layout.boundary_layer(n)} too (the rest of that layer fills the VRAM left "
+                    "over)"
                 )
                 text = f"{text}, and {part}" if text else f"routed experts: {part} on the CPU"
             out.append(f"{text}; the other {on_gpu} layers' experts on the GPU")
+            out.append(_order_reason(layout, n))
     out.append(
         "attention, norms, router"
         + (", shared experts" if facts.has_shared_expert else "")
@@ -126,6 +130,15 @@ def _placement_reasons(
             f"{budget.n_gpus} GPUs planned as one pool; llama.cpp splits layers by free memory"
         )
     return out
+
+
+def _order_reason(layout: Layout, n_layer: int) -> str:
+    if layout.cpu_moe_from == "last":
+        return (
+            "the last layers' experts go to the CPU, as llama.cpp's --fit places them "
+            "(--cpu-moe-from first keeps the first ones there instead)"
+        )
+    return "the first layers' experts go to the CPU, as llama.cpp's --n-cpu-moe places them"
 
 
 def _cache_reason(facts: ModelFacts, layout: Layout) -> str:
@@ -142,15 +155,27 @@ def _cache_reason(facts: ModelFacts, layout: Layout) -> str:
     return text
 
 
-def _speed_reason(layout: Layout, sp: Speed, gpu_bw: float, cpu_bw: float, note: str) -> str:
-    parts = [f"predicted decode ≈ {sp.decode_tok_s:.0f} tok/s:"]
-    if layout.use_gpu:
+def _speed_reason(
+    layout: Layout, sp: Speed, gpu_bw: float, cpu_bw: float, note: str, calibrated: bool
+) -> str:
+    source = (
+        "fitted to this machine's `qwenrun bench` runs"
+        if calibrated
+        else "calibrated on H200 measurements; `qwenrun bench` fits it to this machine"
+    )
+    parts = [
+        f"predicted decode ≈ {sp.decode_tok_s:.0f} tok/s at {PLAN_CONTEXT_TOKENS:,} tokens of "
+        f"context ({source}):"
+    ]
+    if sp.gpu_bytes_per_token:
         parts.append(
-            f"{sp.gpu_bytes_per_token / 1e9:.2f} GB per token from VRAM at {gpu_bw:.0f} GB/s,"
+            f"{sp.gpu_bytes_per_token / 1e9:.2f} GB per token from VRAM (card peak "
+            f"{gpu_bw:.0f} GB/s),"
         )
     parts.append(
-        f"{sp.cpu_bytes_per_token / 1e9:.2f} GB from RAM at {cpu_bw:.0f} GB/s ({note});"
-        f" prefill ≈ {sp.prefill_tok_s:.0f} tok/s (rough)"
+        f"{sp.cpu_bytes_per_token / 1e9:.2f} GB from RAM ({cpu_bw:.0f} GB/s, {note}), plus "
+        "fixed costs per layer and per token; prefill of a "
+        f"{PLAN_PROMPT_TOKENS}-token prompt ≈ {sp.prefill_tok_s:,.0f} tok/s"
     )
     return " ".join(parts)
 

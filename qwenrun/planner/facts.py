@@ -16,11 +16,12 @@ hybrids (Qwen3-Next, Qwen3.5/3.6) keep a KV cache only in the layers with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qwenrun.engine.loadconfig import KV_TYPES
 
@@ -43,8 +44,7 @@ def kv_row_bytes(kv_type: str, n_elements: int) -> int:
 # Facts about one GGUF
 
 
-@dataclass(frozen=True)
-class ExpertTensor:
+class ExpertTensor(NamedTuple):
     name: str
     n_bytes: int
 
@@ -135,6 +135,28 @@ class ModelFacts:
     @property
     def rs_bytes(self) -> int:
         return len(self.recr_layers) * self.rs_bytes_per_layer
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (lists for tuples), for the on-disk cache of catalog facts."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["expert_tensors"] = [
+            [(t.name, t.n_bytes) for t in layer] for layer in self.expert_tensors
+        ]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelFacts:
+        """The inverse of `to_json`; `KeyError`/`TypeError`/`ValueError` on a foreign value."""
+        values = dict(data)
+        # The cache is ours (stamped): no per-value checks, only the shapes put back.
+        make = ExpertTensor._make
+        values["expert_tensors"] = tuple(
+            tuple(map(make, layer)) for layer in data["expert_tensors"]
+        )
+        values["layer_types"] = tuple(tuple(map(tuple, layer)) for layer in data["layer_types"])
+        for key in ("attn_layers", "recr_layers", "dense_bytes", "expert_bytes"):
+            values[key] = tuple(data[key])
+        return cls(**values)
 
     @classmethod
     def from_info(cls, info: GGUFInfo, name: str | None = None) -> ModelFacts:
@@ -270,6 +292,7 @@ class _Sums:
     recr_suffix: tuple[int, ...]
     layer_max_prefix: tuple[int, ...]  # max over [0:i) of dense + experts
     expert_max_prefix: tuple[int, ...]  # max over [0:i) of experts
+    expert_max_suffix: tuple[int, ...]  # max over [i:n) of experts
 
 
 def _sums(facts: ModelFacts) -> _Sums:
@@ -289,6 +312,12 @@ def _sums(facts: ModelFacts) -> _Sums:
             out[i + 1] = max(out[i], values[i])
         return tuple(out)
 
+    def suffix_max(values: Sequence[int]) -> tuple[int, ...]:
+        out = [0] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            out[i] = max(out[i + 1], values[i])
+        return tuple(out)
+
     per_layer = [d + e for d, e in zip(facts.dense_bytes, facts.expert_bytes, strict=True)]
     return _Sums(
         dense_suffix=suffix(facts.dense_bytes),
@@ -297,4 +326,5 @@ def _sums(facts: ModelFacts) -> _Sums:
         recr_suffix=suffix([1 if i in recr else 0 for i in range(n)]),
         layer_max_prefix=prefix_max(per_layer),
         expert_max_prefix=prefix_max(facts.expert_bytes),
+        expert_max_suffix=suffix_max(facts.expert_bytes),
     )

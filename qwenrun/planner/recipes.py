@@ -11,16 +11,21 @@ here reads a file or knows about devices.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-
-import gguf
+from typing import TYPE_CHECKING
 
 from qwenrun import errors
 from qwenrun.catalog import ModelShape, ModelSpec, TensorShape, normalize_quant, tensor_layout
 from qwenrun.engine.loadconfig import layer_of
-from qwenrun.hub.header import GGUFInfo, TensorInfo, tensor_bytes
+
+if TYPE_CHECKING:
+    from qwenrun.hub.header import GGUFInfo
+
+# The `gguf` package (and numpy under it) is imported only when an estimate is made: planning
+# from cached facts (`factcache`) must not pay ~0.2 s for it.
 
 _EMBD_OUTPUT = ("token_embd.weight", "output.weight")
 
@@ -291,7 +296,10 @@ class _TypeChooser:
         }.get(f, new)
 
 
+@functools.lru_cache(maxsize=64)
 def _block(type_name: str) -> int:
+    import gguf
+
     return int(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0])
 
 
@@ -325,6 +333,15 @@ def recipe_for(quant: str, arch: str | None = None) -> QuantRecipe:
             hint="known quants: " + ", ".join(sorted(RECIPES)),
         )
     return recipe
+
+
+def has_recipe(quant: str, arch: str | None = None) -> bool:
+    """Whether `estimate` can size this quant (without building anything)."""
+    try:
+        recipe_for(quant, arch)
+    except errors.UsageError:
+        return False
+    return True
 
 
 def _forced(recipe: QuantRecipe, t: TensorShape) -> str | None:
@@ -363,6 +380,10 @@ def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFI
     unsloth's `UD-` quants are approximations (RECIPES). `include_mtp` adds the MTP
     block that the `-MTP-GGUF` repos carry. An unknown quant is a `UsageError`.
     """
+    import gguf
+
+    from qwenrun.hub.header import GGUFInfo, TensorInfo, tensor_bytes
+
     name = normalize_quant(quant)
     layout = tensor_layout(spec.shape, include_mtp=include_mtp)
     types = tensor_types(spec.shape, name, layout)
@@ -401,6 +422,8 @@ def _estimated_metadata(spec: ModelSpec, quant: str, include_mtp: bool) -> dict[
         f"{a}.expert_used_count": s.n_expert_used,
         f"{a}.expert_feed_forward_length": s.expert_ff,
     }
+    import gguf
+
     ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{quant}", None)
     if ftype is not None:
         meta["general.file_type"] = int(ftype)

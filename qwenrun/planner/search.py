@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.planner.costs import Layout, Usage, usage
+from qwenrun.planner.costs import CpuMoeFrom, Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
 from qwenrun.units import GIB, MIB
 
@@ -99,6 +99,14 @@ class Fit:
 def fixed_cpu_moe(facts: ModelFacts, wishes: Wishes) -> int | None:
     """The layers whose experts the user put on the CPU (`--cpu-moe`: all); None if free."""
     return facts.n_layer if wishes.cpu_moe else wishes.n_cpu_moe
+
+
+def cpu_moe_order(wishes: Wishes) -> CpuMoeFrom:
+    """Which layers' experts go to the CPU: the user's choice; `--n-cpu-moe N` alone means the
+    first N, as in llama.cpp; otherwise the last ones, as llama.cpp's `--fit` chooses."""
+    if wishes.cpu_moe_from is not None:
+        return wishes.cpu_moe_from
+    return "first" if wishes.n_cpu_moe is not None else "last"
 
 
 def _ctx_candidates(facts: ModelFacts, wishes: Wishes, least: int) -> list[int]:
@@ -199,14 +207,16 @@ def _place_experts(
 def _fill_boundary(
     facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
 ) -> tuple[Layout, Usage]:
-    """Move single expert tensors of the last CPU layer back to the GPU while they fit."""
-    layer = layout.n_cpu_moe - 1
+    """Move single expert tensors of the CPU run's innermost layer back to the GPU while they
+    fit: that layer becomes the boundary of a run one layer shorter."""
+    shorter = replace(layout, n_cpu_moe=layout.n_cpu_moe - 1)
+    layer = shorter.boundary_layer(facts.n_layer)
     tensors = sorted(facts.expert_tensors[layer], key=lambda t: -t.n_bytes)
     on_cpu = [t.name for t in tensors]
     best = (layout, use)
     for t in tensors:
         trial = [name for name in on_cpu if name != t.name]
-        candidate = replace(layout, n_cpu_moe=layer, cpu_tensors=tuple(trial))
+        candidate = replace(shorter, cpu_tensors=tuple(trial))
         found = _fits(facts, candidate, budget, flags)
         if found is not None:
             on_cpu = trial
@@ -225,9 +235,15 @@ def fit_option(
     use_gpu = budget.has_gpu and wishes.n_gpu_layers != 0
     candidates = _ctx_candidates(facts, wishes, least_ctx)
     for i, ctx in enumerate(candidates):
-        if _cannot_fit(facts, ctx, kv, budget):
+        if cannot_fit(facts, ctx, kv, budget):
             continue
-        base = Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=use_gpu, n_ubatch=N_UBATCH)
+        base = Layout(
+            n_ctx=pad_ctx(ctx),
+            kv_type=kv,
+            use_gpu=use_gpu,
+            n_ubatch=N_UBATCH,
+            cpu_moe_from=cpu_moe_order(wishes),
+        )
         if not use_gpu:
             base = replace(base, n_gpu_layers=0)
         found = _place(facts, base, budget, wishes, flags)
@@ -241,11 +257,12 @@ def fit_option(
             why = ctx_default_reason(facts, layout.n_ctx)
         else:
             why = f"the largest that fits (tried {candidates[0]:,} first)"
+        layout, use = _grow_ubatch(facts, layout, use, budget, flags)
         return Fit(layout, use, why)
     return None
 
 
-def _cannot_fit(facts: ModelFacts, ctx: int, kv: str, budget: Budget) -> bool:
+def cannot_fit(facts: ModelFacts, ctx: int, kv: str, budget: Budget) -> bool:
     """A quick lower bound: weights and caches alone exceed VRAM and RAM together."""
     need = facts.weight_bytes + facts.kv_bytes(ctx, kv) + facts.rs_bytes
     return need > budget.gpu + budget.ram
@@ -259,6 +276,33 @@ def ctx_default_reason(facts: ModelFacts, n_ctx: int) -> str:
         return f"grown past {DEFAULT_CTX_CAP:,} because the whole model fits on the GPU"
     suffix = f" of the model's native {native:,}" if native else ""
     return f"qwenrun's default cap{suffix}; --ctx asks for more"
+
+
+# Micro-batch sizes worth trying when experts sit in RAM, biggest first (what llama.cpp users
+# set with -ub/-b for MoE offload).
+UBATCH_STEPS = (4096, 2048, 1024)
+
+
+def _grow_ubatch(
+    facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
+) -> tuple[Layout, Usage]:
+    """With experts in RAM, a bigger micro-batch in the VRAM left over after the placement.
+
+    For batches of 32+ tokens ggml copies the host-held experts a batch uses to the GPU once
+    per micro-batch, so prefill grows with `n_ubatch`; the cost is a bigger compute buffer.
+    Only VRAM the placement left unused is spent: the placement (decode speed) never changes.
+    """
+    host_experts = layout.n_cpu_moe > 0 or bool(layout.cpu_tensors)
+    if not (layout.use_gpu and facts.is_moe and host_experts):
+        return layout, use
+    for ub in UBATCH_STEPS:
+        if ub <= layout.n_ubatch:
+            break
+        bigger = replace(layout, n_ubatch=ub, n_batch=max(layout.n_batch, ub))
+        found = _fits(facts, bigger, budget, flags)
+        if found is not None:
+            return bigger, found
+    return layout, use
 
 
 def _grow_ctx(
