@@ -3,7 +3,9 @@
 Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's
 own chat template (`template.ChatTemplate`, `enable_thinking` set per turn), picks the
 sampling preset for the turn's mode, and saves and loads JSON transcripts; thinking text is
-kept for the transcript but never sent back to the model (Qwen's guidance).
+kept for the transcript but never sent back to the model (Qwen's guidance). Turns, settings
+and the transcript file format are `transcript.py`'s: a save is all or nothing and a load that
+fails changes nothing.
 `stream_turn(engine, conv, text)` runs one turn and yields what happens as plain events
 (notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the
 shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL,
@@ -26,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from qwenrun import errors
 from qwenrun.engine.llama import GenStats, SamplingParams
@@ -39,41 +41,20 @@ from qwenrun.template import (
     model_profile,
 )
 from qwenrun.thinking import Answer, Thinking, ThinkingBudget, ThinkSplitter, prompt_opens_thinking
+from qwenrun.transcript import (
+    TRANSCRIPT_FORMAT,
+    Turn,
+    parse_setting,
+    read_transcript,
+    write_file_atomically,
+)
 
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
-    from qwenrun.engine.llama import Engine
-
-# `/set` names → SamplingParams fields (max-tokens is the conversation's own).
-SETTINGS: dict[str, tuple[str, type]] = {
-    "temp": ("temperature", float),
-    "top-p": ("top_p", float),
-    "top-k": ("top_k", int),
-    "min-p": ("min_p", float),
-    "presence-penalty": ("presence_penalty", float),
-    "seed": ("seed", int),
-    "max-tokens": ("max_tokens", int),
-}
-
-# Field names (transcripts, keyword arguments) → the `/set` names.
-_SETTING_ALIASES = {field: key for key, (field, _kind) in SETTINGS.items()} | {
-    k.replace("-", "_"): k for k in SETTINGS
-}
-
-TRANSCRIPT_FORMAT = "qwenrun-transcript/1"
-
+    from qwenrun.engine.llama import Engine, Generation
 
 # --------------------------------------------------------------------------------------
 # The conversation
-
-
-@dataclass
-class Turn:
-    user: str
-    answer: str
-    thinking: str = ""
-    mode: Mode = "direct"
-    cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,21 +144,9 @@ class Conversation:
 
     def set(self, key: str, value: Any) -> None:
         """One `/set` (or command-line) setting by its user-facing name, e.g. `top-p`."""
-        key = _SETTING_ALIASES.get(key, key)
-        if key not in SETTINGS:
-            raise errors.UsageError(
-                f"unknown setting {key!r}", hint=f"one of: {', '.join(SETTINGS)}"
-            )
-        name, kind = SETTINGS[key]
-        try:
-            typed = kind(value)
-        except (TypeError, ValueError):
-            raise errors.UsageError(
-                f"{key} needs a {'whole number' if kind is int else 'number'}, not {value!r}"
-            ) from None
-        _check_range(key, typed)
+        name, typed = parse_setting(key, value)
         if name == "max_tokens":
-            self.max_tokens = typed
+            self.max_tokens = int(typed)
         else:
             self.settings[name] = typed
 
@@ -260,6 +229,15 @@ class Conversation:
         self.turns.clear()
         self.forget_tokens()
 
+    def context_tokens(self, engine: Engine) -> int:
+        """Tokens the next prompt holds before the user's message: the system prompt, the
+        kept turns (answers without their thinking) and the template's frame around them.
+
+        This is what the conversation takes of the context, whatever the engine's cache still
+        holds from earlier prompts (it keeps them until the next prompt reuses or drops them).
+        """
+        return len(self.tokens_for(engine, self.render("")))
+
     # ---- transcripts
 
     def to_json(self) -> dict[str, Any]:
@@ -287,73 +265,30 @@ class Conversation:
         }
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", "utf-8")
+        """Write the transcript to `path`: all of it or nothing (a temporary file renamed
+        over it), into a folder that exists (none is created)."""
+        text = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
+        write_file_atomically(path, text)
 
     def load(self, path: Path) -> list[str]:
-        """Replace this conversation with a saved one; returns notes on what did not apply."""
-        try:
-            doc = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise errors.UsageError(f"no such transcript: {path}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise errors.UsageError(f"{path} is not a JSON transcript: {exc}") from None
-        turns = _turns_from_json(doc, path)
+        """Replace this conversation with a saved one; returns notes on what did not apply.
+
+        The whole file is checked before anything changes: a transcript that is not valid
+        leaves the conversation as it was, and the error names the message and field.
+        """
+        loaded = read_transcript(path)
         notes: list[str] = []
-        self.system = doc.get("system") or None
-        self.turns = turns
-        self.forget_tokens()
-        mode = doc.get("mode")
-        if mode in ("think", "direct"):
-            if self.profile.supports(mode):
-                self.mode = mode
+        if loaded.mode is not None and loaded.mode != self.mode:
+            if self.profile.supports(loaded.mode):
+                self.mode = loaded.mode
             else:
-                notes.append(f"kept {self.mode} mode: this model has no {mode} mode")
-        if isinstance(doc.get("budget"), int) or doc.get("budget") is None:
-            self.set_budget(doc.get("budget"))
-        self.settings, self.max_tokens = {}, None
-        for key, value in (doc.get("settings") or {}).items():
-            self.set(key, value)
+                notes.append(f"kept {self.mode} mode: this model has no {loaded.mode} mode")
+        self.system = loaded.system
+        self.turns = loaded.turns
+        self.forget_tokens()
+        self.budget = loaded.budget
+        self.settings, self.max_tokens = loaded.settings, loaded.max_tokens
         return notes
-
-
-def _check_range(key: str, value: float) -> None:
-    limits: dict[str, tuple[float, float]] = {
-        "temp": (0.0, 5.0),
-        "top-p": (0.0, 1.0),
-        "top-k": (0, 1_000_000),
-        "min-p": (0.0, 1.0),
-        "presence-penalty": (-2.0, 2.0),
-        "max-tokens": (1, 10_000_000),
-        "seed": (0, 2**32 - 1),
-    }
-    lo, hi = limits[key]
-    if not lo <= value <= hi:
-        raise errors.UsageError(f"{key} must be between {lo:g} and {hi:g}, not {value:g}")
-
-
-def _turns_from_json(doc: Any, path: Path) -> list[Turn]:
-    if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
-        raise errors.UsageError(f"{path} is not a qwenrun transcript (no messages list)")
-    msgs = [m for m in doc["messages"] if isinstance(m, dict) and m.get("role") != "system"]
-    turns: list[Turn] = []
-    for i in range(0, len(msgs) - 1, 2):
-        user, reply = msgs[i], msgs[i + 1]
-        if user.get("role") != "user" or reply.get("role") != "assistant":
-            raise errors.UsageError(
-                f"{path}: message {i + 1} should be a user message followed by an answer"
-            )
-        mode: Mode = "think" if reply.get("mode") == "think" else "direct"
-        turns.append(
-            Turn(
-                user=str(user.get("content", "")),
-                answer=str(reply.get("content", "")),
-                thinking=str(reply.get("thinking", "")),
-                mode=mode,
-                cut=bool(reply.get("cut", False)),
-            )
-        )
-    return turns
 
 
 # --------------------------------------------------------------------------------------
@@ -456,8 +391,122 @@ class _ThinkingClock:
         return n_generated - self.n0
 
 
+class Splitter(Protocol):
+    """What tells thinking from answer in the model's text (`thinking.ThinkSplitter`; the
+    server's wraps it to route tool calls)."""
+
+    @property
+    def in_thinking(self) -> bool: ...
+    def feed(self, piece: str) -> list[Answer | Thinking]: ...
+    def flush(self) -> list[Answer | Thinking]: ...
+
+
+@runtime_checkable
+class TurnServer(Protocol):
+    """A model behind a server (`serve.client.RemoteModel`): it runs a whole turn of `conv`
+    itself and yields the same events `stream_turn` does. The REPL's /stats also asks it
+    what it asks an engine (`n_ctx`, `tokenize`, `cache_report`)."""
+
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+    def stream_turn(
+        self, conv: Conversation, text: str, *, cancel: threading.Event | None = None
+    ) -> Iterator[TurnEvent]: ...
+
+
+class Reply:
+    """One generation as thinking and answer events: the heart of a turn, and of a server's
+    chat completion.
+
+    `events()` runs the generation once; `opened` says the prompt already opened `<think>`;
+    the budget is kept by forcing its text into the generation. Afterwards `answer`,
+    `thinking`, `raw` (all the text the model wrote, tags included), `thinking_seconds` and
+    `thinking_tokens` hold the whole reply.
+    """
+
+    def __init__(
+        self,
+        gen: Generation,
+        *,
+        opened: bool,
+        budget: ThinkingBudget,
+        splitter: Splitter | None = None,
+    ) -> None:
+        self.gen = gen
+        self.opened = opened
+        self.budget = budget
+        self.splitter: Splitter = splitter or ThinkSplitter(in_thinking=opened)
+        self._clock = _ThinkingClock()
+        self._thinking: list[str] = []
+        self._answer: list[str] = []
+        self._raw: list[str] = []
+
+    @property
+    def answer(self) -> str:
+        return "".join(self._answer)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(self._thinking)
+
+    @property
+    def raw(self) -> str:
+        return "".join(self._raw)
+
+    @property
+    def thinking_seconds(self) -> float:
+        return self._clock.seconds
+
+    @property
+    def thinking_tokens(self) -> int:
+        return self._clock.tokens
+
+    def events(self) -> Iterator[ThinkingText | ThinkingDone | AnswerText]:
+        gen, splitter, clock, budget = self.gen, self.splitter, self._clock, self.budget
+        if self.opened:
+            clock.start(0)
+            forced = budget.step(True, 0)
+            if forced:
+                gen.force_text(forced)
+        for piece in gen:
+            self._raw.append(piece)
+            events = splitter.feed(piece)
+            if splitter.in_thinking and not clock.started:
+                clock.start(gen.n_generated)
+            yield from self._dispatch(events)
+            if clock.active and not splitter.in_thinking:
+                yield from self._end_thinking()
+            if clock.active:
+                forced = budget.step(True, clock.spent(gen.n_generated))
+                if forced:
+                    gen.force_text(forced)
+        yield from self._dispatch(splitter.flush())
+        if clock.active:
+            yield from self._end_thinking()
+
+    def _end_thinking(self) -> Iterator[ThinkingDone]:
+        self._clock.stop(self.gen.n_generated)
+        if self.thinking.strip():
+            yield ThinkingDone(self._clock.seconds, self._clock.tokens)
+
+    def _dispatch(
+        self, events: Iterable[Answer | Thinking]
+    ) -> Iterator[ThinkingText | ThinkingDone | AnswerText]:
+        for ev in events:
+            if isinstance(ev, Answer):
+                if self._clock.active:
+                    yield from self._end_thinking()  # fold the thinking before the answer shows
+                self._answer.append(ev.text)
+                yield AnswerText(ev.text)
+            else:
+                self._thinking.append(ev.text)
+                yield ThinkingText(ev.text)
+
+
 def stream_turn(
-    engine: Engine,
+    engine: Engine | TurnServer,
     conv: Conversation,
     text: str,
     *,
@@ -467,8 +516,12 @@ def stream_turn(
 
     The last event is `TurnDone` with the answer, the thinking, why it ended ("stop",
     "length", "cancelled") and the engine's stats. A cancelled reply keeps what was streamed
-    and is marked as cut; one cancelled before any token leaves no turn behind.
+    and is marked as cut; one cancelled before any token leaves no turn behind. A
+    `TurnServer` (`run`/`chat --server`) runs the turn itself, with the same events.
     """
+    if isinstance(engine, TurnServer):
+        yield from engine.stream_turn(conv, text, cancel=cancel)
+        return
     prepared = conv.prepare(engine, text)
     if prepared.dropped:
         yield Notice(
@@ -480,62 +533,24 @@ def stream_turn(
     max_tokens = min(conv.max_tokens or room, room)
     gen = engine.generate(prepared.tokens, conv.sampling(), max_tokens, cancel)
 
-    opened = prompt_opens_thinking(prepared.prompt)
-    splitter = ThinkSplitter(in_thinking=opened)
     # The cap in force (max-tokens, or the room left in the context) keeps a share for the
     # answer, so thinking that runs long still leaves a reply.
-    budget = ThinkingBudget(conv.budget, max_tokens)
-    clock = _ThinkingClock()
-    thinking: list[str] = []
-    answer: list[str] = []
-    raw: list[str] = []
-
-    def end_thinking() -> Iterator[TurnEvent]:
-        clock.stop(gen.n_generated)
-        if "".join(thinking).strip():
-            yield ThinkingDone(clock.seconds, clock.tokens)
-
-    def dispatch(events: Iterable[Answer | Thinking]) -> Iterator[TurnEvent]:
-        for ev in events:
-            if isinstance(ev, Answer):
-                if clock.active:
-                    yield from end_thinking()  # fold the thinking before the answer shows
-                answer.append(ev.text)
-                yield AnswerText(ev.text)
-            else:
-                thinking.append(ev.text)
-                yield ThinkingText(ev.text)
-
-    if opened:
-        clock.start(0)
-        forced = budget.step(True, 0)
-        if forced:
-            gen.force_text(forced)
-    for piece in gen:
-        raw.append(piece)
-        events = splitter.feed(piece)
-        if splitter.in_thinking and not clock.started:
-            clock.start(gen.n_generated)
-        yield from dispatch(events)
-        if clock.active and not splitter.in_thinking:
-            yield from end_thinking()
-        if clock.active:
-            forced = budget.step(True, clock.spent(gen.n_generated))
-            if forced:
-                gen.force_text(forced)
-    yield from dispatch(splitter.flush())
-    if clock.active:
-        yield from end_thinking()
+    reply = Reply(
+        gen,
+        opened=prompt_opens_thinking(prepared.prompt),
+        budget=ThinkingBudget(conv.budget, max_tokens),
+    )
+    yield from reply.events()
 
     reason = gen.finish_reason or "stop"
     result = TurnResult(
-        answer="".join(answer),
-        thinking="".join(thinking),
+        answer=reply.answer,
+        thinking=reply.thinking,
         finish_reason=reason,
         stats=gen.stats,
         mode=mode,
-        thinking_seconds=clock.seconds,
-        thinking_tokens=clock.tokens,
+        thinking_seconds=reply.thinking_seconds,
+        thinking_tokens=reply.thinking_tokens,
         dropped_turns=prepared.dropped,
     )
     if reason == "cancelled" and not gen.tokens:
@@ -547,7 +562,7 @@ def stream_turn(
             # The answer as streamed: an edited copy would not match the tokens kept for reuse.
             Turn(text, result.answer, result.thinking, mode, cut=reason == "cancelled")
         )
-        _remember(engine, conv, prepared, gen.tokens, "".join(raw), reason)
+        _remember(engine, conv, prepared, gen.tokens, reply.raw, reason)
     yield TurnDone(result)
 
 
@@ -586,7 +601,7 @@ def render(events: Iterable[TurnEvent], out: Renderer) -> TurnResult:
 
 
 def run_turn(
-    engine: Engine,
+    engine: Engine | TurnServer,
     conv: Conversation,
     out: Renderer,
     text: str,
@@ -622,7 +637,7 @@ def _remember(
 
 
 def one_shot(
-    engine: Engine,
+    engine: Engine | TurnServer,
     conv: Conversation,
     text: str,
     out: Renderer,

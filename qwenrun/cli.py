@@ -6,8 +6,9 @@ call `launch`, `offload`, the hub or `doctor` and hand the result to `ui`. The o
 added to a command by `with_flags`). It never imports llama_cpp,
 huggingface_hub or pynvml at module level (so `qwenrun --help` starts fast); commands
 import what they need when they run. Every `QwenrunError` becomes one line on stderr
-("error: <message>" plus "hint: <hint>" when there is one) and the exit code from
-`EXIT_CODES`; `QWENRUN_DEBUG=1` shows the traceback instead. Nothing imports `cli`.
+("error: <message>" plus "hint: <hint>" when there is one; a declined question, `Declined`,
+its message alone) and the exit code from `EXIT_CODES`; `QWENRUN_DEBUG=1` shows the
+traceback instead. Nothing imports `cli`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import typer
 from qwenrun import __version__, config, errors
 
 if TYPE_CHECKING:
+    from qwenrun.engine.llama import Engine
     from qwenrun.launch import Started
     from qwenrun.offload import Wishes
+    from qwenrun.serve.client import RemoteModel
 
 app = typer.Typer(
     name="qwenrun",
@@ -42,6 +45,7 @@ app = typer.Typer(
 
 # One table from error type to exit code; the most specific class listed wins.
 EXIT_CODES: dict[type[errors.QwenrunError], int] = {
+    errors.Declined: 1,  # the user said no: not an error, but the command did not do its job
     errors.UsageError: 2,
     errors.ModelNotFoundError: 3,
     errors.InvalidModelError: 3,
@@ -80,7 +84,8 @@ def _root(
 
 
 def _fail(err: errors.QwenrunError) -> NoReturn:
-    line = f"error: {err.message}"
+    # A declined question is the user's choice: said plainly, not as an error.
+    line = err.message if isinstance(err, errors.Declined) else f"error: {err.message}"
     if err.hint:
         line += f" (hint: {err.hint})"
     # One line: a message with newlines in it would read as several errors.
@@ -93,7 +98,15 @@ def main() -> None:
 
     Ctrl-C and a reader that goes away (`| head -c 1`) are handled by typer's own standalone
     mode, quietly: exit 130 and exit 1, no traceback. Only qwenrun's errors are ours to word.
+    The command runs under `engine.crash.supervise`, so that even llama.cpp dying by a
+    signal (an illegal instruction, the OOM killer) ends with one line saying what to try.
     """
+    from qwenrun.engine import crash
+
+    crash.supervise(_main)
+
+
+def _main() -> None:
     try:
         app(standalone_mode=True)
     except errors.QwenrunError as err:
@@ -113,6 +126,23 @@ _N_CPU_MOE = typer.Option(
     None, "--n-cpu-moe", help="Routed experts of the first N layers on the CPU."
 )
 _GPU_LAYERS = typer.Option(None, "--gpu-layers", help="Layers on the GPU (default: all).")
+# `run` and `chat`: a `qwenrun serve` to use instead of loading the model here.
+_SERVER = typer.Option(
+    None,
+    "--server",
+    envvar="QWENRUN_SERVER",
+    help="Use the model of this qwenrun serve (URL, or $QWENRUN_SERVER) instead of loading it.",
+)
+_PREFER = typer.Option(
+    "balanced",
+    "--prefer",
+    help="Quant choice: quality (best that fits), balanced (default) or speed.",
+)
+_CPU_MOE_FROM = typer.Option(
+    None,
+    "--cpu-moe-from",
+    help="Which layers' experts go to the CPU: last (default, as llama.cpp's --fit) or first.",
+)
 
 
 @dataclass(frozen=True)
@@ -125,12 +155,27 @@ class LoadFlags:
         False, "--cpu-moe", help="Every layer's routed experts on the CPU."
     )
     n_cpu_moe: int | None = _N_CPU_MOE
+    cpu_moe_from: str | None = _CPU_MOE_FROM
     gpu_layers: int | None = _GPU_LAYERS
+    prefer: str = _PREFER
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads (default: physical cores)."
     )
     verbose: bool = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
     yes: bool = typer.Option(False, "--yes", "-y", help="Download a missing model without asking.")
+    prompt_cache: str | None = typer.Option(
+        None,
+        "--prompt-cache",
+        help="Cap of the prompt cache on disk (default 4GiB or $QWENRUN_PROMPT_CACHE; 0: off).",
+    )
+
+    def prompt_cache_bytes(self) -> int:
+        """The disk prompt cache's cap: the flag, else QWENRUN_PROMPT_CACHE, else 4 GiB."""
+        from qwenrun.engine import promptcache
+
+        if self.prompt_cache is None:
+            return promptcache.cap_from_env()
+        return promptcache.parse_cap(self.prompt_cache, "--prompt-cache")
 
     def wishes(self) -> Wishes:
         from qwenrun.offload import Wishes
@@ -140,8 +185,10 @@ class LoadFlags:
             kv_type=self.kv_type,
             cpu_moe=self.cpu_moe,
             n_cpu_moe=self.n_cpu_moe,
+            cpu_moe_from=self.cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
             n_gpu_layers=self.gpu_layers,
             threads=self.threads,
+            prefer=self.prefer,  # type: ignore[arg-type]  # Wishes.validate checks
         )
 
 
@@ -244,11 +291,16 @@ def with_flags(fn: F) -> F:
 
 
 def _read_prompt(prompt: str | None) -> str:
-    """The argument, with piped stdin appended as context (as Ollama does)."""
+    """Piped stdin, then the argument (as Ollama orders them).
+
+    The document first and the question last also means that asking another question about
+    the same piped document shares its whole prefix with the last run: the prompt cache then
+    loads the document's evaluation instead of redoing it.
+    """
     piped = ""
     if not sys.stdin.isatty():
         piped = sys.stdin.read()
-    parts = [p for p in (prompt, piped.strip()) if p]
+    parts = [p for p in (piped.strip(), prompt) if p]
     if not parts:
         raise errors.UsageError(
             "no prompt given",
@@ -268,9 +320,10 @@ def _start(model: str | None, load: LoadFlags) -> Started:
 
     wishes = load.wishes()
     wishes.validate()  # before anything is probed, pulled or loaded
+    prompt_cache = load.prompt_cache_bytes()
     # stdin may carry the prompt, so only a terminal on both ends can answer a question.
     hooks = StartupHooks(ask=not load.yes and _interactive())
-    return launch.start(model, wishes, hooks=hooks, verbose=load.verbose)
+    return launch.start(model, wishes, hooks=hooks, verbose=load.verbose, prompt_cache=prompt_cache)
 
 
 @app.command()
@@ -281,6 +334,7 @@ def run(
     ),
     prompt: str | None = typer.Argument(None, help="The prompt; piped stdin is appended."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
+    server: str | None = _SERVER,
     *,
     load: LoadFlags,
     talk: ChatFlags,
@@ -291,6 +345,19 @@ def run(
 
     talk.validate()
     text = _read_prompt(prompt)
+    if server:
+        remote = _connect(server, model, load)
+        conv = remote.conversation(**talk.conversation())
+        if load.verbose:
+            console.show_startup(conv.profile.name, remote.describe())
+        out = render.make_renderer(
+            as_json=as_json,
+            show_thinking=talk.show_thinking,
+            show_stats=True if load.verbose else None,
+            extra={"placement": remote.placement(), "server": remote.url},
+        )
+        chat.one_shot(remote, conv, text, out)
+        return
     started = _start(model, load)
     engine = started.engine
     try:
@@ -314,6 +381,7 @@ def chat_command(
     model: str | None = typer.Argument(
         None, help="MODEL[:QUANT], owner/repo:QUANT or a .gguf file (default: best for you)."
     ),
+    server: str | None = _SERVER,
     *,
     load: LoadFlags,
     talk: ChatFlags,
@@ -323,6 +391,16 @@ def chat_command(
     from qwenrun.ui import console, render, repl
 
     talk.validate()
+    if server:
+        remote = _connect(server, model, load)
+        conv = remote.conversation(**talk.conversation())
+        console.show_startup(conv.profile.name, remote.describe())
+        out = render.make_renderer(
+            show_thinking=talk.show_thinking, show_stats=True if load.verbose else None
+        )
+        # The REPL asks its engine only for n_ctx and cached_tokens and hands it to
+        # chat.run_turn, which lets a server's model (a chat.TurnServer) run the turn.
+        raise typer.Exit(repl.repl(typing.cast("Engine", remote), conv, out))
     started = _start(model, load)
     engine = started.engine
     try:
@@ -339,6 +417,178 @@ def chat_command(
     raise typer.Exit(code)
 
 
+def _connect(server: str, model: str | None, load: LoadFlags) -> RemoteModel:
+    """`--server`: the server's model, after refusing what only a local load could honour."""
+    from qwenrun.serve.client import RemoteModel
+
+    # Each field's default is the typer option's default: anything else was given.
+    local_only = [
+        "--" + f.name.replace("_", "-")
+        for f in fields(LoadFlags)
+        if f.name not in ("verbose", "yes")
+        and getattr(load, f.name) != getattr(f.default, "default", f.default)
+    ]
+    if local_only:
+        raise errors.UsageError(
+            f"{', '.join(local_only)}: only for loading a model here; with --server the "
+            "server's model is already loaded",
+            hint="give them to qwenrun serve, or leave --server out",
+        )
+    remote = RemoteModel.connect(server)
+    remote.check_model(model)
+    return remote
+
+
+# --------------------------------------------------------------------------------------
+# serve and ps: the model kept loaded behind an OpenAI-compatible API
+
+
+@app.command("serve")
+@with_flags
+def serve_command(
+    model: str | None = typer.Argument(
+        None, help="MODEL[:QUANT], owner/repo:QUANT or a .gguf file (default: best for you)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."
+    ),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="QWENRUN_API_KEY",
+        help="Answer only requests with this key (Authorization: Bearer KEY; $QWENRUN_API_KEY).",
+    ),
+    queue: int = typer.Option(
+        8, "--queue", help="Requests that may wait while one generates (more get 503)."
+    ),
+    *,
+    load: LoadFlags,
+) -> None:
+    """Keep the model loaded behind an OpenAI-compatible API: chat, tools, thinking."""
+    import time
+
+    from qwenrun.serve import app as serve_app
+    from qwenrun.serve import server as serve_server
+    from qwenrun.serve.runner import ServedModel
+    from qwenrun.ui import console
+
+    def log(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+    if queue < 0:
+        raise errors.UsageError("--queue must be 0 or more")
+    load.wishes().validate()  # before the port is taken
+    sock = serve_server.bind(host, port)
+    state = serve_app.ServerState(
+        model_id=model or "default",
+        worker=serve_app.Worker(queue, log=log),
+        api_key=api_key or None,
+        log=log,
+    )
+    srv = serve_server.Server(state, sock)
+    if not serve_server.is_loopback(host) and not api_key:
+        console.info(
+            f"warning: listening on {host} without an API key: anyone who can reach this "
+            "machine can use the model (set --api-key or QWENRUN_API_KEY)",
+            style="yellow",
+        )
+    with srv:
+        console.info(f"qwenrun serve: listening on {srv.url} (OpenAI API: {srv.url}/v1)")
+        started = _start(model, load)
+        served = ServedModel.from_engine(
+            started.engine,
+            serve_server.model_id_for(started.path, started.plan.quant),
+            started.reasons,
+        )
+        try:  # from here on, Ctrl-C is the way to stop: not an interrupted command
+            state.ready(served)
+            console.show_startup(
+                served.profile.name,
+                [
+                    *started.reasons,
+                    f"context {served.engine.n_ctx:,} tokens",
+                    f"ready: {srv.url}/v1 serves it as {served.id} · Ctrl-C stops",
+                ],
+            )
+            srv.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    console.info("qwenrun serve: stopped")
+
+
+@app.command("ps")
+def ps_command(
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        envvar="QWENRUN_SERVER",
+        help="The server to ask (URL, or $QWENRUN_SERVER; default http://127.0.0.1:8080).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+) -> None:
+    """Show what a qwenrun server has loaded (default: the one on this machine)."""
+    import json
+
+    from qwenrun.serve import client
+
+    url = client.Endpoint.parse(server or client.DEFAULT_URL).url
+    models = client.list_models(url)
+    if as_json:
+        print(json.dumps({"server": url, "models": models}, indent=2))
+        return
+    from qwenrun.ui import tables
+
+    tables.print_served(url, models)
+
+
+@app.command("bench")
+@with_flags
+def bench_command(
+    model: str | None = typer.Argument(
+        None, help="MODEL[:QUANT] or a .gguf file (default: the model `chat` would pick)."
+    ),
+    rounds: int = typer.Option(3, "--rounds", help="Runs of each placement, alternated."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens evaluated per run."),
+    gen: int = typer.Option(128, "--gen", help="Tokens decoded per run."),
+    show: bool = typer.Option(False, "--show", help="List the results kept for this machine."),
+    as_json: bool = typer.Option(False, "--json", help="Every run as JSON."),
+    *,
+    load: LoadFlags,
+) -> None:
+    """Measure the planned placement and its neighbours on this machine; the plan learns."""
+    import json
+
+    from qwenrun import hwprobe
+    from qwenrun.bench import measure, runner
+    from qwenrun.ui import console, progress, tables
+
+    if show:
+        groups = measure.stored(hwprobe.probe())
+        if as_json:
+            print(json.dumps([g.__dict__ for g in groups], indent=2))
+        elif not groups:
+            console.info("nothing measured on this machine yet: qwenrun bench MODEL measures")
+        else:
+            tables.show_bench_stored(groups)
+        return
+    settings = runner.BenchSettings(prompt_tokens=prompt, gen_tokens=gen, rounds=rounds)
+    hooks = progress.StartupHooks(ask=not load.yes and _interactive())
+    with progress.bench_progress() as on_progress:
+        report = measure.measure(
+            model, load.wishes(), settings, hooks=hooks, on_progress=on_progress
+        )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    tables.show_bench_report(report)
+    console.info(
+        f"kept under {measure.store.runs_file()}; the speed model is now fitted to "
+        f"{report.calibrated_on} runs of this machine, and plans of this model prefer the "
+        "fastest measured placement that fits"
+    )
+
+
 @app.command("doctor")
 def doctor_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
@@ -346,7 +596,7 @@ def doctor_command(
     """Check llama-cpp-python and the GPU, and say how to fix what is wrong."""
     import json
 
-    from qwenrun import doctor
+    from qwenrun.engine import doctor
 
     diagnosis = doctor.collect()
     if as_json:
@@ -385,12 +635,16 @@ def probe_command(
 
 @app.command("plan")
 def plan_command(
-    model: str = typer.Argument(..., help="A catalog name (qwen3-30b-a3b) or a local .gguf file."),
+    model: str = typer.Argument(
+        ..., help="MODEL[:QUANT] (qwen3-30b-a3b), owner/repo[:QUANT], or a local .gguf file."
+    ),
     quant: str | None = typer.Option(None, "--quant", help="Plan this quant (default: best fit)."),
     ctx: int | None = _CTX,
     n_cpu_moe: int | None = _N_CPU_MOE,
+    cpu_moe_from: str | None = _CPU_MOE_FROM,
     gpu_layers: int | None = _GPU_LAYERS,
     kv_type: str | None = _KV_TYPE,
+    prefer: str = _PREFER,
     gpu_mem: str | None = typer.Option(
         None, "--gpu-mem", help="Plan for a GPU with this much memory (24GiB; 0: no GPU)."
     ),
@@ -404,8 +658,10 @@ def plan_command(
         quant=quant,
         n_ctx=ctx,
         n_cpu_moe=n_cpu_moe,
+        cpu_moe_from=cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
         n_gpu_layers=gpu_layers,
         kv_type=kv_type,
+        prefer=prefer,  # type: ignore[arg-type]
         gpu_mem_bytes=None if gpu_mem is None else units.parse_size(gpu_mem, "--gpu-mem"),
         ram_bytes=None if ram is None else units.parse_size(ram, "--ram"),
     )

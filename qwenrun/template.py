@@ -72,16 +72,35 @@ class ChatTemplate:
                 hint="use a GGUF with a working tokenizer.chat_template",
             ) from None
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool) -> str:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        enable_thinking: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt for `messages`, ending with the assistant's generation prompt.
+
+        `tools` (OpenAI function tools) are rendered by the template itself, as the model
+        was trained; `extra` adds template variables (a request's `chat_template_kwargs`)
+        but never replaces the ones set here.
+        """
+        variables: dict[str, Any] = dict(extra or {})
+        if tools is not None:
+            variables["tools"] = list(tools)
+        variables.update(
+            messages=list(messages),
+            add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
         try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=True,
-                enable_thinking=enable_thinking,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
-        except jinja2.TemplateError as exc:
+            return self._template.render(**variables)
+        except Exception as exc:
+            # Not only TemplateError: a filter fed the wrong type (`|items` on a string)
+            # raises TypeError, and that too is the template refusing these messages.
             raise errors.InvalidModelError(
                 f"the model's chat template failed: {exc}",
                 hint="the template rejected this conversation; try /clear",

@@ -69,7 +69,7 @@ def test_same_seed_same_answer_and_stdin_changes_the_prompt(tiny_models):
         assert p.returncode == 0, p.stderr
     ja, jb, jc = (json.loads(p.stdout) for p in (a, b, c))
     assert ja["answer"] == jb["answer"]
-    # Piped text is appended to the prompt: more prompt tokens.
+    # Piped text joins the prompt (before the argument): more prompt tokens.
     assert jc["stats"]["prompt_tokens"] > ja["stats"]["prompt_tokens"]
 
 

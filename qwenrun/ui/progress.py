@@ -2,9 +2,12 @@
 
 Contract: presentation only. `load_progress` and `pull_progress` are context managers that
 yield callbacks for the engine and the downloader (bars on a terminal stderr, a line per
-file elsewhere); `confirm_pull` says what will be fetched and, when asked to, asks.
-`StartupHooks` bundles them for `launch.start`, which prints nothing itself. Whether a model
-is already downloaded is decided by the downloader (`PullTarget.cached`), not here.
+file elsewhere); `pull_progress` draws nothing until the downloader reports work, and the
+downloader reports only real work (bytes moving, or a cached file hashed for the first
+time: "verifying"), so a model already there and verified shows no bar. `confirm_pull` says
+on stderr what will be fetched and its size, before the first byte, and, when asked to,
+asks. `StartupHooks` bundles them for `launch.start`, which prints nothing itself. Whether a
+model is already downloaded is decided by the downloader (`PullTarget.cached`), not here.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def load_progress(label: str = "Loading weights") -> Iterator[Callable[[float], 
 
 
 def confirm_pull(target: PullTarget, *, ask: bool) -> bool:
-    """Say what will be fetched (and its size); on a terminal, ask when qwenrun chose it."""
+    """Say what will be fetched and its size (always, so a script's log shows it before the
+    first byte); ask only when `ask` (a terminal on both ends, no --yes)."""
     n = len(target.quant.files)
     what = (
         f"{target.reference} · {target.repo} · {units.gb(target.total_size)}"
@@ -130,3 +134,33 @@ class StartupHooks:
 
     def loading(self) -> AbstractContextManager[Callable[[float], None]]:
         return load_progress()
+
+
+@contextmanager
+def bench_progress() -> Iterator[Callable[[int, int, str], None]]:
+    """`qwenrun bench`: a bar over every run on a terminal; a line per run elsewhere."""
+    con = console()
+    if not con.is_terminal:
+
+        def line(done: int, total: int, what: str) -> None:
+            if done < total:
+                info(f"run {done + 1}/{total}: {what}")
+
+        yield line
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=con,
+        transient=True,
+    )
+    task = progress.add_task("bench", total=None)
+    with progress:
+
+        def update(done: int, total: int, what: str) -> None:
+            progress.update(task, total=total, completed=done, description=what)
+
+        yield update

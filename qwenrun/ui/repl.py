@@ -3,19 +3,25 @@
 Contract: `repl(engine, conv, out)` runs until /exit, /bye or Ctrl-D and returns the exit
 status. Every command and every turn leaves the session alive: a `QwenrunError` is reported
 in one line and the loop goes on. Turns go through `chat.run_turn`; Ctrl-C during an answer
-cancels it (`chat.sigint_sets`), at the prompt it says how to leave. `/stats` shows the last
-answer's numbers, context use and the sampling in force.
+cancels it (`chat.sigint_sets`), at the prompt it says how to leave. `/save` and `/load`
+go through the conversation's transcript functions (a failed one changes nothing). `/stats`
+shows the last answer's numbers, the context the conversation takes (the next prompt before
+the message, whatever the engine's cache still holds), the sampling in force, how many
+prompt tokens were reused and from where, and what the checkpoints and the prompt cache on
+disk hold; its lines are built one fact each (`_stat`), so new facts are one more line.
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from qwenrun import config, errors
+from qwenrun import config, errors, units
 from qwenrun.chat import Conversation, Renderer, TurnResult, run_turn, sigint_sets
-from qwenrun.engine.llama import Engine, GenStats, SamplingParams
+from qwenrun.engine.llama import CacheReport, Engine, GenStats, SamplingParams
+from qwenrun.transcript import format_number
 from qwenrun.ui.console import info
 from qwenrun.ui.prompt import ChatPrompt, SlashCommand
 
@@ -73,6 +79,8 @@ class Repl:
 
     def run(self) -> int:
         while True:
+            for note in self.prompt.take_notices():
+                self.say(note)
             try:
                 text = self.prompt.read(self.mode_label())
             except KeyboardInterrupt:
@@ -82,8 +90,9 @@ class Repl:
                 return 0
             if not text.strip():
                 continue
+            is_command = text.lstrip().startswith("/") and "\n" not in text.strip()
             try:
-                if text.lstrip().startswith("/") and "\n" not in text.strip():
+                if is_command:
                     self.command(text.strip())
                 else:
                     self.turn(text)
@@ -92,6 +101,17 @@ class Repl:
             except errors.QwenrunError as err:
                 # In a session, a bad command or a failed turn is reported and the chat goes on.
                 self.say(f"{err.message}" + (f" ({err.hint})" if err.hint else ""))
+            except Exception as err:
+                if not is_command:
+                    raise  # a turn that broke may have left the engine in any state
+                # A bug in a command must not cost the conversation: say so and go on.
+                if config.debug_enabled():
+                    traceback.print_exc()
+                name = text.split()[0]
+                self.say(
+                    f"{name} failed: {type(err).__name__}: {err} (a bug in qwenrun; "
+                    "QWENRUN_DEBUG=1 shows where; the conversation is intact)"
+                )
 
     def turn(self, text: str) -> None:
         cancel = threading.Event()
@@ -170,6 +190,8 @@ class Repl:
         self.say(f"{key} = {value.strip()}")
 
     def _clear(self, _arg: str) -> None:
+        # The engine's cache is left as it is: the next prompt reuses its system-prompt
+        # prefix and drops the rest. /stats reports the conversation, not that cache.
         self.conv.clear()
         self.say("Conversation cleared.")
 
@@ -194,28 +216,53 @@ class Repl:
             self.say(line)
 
     def stats_lines(self) -> list[str]:
-        conv, eng = self.conv, self.engine
+        """`/stats`: one labelled line per fact (`_stat`); add a fact by adding a line."""
+        conv = self.conv
         lines = [
-            f"model      {conv.profile.name} · {conv.profile.describe_modes()}",
-            f"mode       {self.mode_label()}",
-            f"context    {eng.cached_tokens} of {eng.n_ctx} tokens in use"
-            f" · {_plural(len(conv.turns), 'turn')}",
-            f"sampling   {_describe_sampling(conv.sampling())}"
-            + (f" · max-tokens {conv.max_tokens}" if conv.max_tokens else ""),
-            f"session    {_plural(self.totals['turns'], 'answer')}"
-            f" · {self.totals['generated']} tokens generated"
-            f" · {self.totals['evaluated']} prompt tokens evaluated",
+            _stat("model", f"{conv.profile.name} · {conv.profile.describe_modes()}"),
+            _stat("mode", self.mode_label()),
+            _stat("context", self._context_use()),
+            _stat(
+                "sampling",
+                _describe_sampling(conv.sampling())
+                + (f" · max-tokens {conv.max_tokens:,}" if conv.max_tokens else ""),
+            ),
+            _stat(
+                "session",
+                f"{_plural(self.totals['turns'], 'answer')}"
+                f" · {self.totals['generated']:,} tokens generated"
+                f" · {self.totals['evaluated']:,} prompt tokens evaluated",
+            ),
         ]
         if self.last is not None and self.last.stats is not None:
-            lines.append(f"last       {_describe_stats(self.last.stats)}")
+            lines.append(_stat("last", _describe_stats(self.last.stats)))
+            if self.last.stats.reused_tokens:
+                lines.append(_stat("reused", _describe_reuse(self.last.stats)))
             if self.last.thinking_tokens:
                 lines.append(
-                    f"thinking   {self.last.thinking_tokens} tokens in "
-                    f"{self.last.thinking_seconds:.1f} s"
+                    _stat(
+                        "thinking",
+                        f"{self.last.thinking_tokens:,} tokens in "
+                        f"{self.last.thinking_seconds:.1f} s",
+                    )
                 )
         else:
-            lines.append("last       no answer yet")
+            lines.append(_stat("last", "no answer yet"))
+        lines += _cache_lines(self.engine.cache_report())
         return lines
+
+    def _context_use(self) -> str:
+        """What the conversation takes of the context: the next prompt before the message
+        (system prompt, kept turns, the template's frame), so /clear and /load show at once."""
+        conv, n_ctx = self.conv, self.engine.n_ctx
+        used = conv.context_tokens(self.engine)
+        text = (
+            f"{used:,} of {n_ctx:,} tokens before your next message"
+            f" · {_plural(len(conv.turns), 'turn')}"
+        )
+        if used >= n_ctx:
+            text += " · the oldest turns will be dropped to make room"
+        return text
 
     def _help(self, _arg: str) -> None:
         width = max(len(c.name) + len(c.args) + 1 for c in COMMANDS)
@@ -231,12 +278,59 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _stat(label: str, text: str) -> str:
+    """One `/stats` line: the label in a column, then the fact."""
+    return f"{label:<10} {text}"
+
+
+_REUSED_FROM = {
+    "cache": "still in the context",
+    "checkpoint": "from a checkpoint",
+    "disk": "from the prompt cache on disk",
+}
+
+
+def _describe_reuse(s: GenStats) -> str:
+    where = _REUSED_FROM.get(s.reused_from, s.reused_from)
+    return f"{s.reused_tokens:,} of {s.prompt_tokens:,} prompt tokens {where}"
+
+
+def _cache_lines(r: CacheReport) -> list[str]:
+    """What the engine keeps so that prompts are not evaluated twice."""
+    if r.checkpoints:
+        ckpt = (
+            f"{r.checkpoint_count} held · {units.gib(r.checkpoint_bytes)}"
+            f" (at most {r.checkpoint_max_count}, {units.gib(r.checkpoint_max_bytes)})"
+        )
+    else:
+        ckpt = "not needed: this model's cache goes back to any earlier token"
+    lines = [_stat("checkpoint", ckpt)]
+    d = r.disk
+    if d is None:
+        lines.append(_stat("disk cache", "off"))
+    else:
+        entries = f"{d.entries} {'entry' if d.entries == 1 else 'entries'}"
+        lines.append(
+            _stat(
+                "disk cache",
+                f"{entries} · {units.gib(d.bytes)} of {units.gib(d.cap)}"
+                f" · {d.loaded_tokens:,} tokens loaded, {d.saved} saved this session"
+                f" · {d.folder}",
+            )
+        )
+    return lines
+
+
 def _describe_sampling(s: SamplingParams) -> str:
-    text = f"temp {s.temperature:g} · top-p {s.top_p:g} · top-k {s.top_k} · min-p {s.min_p:g}"
+    num = format_number
+    text = (
+        f"temp {num(s.temperature)} · top-p {num(s.top_p)} · top-k {num(s.top_k)}"
+        f" · min-p {num(s.min_p)}"
+    )
     if s.presence_penalty:
-        text += f" · presence-penalty {s.presence_penalty:g}"
+        text += f" · presence-penalty {num(s.presence_penalty)}"
     if s.seed is not None:
-        text += f" · seed {s.seed}"
+        text += f" · seed {num(s.seed)}"
     return text
 
 
@@ -258,8 +352,11 @@ def repl(
 ) -> int:
     """Run the chat loop until /exit, /bye or Ctrl-D; returns the exit status."""
     if prompt is None:
-        config.ensure_home()
-        prompt = ChatPrompt(COMMANDS, config.history_file())
+        prompt = ChatPrompt(
+            COMMANDS,
+            config.history_file(),
+            history_hint="QWENRUN_HOME chooses where it is kept",
+        )
     loop = Repl(engine, conv, out, prompt)
     info(
         f"{conv.profile.name} {conv.profile.describe_modes()}. "

@@ -9,6 +9,7 @@ fixed width so that lines do not wrap at 80 columns.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,9 +22,11 @@ from qwenrun import errors, units
 from qwenrun.hub.refs import reference_for
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.offload import DevicePlan, Plan
+from qwenrun.ui.console import show
 from qwenrun.units import gib as fmt_bytes
 
 if TYPE_CHECKING:
+    from qwenrun.bench.measure import Report, StoredGroup
     from qwenrun.catalog import ModelSpec
     from qwenrun.hub.cache import CachedQuant
 
@@ -113,6 +116,7 @@ def bytes_table(plan: Plan) -> Table:
 
 
 def plan_summary(plan: Plan) -> Table:
+    native = f"native {plan.native_ctx:,}" if plan.native_ctx else "native unknown"
     t = Table(show_header=False, box=None)
     t.add_column(style="bold")
     t.add_column()
@@ -122,12 +126,14 @@ def plan_summary(plan: Plan) -> Table:
     if plan.files:
         t.add_row("Files", ", ".join(plan.files))
     t.add_row(
-        "Context", f"{plan.n_ctx:,} tokens (native {plan.native_ctx:,}), KV {plan.load.kv_type}"
+        "Context",
+        f"{plan.n_ctx:,} tokens ({native}), KV {plan.load.kv_type}",
     )
     t.add_row("Placement", placement_text(plan))
     t.add_row(
         "Predicted",
-        f"decode ≈ {plan.decode_tok_s:.1f} tok/s, prefill ≈ {plan.prefill_tok_s:.0f} tok/s (rough)",
+        f"decode ≈ {plan.decode_tok_s:.1f} tok/s, prefill ≈ {plan.prefill_tok_s:,.0f} tok/s "
+        "(a short chat; a 512-token prompt)",
     )
     return t
 
@@ -148,7 +154,11 @@ def placement_text(plan: Plan) -> str:
 
 def plan_view(plan: Plan) -> RenderableType:
     reasons = Text("\n".join(f"- {r}" for r in plan.reasons))
-    return Group(plan_summary(plan), Text(""), bytes_table(plan), Text(""), Text("Why:"), reasons)
+    parts: list[RenderableType] = [plan_summary(plan), Text(""), bytes_table(plan), Text("")]
+    if plan.warnings:
+        warned = "\n".join(f"- {w}" for w in plan.warnings)
+        parts += [Text("Note:", style="yellow"), Text(warned, style="yellow"), Text("")]
+    return Group(*parts, Text("Why:"), reasons)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,3 +267,106 @@ def print_cache(rows: Sequence[dict[str, Any]]) -> None:
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header) - 1)]
     for line in [header, *lines]:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Bench results
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    label: str
+    runs: int
+    decode: tuple[float, float, float]  # median, min, max
+    prefill: tuple[float, float, float]
+    failed: int = 0
+    planned: bool = False
+
+
+def bench_table(rows: Sequence[BenchRow], title: str) -> Table:
+    """Medians with their spread (min-max); the fastest decode marked, the plan's own pick
+    named (the plan prefers the fastest measured placement that fits from now on)."""
+    t = Table(title=title, title_justify="left")
+    for col in ("placement", "decode tok/s", "spread", "prefill tok/s", "spread", "runs"):
+        t.add_column(col, justify="left" if col == "placement" else "right")
+    best = max((r.decode[0] for r in rows if r.runs), default=0.0)
+    for r in rows:
+        label = r.label + (" (planned)" if r.planned else "")
+        if not r.runs:
+            t.add_row(label, "-", "-", "-", "-", f"0 ({r.failed} failed)")
+            continue
+        mark = " ★" if r.decode[0] == best else ""
+        t.add_row(
+            label,
+            f"{r.decode[0]:.1f}{mark}",
+            f"{r.decode[1]:.1f}-{r.decode[2]:.1f}",
+            f"{r.prefill[0]:,.0f}",
+            f"{r.prefill[1]:,.0f}-{r.prefill[2]:,.0f}",
+            f"{r.runs}" + (f" ({r.failed} failed)" if r.failed else ""),
+        )
+    return t
+
+
+def _median_range(values: Sequence[float]) -> tuple[float, float, float]:
+    if not values:
+        return (0.0, 0.0, 0.0)
+    return (statistics.median(values), min(values), max(values))
+
+
+def show_bench_report(report: Report) -> None:
+    """`qwenrun bench`: each placement's medians and spread, the planned one first."""
+    rows = [
+        BenchRow(
+            c.label,
+            s.runs,
+            (s.decode_median, s.decode_min, s.decode_max),
+            (s.prefill_median, s.prefill_min, s.prefill_max),
+            s.failed,
+            planned=i == 0,
+        )
+        for i, (c, s) in enumerate(zip(report.candidates, report.summary, strict=True))
+    ]
+    st = report.settings
+    title = (
+        f"{report.model['file']}: {st.rounds} rounds, {st.prompt_tokens}-token prompt, "
+        f"{st.gen_tokens} tokens decoded (medians)"
+    )
+    show(bench_table(rows, title))
+
+
+def show_bench_stored(groups: Sequence[StoredGroup]) -> None:
+    """`qwenrun bench --show`: one table per model file measured on this machine."""
+    for file in dict.fromkeys(g.model for g in groups):
+        rows = [
+            BenchRow(
+                g.label, len(g.decode), _median_range(g.decode), _median_range(g.prefill), g.failed
+            )
+            for g in groups
+            if g.model == file
+        ]
+        show(bench_table(rows, f"{file} on this machine"))
+
+
+# --------------------------------------------------------------------------------------
+# A server's models
+
+
+def print_served(url: str, models: Sequence[dict[str, Any]]) -> None:
+    """`qwenrun ps`: each model a server has loaded, and what it is doing."""
+    for card in models:
+        info = card.get("qwenrun") or {}
+        busy = "generating" if info.get("busy") else "idle"
+        if info.get("waiting"):
+            busy += f", {info['waiting']} waiting"
+        print(f"{card.get('id')} · {info.get('status', 'ready')} · {url}")
+        rows = [
+            ("model", info.get("name")),
+            ("context", f"{info['n_ctx']:,} tokens" if info.get("n_ctx") else None),
+            ("placement", info.get("placement_text")),
+            ("requests", busy),
+            ("uptime", f"{info['uptime_s']:.0f} s" if "uptime_s" in info else None),
+            ("file", info.get("path")),
+        ]
+        for key, value in rows:
+            if value:
+                print(f"  {key:<10} {value}")
