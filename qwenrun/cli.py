@@ -332,7 +332,7 @@ def run(
     model: str = typer.Argument(
         ..., help="MODEL[:QUANT] (qwen3-30b-a3b:Q4_K_M), owner/repo:QUANT, or a .gguf file."
     ),
-    prompt: str | None = typer.Argument(None, help="The prompt; piped stdin is appended."),
+    prompt: str | None = typer.Argument(None, help="The prompt; piped stdin comes before it."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
     server: str | None = _SERVER,
     *,
