@@ -15,6 +15,7 @@ sources disagree, the comment says which way this file goes and why.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -498,10 +499,7 @@ class TensorShape:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_routed_expert(self) -> bool:

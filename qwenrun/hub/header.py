@@ -17,6 +17,7 @@ file is a `ModelNotFoundError`, a file that is not a (complete) GGUF an `Invalid
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import struct
@@ -76,10 +77,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
