@@ -64,12 +64,52 @@ class Prepared:
     dropped: int
 
 
-@dataclass
-class _Reuse:
-    """The text the engine last saw and the exact tokens it was (prompt plus answer)."""
+class TokenReuse:
+    """The text the engine last saw and the exact token ids it was (prompt plus answer).
 
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
+    Re-tokenizing the model's own answer can give other ids than it sampled (BPE has
+    several spellings of a text), which would make the engine evaluate it again; a prompt
+    that starts with the remembered text reuses the remembered ids. Anything else is
+    tokenized whole, and the engine's own prefix match still spares what it can. A chat
+    `Conversation` and a served model each hold one.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.tokens: list[int] = []
+
+    def tokens_for(self, engine: Engine, prompt: str) -> list[int]:
+        """The prompt's tokens, the remembered ids standing for the text they spell."""
+        if self.text and prompt.startswith(self.text):
+            return self.tokens + engine.tokenize(prompt[len(self.text) :])
+        return engine.tokenize(prompt)
+
+    def remember(
+        self,
+        engine: Engine,
+        prompt: str,
+        prompt_tokens: list[int],
+        tokens: list[int],
+        text: str,
+        reason: str | None,
+    ) -> None:
+        """Let the next prompt reuse these exact ids, if they spell exactly this text.
+
+        The end-of-generation token is not part of the answer text (the template writes its
+        own `<|im_end|>`); a control token inside the answer would not be in the text at all,
+        and then reuse is skipped (the engine's prefix match still applies).
+        """
+        ids = list(tokens)
+        if reason == "stop" and ids and engine.is_eog(ids[-1]):
+            ids.pop()
+        # A token with no bytes of its own is a control token the text does not show.
+        if all(engine.token_bytes(t) for t in ids) and engine.detokenize(ids) == text:
+            self.text, self.tokens = prompt + text, prompt_tokens + ids
+        else:
+            self.forget()
+
+    def forget(self) -> None:
+        self.text, self.tokens = "", []
 
 
 class Conversation:
@@ -98,7 +138,7 @@ class Conversation:
         self.max_tokens: int | None = None
         for key, value in (settings or {}).items():
             self.set(key, value)
-        self._reuse = _Reuse()
+        self.reuse = TokenReuse()
 
     @classmethod
     def for_engine(
@@ -177,15 +217,8 @@ class Conversation:
         return self.template.render(self.messages(pending), enable_thinking=self.enable_thinking)
 
     def tokens_for(self, engine: Engine, prompt: str) -> list[int]:
-        """The prompt's tokens; the last prompt and answer reused as the very same ids.
-
-        Re-tokenizing the model's own answer can give other ids than it sampled (BPE has
-        several spellings of a text), which would make the engine evaluate it again.
-        """
-        reuse = self._reuse
-        if reuse.text and prompt.startswith(reuse.text):
-            return reuse.tokens + engine.tokenize(prompt[len(reuse.text) :])
-        return engine.tokenize(prompt)
+        """The prompt's tokens; the last prompt and answer reused as the very same ids."""
+        return self.reuse.tokens_for(engine, prompt)
 
     def prepare(self, engine: Engine, pending: str) -> Prepared:
         """Render the next prompt, dropping the oldest turns while it leaves too little room.
@@ -215,12 +248,8 @@ class Conversation:
             self.turns.pop(0)
             dropped += 1
 
-    def remember(self, prompt: str, prompt_tokens: list[int], text: str, tokens: list[int]) -> None:
-        """Keep what the engine now holds, for `tokens_for` to reuse next turn."""
-        self._reuse = _Reuse(prompt + text, prompt_tokens + tokens)
-
     def forget_tokens(self) -> None:
-        self._reuse = _Reuse()
+        self.reuse.forget()
 
     def add_turn(self, turn: Turn) -> None:
         self.turns.append(turn)
@@ -562,7 +591,7 @@ def stream_turn(
             # The answer as streamed: an edited copy would not match the tokens kept for reuse.
             Turn(text, result.answer, result.thinking, mode, cut=reason == "cancelled")
         )
-        _remember(engine, conv, prepared, gen.tokens, reply.raw, reason)
+        conv.reuse.remember(engine, prepared.prompt, prepared.tokens, gen.tokens, reply.raw, reason)
     yield TurnDone(result)
 
 
@@ -610,30 +639,6 @@ def run_turn(
 ) -> TurnResult:
     """One turn shown on `out` (see `stream_turn`)."""
     return render(stream_turn(engine, conv, text, cancel=cancel), out)
-
-
-def _remember(
-    engine: Engine,
-    conv: Conversation,
-    prepared: Prepared,
-    tokens: list[int],
-    text: str,
-    reason: str,
-) -> None:
-    """Let the next turn reuse these exact ids, if they spell exactly this text.
-
-    The end-of-generation token is not part of the answer text (the template writes its
-    own `<|im_end|>`); a control token inside the answer would not be in the text at all,
-    and then reuse is skipped (the engine's prefix match still applies).
-    """
-    ids = list(tokens)
-    if reason == "stop" and ids and engine.is_eog(ids[-1]):
-        ids.pop()
-    # A token with no bytes of its own is a control token the text does not show.
-    if all(engine.token_bytes(t) for t in ids) and engine.detokenize(ids) == text:
-        conv.remember(prepared.prompt, prepared.tokens, text, ids)
-    else:
-        conv.forget_tokens()
 
 
 def one_shot(

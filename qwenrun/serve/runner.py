@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import errors
-from qwenrun.chat import AnswerText, Conversation, Reply, ThinkingDone, ThinkingText
+from qwenrun.chat import AnswerText, Conversation, Reply, ThinkingDone, ThinkingText, TokenReuse
 from qwenrun.engine.llama import GenStats, SamplingParams
 from qwenrun.serve import protocol
 from qwenrun.serve.protocol import ChatRequest, CompletionRequest, RequestError
@@ -50,7 +50,7 @@ from qwenrun.thinking import (
 )
 
 if TYPE_CHECKING:
-    from qwenrun.engine.llama import Engine, Generation
+    from qwenrun.engine.llama import Engine
     from qwenrun.template import ChatTemplate, Mode, ModelProfile
 
 TOOL_OPEN = "<tool_call>"
@@ -72,7 +72,7 @@ class ServedModel:
     path: str
     reasons: tuple[str, ...] = ()
     created: int = field(default_factory=protocol.now)
-    cache: PromptCache = field(default_factory=lambda: PromptCache())
+    cache: TokenReuse = field(default_factory=TokenReuse)
     # A test seam: text forced where the answer begins, instead of sampling it (tests make a
     # random-weight model write a given tool call through the real engine and parser).
     answer_prefill: Callable[[ChatRequest], str | None] | None = None
@@ -138,40 +138,6 @@ def _plain(value: Any) -> Any:
 
 def run_tokenize(model: ServedModel, text: str) -> list[int]:
     return model.engine.tokenize(text)
-
-
-class PromptCache:
-    """The text the engine's cache last saw and its exact token ids (prompt plus answer).
-
-    Re-tokenizing a model's answer can give other ids than it sampled (BPE has several
-    spellings of a text), which would make the engine evaluate it again; a prompt that
-    starts with the remembered text reuses the remembered ids. Anything else is tokenized
-    whole, and the engine's own prefix match still spares what it can.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.tokens: list[int] = []
-
-    def tokens_for(self, engine: Engine, prompt: str) -> list[int]:
-        if self.text and prompt.startswith(self.text):
-            return self.tokens + engine.tokenize(prompt[len(self.text) :])
-        return engine.tokenize(prompt)
-
-    def remember(
-        self, engine: Engine, prompt: str, prompt_tokens: list[int], gen: Generation, text: str
-    ) -> None:
-        ids = list(gen.tokens)
-        if gen.finish_reason == "stop" and ids and engine.is_eog(ids[-1]):
-            ids.pop()  # the template writes its own end-of-turn after the answer
-        # Only ids that spell exactly this text (a control token inside would not).
-        if all(engine.token_bytes(t) for t in ids) and engine.detokenize(ids) == text:
-            self.text, self.tokens = prompt + text, prompt_tokens + ids
-        else:
-            self.forget()
-
-    def forget(self) -> None:
-        self.text, self.tokens = "", []
 
 
 # --------------------------------------------------------------------------------------
@@ -516,7 +482,7 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
     else:
         reason = "tool_calls" if calls else "stop"
     if gen.finish_reason in ("stop", "length") or stop.matched:
-        model.cache.remember(engine, prompt, tokens, gen, reply.raw)
+        model.cache.remember(engine, prompt, tokens, gen.tokens, reply.raw, gen.finish_reason)
     emit(
         Finished(
             reason,
@@ -570,5 +536,7 @@ def run_completion(
         emit(AnswerText(tail))
     reason = "stop" if stop.matched else gen.finish_reason or "stop"
     if isinstance(request.prompt, str) and gen.finish_reason in ("stop", "length"):
-        model.cache.remember(engine, prompt_text, tokens, gen, "".join(raw))
+        model.cache.remember(
+            engine, prompt_text, tokens, gen.tokens, "".join(raw), gen.finish_reason
+        )
     emit(Finished(reason, _usage(gen.stats, len(tokens)), timings(gen.stats), "".join(text)))
