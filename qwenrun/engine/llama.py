@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import functools
 import threading
 import time
 from collections import deque
@@ -607,13 +608,18 @@ class Engine:
             self._cache.extend(chunk)
         return True
 
+    @functools.cached_property
+    def _eog_ids(self) -> list[int]:
+        # Once per engine: the scan asks the vocabulary about each of its ~150k tokens.
+        is_eog = bindings().llama_vocab_is_eog
+        return [t for t in range(self.meta.n_vocab) if is_eog(self._vocab, t)]
+
     def _eog_ban(self) -> Any:
         """A logit-bias sampler that rules out every end-of-generation token."""
         lc = bindings()
-        n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
-        eog = [t for t in range(n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        eog = self._eog_ids
         biases = (lc.llama_logit_bias * len(eog))(*((t, float("-inf")) for t in eog))
-        return lc.llama_sampler_init_logit_bias(n_vocab, len(eog), biases)
+        return lc.llama_sampler_init_logit_bias(self.meta.n_vocab, len(eog), biases)
 
     def _sampler_chain(self, s: SamplingParams) -> Any:
         lc = bindings()
