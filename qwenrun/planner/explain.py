@@ -118,7 +118,7 @@ def _placement_reasons(
                 )
                 text = f"{text}, and {part}" if text else f"routed experts: {part} on the CPU"
             out.append(f"{text}; the other {on_gpu} layers' experts on the GPU")
-            out.append(_order_reason(layout, n))
+            out.append(_order_reason(layout))
     out.append(
         "attention, norms, router"
         + (", shared experts" if facts.has_shared_expert else "")
@@ -132,7 +132,7 @@ def _placement_reasons(
     return out
 
 
-def _order_reason(layout: Layout, n_layer: int) -> str:
+def _order_reason(layout: Layout) -> str:
     if layout.cpu_moe_from == "last":
         return (
             "the last layers' experts go to the CPU, as llama.cpp's --fit places them "
