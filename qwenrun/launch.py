@@ -357,8 +357,12 @@ def default_model(hw: HardwareProfile) -> tuple[str, str, tuple[str, ...]]:
     """
     floor = catalog.quant_rank(_MIN_DEFAULT_QUANT)
     best: tuple[tuple[float, int, int], catalog.ModelSpec, offload.Plan] | None = None
-    for order, (spec, found) in enumerate(offload.plan_catalog(hw)):
-        if spec.thinking != "hybrid" or isinstance(found, errors.DoesNotFitError):
+    for order, spec in enumerate(catalog.CATALOG):
+        if spec.thinking != "hybrid":
+            continue  # before planning: only hybrids can be the default, the rest cost time
+        try:
+            found = offload.plan_for_spec(spec, hw)
+        except errors.DoesNotFitError:
             continue
         rank = catalog.quant_rank(found.quant)
         if found.decode_tok_s < _MIN_DEFAULT_TOK_S or rank > floor:
