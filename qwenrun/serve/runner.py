@@ -465,12 +465,10 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
                 emit(out)
 
     for ev in reply.events():
-        if isinstance(ev, ThinkingText):
-            emit(ThinkingText(ev.text))
-        elif isinstance(ev, ThinkingDone):
-            emit(ThinkingDone(ev.seconds, ev.tokens))
-        elif isinstance(ev, AnswerText):
-            answer(ev.text)
+        if isinstance(ev, AnswerText):
+            answer(ev.text)  # through the tool-call parser and the stop strings
+        else:
+            emit(ev)  # thinking goes out as the reply gave it
     answer("", final=True)
 
     if stop.matched:
