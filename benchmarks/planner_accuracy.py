@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from qwenrun import hwprobe, offload  # noqa: E402
 from qwenrun.engine import llama, llamalog, native  # noqa: E402
 from qwenrun.offload import Wishes  # noqa: E402
-from qwenrun.testing.tiny_gguf import write_model  # noqa: E402
+from qwenrun.synthetic.tiny_gguf import write_model  # noqa: E402
 
 MIB = 1 << 20
 KINDS = ("model", "kv", "rs", "compute", "output")

@@ -35,7 +35,7 @@ from qwenrun import chat
 from qwenrun.engine.llama import Engine, GenStats
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.testing.proc import run_qwenrun
-from qwenrun.testing.tiny_gguf import QWEN_VOCAB_SIZE, Dims, write_model
+from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, Dims, write_model
 from qwenrun.ui import render
 
 QUESTIONS = (

@@ -30,7 +30,7 @@ from pathlib import Path
 from qwenrun.engine.llama import Engine, SamplingParams
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.engine.native import bindings
-from qwenrun.testing.tiny_gguf import QWEN_VOCAB_SIZE, write_model
+from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, write_model
 
 PROMPT = (
     "<|im_start|>user\nWrite a short story about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"

@@ -10,7 +10,7 @@ gibberish. The writer streams: it writes the header and tensor infos first, then
 tensor's data in chunks of at most `CHUNK_BYTES`, so a 17 GB file needs ~100 MB of RAM.
 
 It must not touch the network or qwenrun's internals; it only uses the `gguf` package and
-the tokenizer helpers of `qwenrun.testing.tiny_gguf` (byte-level BPE with Qwen's special
+the tokenizer helpers of `qwenrun.synthetic.tiny_gguf` (byte-level BPE with Qwen's special
 tokens, padded to the model's vocabulary size).
 
 The type recipe is llama-quant.cpp's `llama_tensor_get_type_impl` for LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -39,8 +39,8 @@ from typing import BinaryIO
 import gguf
 import numpy as np
 
-from qwenrun.testing.kquant import random_blocks
-from qwenrun.testing.tiny_gguf import add_tokenizer, build_vocab, template_text
+from qwenrun.synthetic.kquant import random_blocks
+from qwenrun.synthetic.tiny_gguf import add_tokenizer, build_vocab, template_text
 
 Q = gguf.GGMLQuantizationType
 CHUNK_BYTES = 64 << 20  # random data generated and written per step

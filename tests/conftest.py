@@ -25,7 +25,7 @@ class TinyModels:
         self._made: dict[tuple[object, ...], Path] = {}
 
     def __call__(self, arch: str = "qwen3moe", **kw: object) -> Path:
-        from qwenrun.testing.tiny_gguf import write_model
+        from qwenrun.synthetic.tiny_gguf import write_model
 
         key = (arch, *sorted(kw.items()))
         if key not in self._made:

@@ -19,7 +19,7 @@ from qwenrun import chat, errors
 from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.template import ChatTemplate, model_profile
-from qwenrun.testing.tiny_gguf import template_text
+from qwenrun.synthetic.tiny_gguf import template_text
 from qwenrun.thinking import BARE_CLOSE, WRAP_UP
 from qwenrun.transcript import Turn, format_number
 from qwenrun.ui import render, repl
@@ -411,7 +411,7 @@ from pathlib import Path
 from qwenrun import chat, errors
 from qwenrun.template import ChatTemplate, model_profile
 from qwenrun.transcript import Turn, format_number
-from qwenrun.testing.tiny_gguf import template_text
+from qwenrun.synthetic.tiny_gguf import template_text
 
 template = ChatTemplate(template_text("qwen3"))
 conv = chat.Conversation(template, model_profile(template, "m"))

@@ -21,7 +21,7 @@ from qwenrun.engine.checkpoints import (
 )
 from qwenrun.engine.llama import Engine, SamplingParams
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.testing.tiny_gguf import ARCHES, HYBRID_ARCHES
+from qwenrun.synthetic.tiny_gguf import ARCHES, HYBRID_ARCHES
 from qwenrun.ui import render, repl
 from qwenrun.ui.prompt import ChatPrompt
 

@@ -24,7 +24,7 @@ from qwenrun.engine import crash
 from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.testing.proc import child_env, error_line, run_qwenrun
-from qwenrun.testing.tiny_gguf import Dims, write_model
+from qwenrun.synthetic.tiny_gguf import Dims, write_model
 
 AMX_CPU = frozenset({"avx2", "avx512f", "amx_tile", "amx_int8"})
 DIES_BY_SIGILL = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]

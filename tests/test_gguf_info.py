@@ -20,7 +20,7 @@ from qwenrun.catalog import ModelShape, ModelSpec, lookup
 from qwenrun.hub import header
 from qwenrun.hub.header import read_local, read_remote
 from qwenrun.planner.recipes import estimate
-from qwenrun.testing.tiny_gguf import Dims
+from qwenrun.synthetic.tiny_gguf import Dims
 
 Q = gguf.GGMLQuantizationType
 GiB = 1 << 30

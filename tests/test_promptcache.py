@@ -20,7 +20,7 @@ from qwenrun.engine import promptcache
 from qwenrun.engine.llama import Engine, GenStats, SamplingParams
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.testing.proc import error_line, run_qwenrun
-from qwenrun.testing.tiny_gguf import ARCHES, HYBRID_ARCHES
+from qwenrun.synthetic.tiny_gguf import ARCHES, HYBRID_ARCHES
 
 # About 1,300 tokens in the tiny vocabulary (a byte or so per token): over MIN_TOKENS.
 _rng = random.Random(7)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from qwenrun.testing import kquant
+from qwenrun.synthetic import kquant
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from qwenrun.serve.toolcalls import (
     tool_call_to_openai,
 )
 from qwenrun.template import ChatTemplate
-from qwenrun.testing.tiny_gguf import template_text
+from qwenrun.synthetic.tiny_gguf import template_text
 
 TOOLS: list[dict[str, Any]] = [
     {

@@ -191,7 +191,7 @@ def _probe_main() -> int:
     """The child: a tiny Q4_K model, loaded with the extra buffer types, decodes 4 tokens."""
     from qwenrun.engine.llama import Engine, SamplingParams
     from qwenrun.engine.loadconfig import LoadConfig
-    from qwenrun.testing.tiny_gguf import Dims, write_model
+    from qwenrun.synthetic.tiny_gguf import Dims, write_model
 
     # The model goes into qwenrun's own folder (nothing is written elsewhere), then away.
     root = config.qwenrun_home()

@@ -26,7 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from qwenrun.testing.kquant import random_blocks
+from qwenrun.synthetic.kquant import random_blocks
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 
