@@ -9,9 +9,10 @@ missing driver, library or tool means "none of that here", never an exception.
 QWENRUN_HOME; `probe()` uses a cached figure when it was measured on this CPU model.
 Whether the installed llama.cpp can offload to a GPU is asked of `engine.native` (the only
 llama_cpp importer) and only when `probe(check_backend=True)` finds a GPU, because it loads
-llama.cpp; the same flag asks `engine.crash` whether llama.cpp's extra CPU kernels run on
-this CPU (a verdict kept per machine, probed once in a child process on AMX CPUs).
-This module plans nothing and prints nothing.
+llama.cpp. What qwenrun learns about the machine by running things on it (whether
+llama.cpp's extra CPU kernels work, the speed `qwenrun bench` measured) is not read here:
+`machine.py` adds it to the profile. `with_memory` describes another machine's memory for
+`qwenrun plan`. This module plans nothing and prints nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwenrun import config
+from qwenrun.atomic import write_atomic
 from qwenrun.units import GIB, MIB
 
 BandwidthSource = Literal["measured", "table", "default", "given"]
@@ -484,9 +486,9 @@ def measure_cpu_bandwidth(seconds: float = 0.4, threads: int | None = None) -> f
 
 
 def store_cpu_bandwidth(cpu_model: str, gbs: float) -> None:
-    home = config.ensure_home()
+    """Keep a measured figure for later probes (raises OSError when the home cannot take it)."""
     data = {"cpu_model": cpu_model, "gbs": round(gbs, 2), "measured_at": time.time()}
-    (home / "cpu_bandwidth.json").write_text(json.dumps(data))
+    write_atomic(_bandwidth_cache(), json.dumps(data))
 
 
 # --------------------------------------------------------------------------------------
@@ -505,77 +507,22 @@ def gpu_offload_supported() -> bool | None:
         return None  # llama.cpp's library did not load; `qwenrun doctor` explains why
 
 
-def _cpu_kernels(cpu: CPUInfo) -> dict[str, Any]:
-    """Whether llama.cpp's extra CPU buffer types run here (checked once per machine)."""
-    from qwenrun.engine import crash
-
-    check = crash.cpu_check(cpu.model, cpu.flags)
-    return {"extra_bufts": check.extra_bufts, "cpu_kernels": check.describe()}
-
-
-def machine_key(hw: HardwareProfile) -> str:
-    """What identifies a machine for measurements kept about it: its GPUs (name and memory),
-    its CPU model, cores and RAM (rounded to GiB, so free memory moving about does not count)."""
-    gpus = ",".join(f"{g.name}:{round(g.total_bytes / GIB)}G" for g in hw.gpus) or "no-gpu"
-    ram = round(hw.ram_total_bytes / GIB)
-    return f"{gpus}|{hw.cpu_model}|{hw.physical_cores}c/{hw.logical_cores}t|{ram}G"
-
-
-def _calibration_file() -> Path:
-    return config.qwenrun_home() / "bench" / "calibration.json"
-
-
-def stored_speed_params(key: str) -> tuple[tuple[str, float], ...]:
-    """The speed model's parameters `qwenrun bench` fitted on this machine, if any."""
-    try:
-        data = json.loads(_calibration_file().read_text("utf-8"))
-        params = data[key]["params"]
-        return tuple((str(k), float(v)) for k, v in params.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ()  # none yet, or unreadable: the defaults calibrated on the H200 apply
-
-
-def store_speed_params(key: str, params: dict[str, float], runs: int) -> None:
-    """Keep the parameters fitted from `runs` measurements of this machine."""
-    path = _calibration_file()
-    try:
-        data = json.loads(path.read_text("utf-8"))
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
-    data[key] = {"params": params, "runs": runs, "fitted_at": time.time()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), "utf-8")
-    os.replace(tmp, path)
-
-
-def default_threads() -> int:
-    """Threads for llama.cpp when the user sets none: the physical cores.
-
-    Decoding is memory-bound: physical cores, not hyper-threads, give the best speed.
-    """
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:
-        n = None
-    return max(1, n or os.cpu_count() or 1)
-
-
 def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProfile:
     """Read this machine. `measure=True` runs (and caches) the CPU bandwidth test;
-    `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found and
-    whether its extra CPU kernels run here."""
+    `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found."""
     cpu = _cpu_info()
     physical, logical = _cores()
     total, available, swap, ram_note = _ram()
     notes = [ram_note] if ram_note else []
     if measure:
         gbs: float = round(measure_cpu_bandwidth(), 2)  # as stored, so later probes agree
-        store_cpu_bandwidth(cpu.model, gbs)
+        try:
+            store_cpu_bandwidth(cpu.model, gbs)
+        except OSError as exc:
+            notes.append(
+                f"measured RAM bandwidth not kept for later runs: {config.qwenrun_home()} "
+                f"cannot be written ({exc.strerror or exc})"
+            )
         source: BandwidthSource = "measured"
     elif (cached := cached_cpu_bandwidth(cpu.model)) is not None:
         gbs, source = cached, "measured"
@@ -586,7 +533,7 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
             "unknown); `qwenrun probe --measure` measures it"
         )
     gpus = probe_gpus()
-    hw = HardwareProfile(
+    return HardwareProfile(
         gpus=gpus,
         ram_total_bytes=total,
         ram_available_bytes=available,
@@ -599,11 +546,9 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
         cpu_bandwidth_gbs=gbs,
         # Only a GPU makes the question worth loading llama.cpp for.
         gpu_offload=gpu_offload_supported() if check_backend and gpus else None,
-        **(_cpu_kernels(cpu) if check_backend else {}),
         cpu_bandwidth_source=source,
         notes=tuple(notes),
     )
-    return replace(hw, speed_params=stored_speed_params(machine_key(hw)))
 
 
 # --------------------------------------------------------------------------------------

@@ -148,6 +148,43 @@ def test_plan_honours_fixed_settings():
     assert p["expert_cpu_tensors"] == []
 
 
+def test_plan_takes_every_placement_option_run_takes():
+    import typer.main
+
+    from qwenrun import cli
+
+    group = typer.main.get_command(cli.app)
+
+    def options(name: str) -> set[str]:
+        command = group.commands[name]  # type: ignore[attr-defined]
+        return {o for p in command.params for o in p.opts if o.startswith("--")}
+
+    placement = {
+        "--ctx",
+        "--kv-type",
+        "--cpu-moe",
+        "--n-cpu-moe",
+        "--cpu-moe-from",
+        "--gpu-layers",
+        "--prefer",
+        "--threads",
+    }
+    for name in ("plan", "run", "chat", "serve", "bench"):
+        assert placement <= options(name), name
+
+
+def test_plan_cpu_moe_puts_every_expert_on_the_cpu():
+    p = plan_json(
+        "qwen3-30b-a3b", "--cpu-moe", "--threads", "1", "--gpu-mem", "24G", "--ram", "64G"
+    )
+    assert p["cpu_moe_all"] is True
+    assert p["cpu_expert_layers"] == p["n_layer"]
+    assert p["n_threads"] == 1
+    assert p["override_patterns"] == [
+        {"pattern": r"\.ffn_(up|down|gate|gate_up)_(ch|)exps", "buffer": "CPU"}
+    ]
+
+
 def test_plan_tables_on_a_pipe():
     proc = qwenrun("plan", "qwen3-30b-a3b", "--gpu-mem", "24G", "--ram", "64G")
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from qwenrun import catalog, offload
-from qwenrun.planner import factcache, recipes
+from qwenrun.planner import factcache, recipes, sources
 from qwenrun.planner.facts import ModelFacts
 from qwenrun.testing.hardware import machine
 
@@ -18,7 +18,7 @@ SPEC = catalog.lookup("qwen3-30b-a3b")
 def _fresh_process_state() -> None:
     # What a new `qwenrun` process starts with: nothing read from disk yet.
     factcache._loaded.clear()
-    offload._catalog_option.cache_clear()
+    sources._catalog_option.cache_clear()
 
 
 def _cache_file() -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenrun import catalog, errors, launch, offload
+from qwenrun import catalog, errors, offload
 from qwenrun.engine import loadconfig
 from qwenrun.hub.listing import HubFile, QuantFiles, RepoListing
 from qwenrun.hub.refs import parse_ref
@@ -89,8 +89,8 @@ def test_planner_chooses_what_fits_the_machine():
     spec = catalog.lookup("qwen3-30b-a3b")
     ref = parse_ref(spec.name)
     offer = listing(spec, ["Q8_0", "Q4_K_M", "Q2_K"])
-    small = launch.planner_chooser(machine(8, 24))(ref, offer)
-    big = launch.planner_chooser(machine(80, 128))(ref, offer)
+    small = offload.planner_chooser(machine(8, 24))(ref, offer)
+    big = offload.planner_chooser(machine(80, 128))(ref, offer)
     assert small.quant == "Q4_K_M"
     assert big.quant == "Q8_0"
 
@@ -98,15 +98,15 @@ def test_planner_chooses_what_fits_the_machine():
 def test_nothing_fits_is_said_before_any_download():
     spec = catalog.lookup("qwen3-235b-a22b")
     with pytest.raises(errors.DoesNotFitError):
-        launch.planner_chooser(machine(None, 16))(parse_ref(spec.name), listing(spec, ["Q4_K_M"]))
+        offload.planner_chooser(machine(None, 16))(parse_ref(spec.name), listing(spec, ["Q4_K_M"]))
 
 
 # ---- the model `qwenrun chat` picks when none is named
 
 
 def test_default_model_grows_with_the_machine():
-    laptop, _, why = launch.default_model(machine(8, 32))
-    workstation, _, _ = launch.default_model(machine(80, 256))
+    laptop, _, why = offload.default_model(machine(8, 32))
+    workstation, _, _ = offload.default_model(machine(80, 256))
     size = {s.name: s.params_total for s in catalog.CATALOG}
     assert size[workstation] > size[laptop]
     assert catalog.lookup(laptop).thinking == "hybrid"
@@ -115,4 +115,4 @@ def test_default_model_grows_with_the_machine():
 
 def test_default_model_refuses_a_machine_too_small():
     with pytest.raises(errors.DoesNotFitError, match="no Qwen MoE model"):
-        launch.default_model(machine(None, 4))
+        offload.default_model(machine(None, 4))

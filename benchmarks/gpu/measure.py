@@ -414,14 +414,16 @@ def plan_everything(
 ) -> tuple[Registry, dict[str, Any]]:
     reg = Registry()
     info: dict[str, Any] = {"caps": {}}
-    default_threads = hwprobe.default_threads()
+    default_threads = hw.physical_cores or 1  # what a plan sets when --threads is not given
     thread_counts = sorted(
         {t for t in (hw.physical_cores - 1, hw.physical_cores, hw.logical_cores) if t >= 1}
     )
     base = Layout(n_ctx=s.ctx, kv_type=s.kv)
 
     def load_of(layout: Layout, threads: int) -> LoadConfig:
-        return offload.load_config(facts, layout, Wishes(threads=threads), extra_bufts)
+        return offload.load_config(
+            facts, layout, Wishes(), threads=threads, extra_bufts=extra_bufts
+        )
 
     def threaded(plan: offload.Plan, threads: int | None = None) -> LoadConfig:
         return replace(
@@ -928,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gpu_bandwidth_gbs": gpu.mem_bandwidth_gbs if gpu else None,
                 "gpu_pcie": gpu.pcie if gpu else None,
                 "extra_cpu_kernels": check.describe(),
-                "default_threads": hwprobe.default_threads(),
+                "default_threads": hw.physical_cores,
             },
             "model": {"path": a.model, "arch": facts.arch, "n_layer": facts.n_layer},
             "settings": asdict(s),

@@ -95,7 +95,7 @@ def candidates(
         seen.add(key)
         if mmap is not None:
             lay = replace(lay, use_mmap=mmap)
-        load = load_config(facts, lay, replace(wishes, threads=threads), extra_bufts)
+        load = load_config(facts, lay, wishes, threads=threads, extra_bufts=extra_bufts)
         out.append(Candidate(_label(lay, facts, threads, mmap), load, lay))
 
     thread_counts = sorted({planned_threads, physical_cores, physical_cores - 1, logical_cores})

@@ -16,6 +16,7 @@ from typing import Any
 from qwenrun import hwprobe, launch, offload
 from qwenrun.bench import candidates, runner, store
 from qwenrun.hwprobe import HardwareProfile
+from qwenrun.machine import machine
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Report:
     runs: list[runner.Run]
     summary: list[runner.Summary]
     calibrated_on: int  # runs the speed model was refitted from
+    not_kept: str | None = None  # why the runs could not be stored, when they could not
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,7 @@ class Report:
             "runs": [asdict(r) for r in self.runs],
             "summary": [asdict(s) for s in self.summary],
             "calibrated_on_runs": self.calibrated_on,
+            "not_kept": self.not_kept,
         }
 
 
@@ -54,9 +57,9 @@ def measure(
 
     wishes.validate()
     settings.validate()
-    hw = hwprobe.probe(check_backend=True)
+    hw = machine()
     if model is None:
-        name, quant, _why = launch.default_model(hw)
+        name, quant, _why = offload.default_model(hw)
         model = f"{name}:{quant}"
     path = launch.resolve_model(model, hooks=hooks, hw=hw)
     plan = offload.plan_for_file(path, hw, wishes)
@@ -73,16 +76,23 @@ def measure(
     )
     runs = runner.run_bench(path, cands, settings, on_progress)
     ident = store.model_identity(path, plan.quant)
-    store.save(hw, ident, cands, runs, settings)
-    fitted = store.refit(hw)
+    not_kept = None
+    try:
+        store.save(hw, ident, cands, runs, settings)
+        fitted = store.refit(hw)
+    except OSError as exc:
+        # The runs are still shown; they only cannot teach later plans.
+        fitted = 0
+        not_kept = f"{store.runs_file()} cannot be written ({exc.strerror or exc})"
     return Report(
-        machine=hwprobe.machine_key(hw),
+        machine=store.machine_key(hw),
         model=ident,
         settings=settings,
         candidates=cands,
         runs=runs,
         summary=runner.summarize(runs, len(cands)),
         calibrated_on=fitted,
+        not_kept=not_kept,
     )
 
 
@@ -107,7 +117,7 @@ def stored(hw: HardwareProfile) -> list[StoredGroup]:
     failed: dict[tuple[str, str], int] = defaultdict(int)
     last: dict[tuple[str, str], float] = {}
     order: list[tuple[str, str]] = []
-    for rec in store.records(hwprobe.machine_key(hw)):
+    for rec in store.records(store.machine_key(hw)):
         model = rec.get("model") or {}
         key = (str(model.get("file", "?")), str((rec.get("placement") or {}).get("label", "?")))
         if key not in last:

@@ -1,38 +1,79 @@
 """What `qwenrun bench` measured, kept under the qwenrun home, and what the planner learns.
 
 Contract: every run is one JSON line in `QWENRUN_HOME/bench/runs.jsonl`, keyed by the machine
-(`hwprobe.machine_key`: GPUs and their memory, CPU model and cores, RAM), the model file (its
-name, size and quant) and the placement in the planner's terms (`Candidate.describe`), with
-the settings, llama.cpp's numbers and the date. From them this module
+(`machine_key`: GPUs and their memory, CPU model and cores, RAM), the model file (its name,
+size and quant) and the placement in the planner's terms (`Candidate.describe`), with the
+settings, llama.cpp's numbers and the date. From them this module
 
 - `refit(hw)`: fits the speed model (`planner.speed.fit`) to every stored run of this
-  machine whose model file is still there, and keeps the parameters for `hwprobe.probe`
-  (`hwprobe.store_speed_params`), so every later plan predicts this machine's speed;
-- `measured(hw, path)`: the placements measured for this model file on this machine, with
-  their median decode speed, for the planner to prefer the measured-best one that fits.
+  machine whose model file is still there, and keeps the parameters in
+  `QWENRUN_HOME/bench/calibration.json`; `speed_params(hw)` reads them back (the start-up
+  puts them into the machine's profile, `machine.py`), so every later plan predicts this
+  machine's speed;
+- `measured(hw, path)`: the placements measured for this model file on this machine, each
+  with the decode speed of every run, as plain values for the planner (`planner.measured`
+  decides whether one beats its own pick).
 
 A line that does not parse (a half-written file, another version's format) is skipped.
+Writes raise `OSError` when the home cannot take them; reads of a missing or unreadable
+store give nothing.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwenrun import __version__, config, errors, hwprobe
+from qwenrun import __version__, config, errors
+from qwenrun.atomic import write_atomic
 from qwenrun.bench.candidates import Candidate
 from qwenrun.bench.runner import BenchSettings, Run
 from qwenrun.hwprobe import HardwareProfile
-from qwenrun.offload import MeasuredPlacement
+from qwenrun.planner.measured import MeasuredPlacement
+from qwenrun.units import GIB
 
 
 def runs_file() -> Path:
     return config.qwenrun_home() / "bench" / "runs.jsonl"
+
+
+def calibration_file() -> Path:
+    return config.qwenrun_home() / "bench" / "calibration.json"
+
+
+def machine_key(hw: HardwareProfile) -> str:
+    """What identifies a machine for measurements kept about it: its GPUs (name and memory),
+    its CPU model, cores and RAM (rounded to GiB, so free memory moving about does not count)."""
+    gpus = ",".join(f"{g.name}:{round(g.total_bytes / GIB)}G" for g in hw.gpus) or "no-gpu"
+    ram = round(hw.ram_total_bytes / GIB)
+    return f"{gpus}|{hw.cpu_model}|{hw.physical_cores}c/{hw.logical_cores}t|{ram}G"
+
+
+def speed_params(hw: HardwareProfile) -> tuple[tuple[str, float], ...]:
+    """The speed model's parameters `qwenrun bench` fitted on this machine, if any."""
+    try:
+        data = json.loads(calibration_file().read_text("utf-8"))
+        params = data[machine_key(hw)]["params"]
+        return tuple((str(k), float(v)) for k, v in params.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ()  # none yet, or unreadable: the defaults calibrated on the H200 apply
+
+
+def _store_speed_params(key: str, params: dict[str, float], runs: int) -> None:
+    """Keep the parameters fitted from `runs` measurements of this machine."""
+    path = calibration_file()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"params": params, "runs": runs, "fitted_at": time.time()}
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def model_identity(path: Path, quant: str) -> dict[str, Any]:
@@ -58,7 +99,7 @@ def save(
     """Append the runs; returns how many were written."""
     from qwenrun.engine import native
 
-    key = hwprobe.machine_key(hw)
+    key = machine_key(hw)
     now = time.time()
     lines = []
     for r in runs:
@@ -114,13 +155,14 @@ def records(key: str | None = None) -> Iterator[dict[str, Any]]:
 
 
 def measured(hw: HardwareProfile, path: Path) -> list[MeasuredPlacement]:
-    """The placements `qwenrun bench` measured for this model file here, best decode first."""
+    """The placements `qwenrun bench` measured for this model file here, fastest median
+    first."""
     try:
         ident = model_identity(path, "")
     except (OSError, errors.QwenrunError):  # a missing shard: nothing measured applies
         return []
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rec in records(hwprobe.machine_key(hw)):
+    for rec in records(machine_key(hw)):
         model = rec.get("model") or {}
         if (model.get("file"), model.get("size")) != (ident["file"], ident["size"]):
             continue
@@ -143,8 +185,7 @@ def measured(hw: HardwareProfile, path: Path) -> list[MeasuredPlacement]:
                     use_gpu=bool(place["use_gpu"]),
                     threads=place.get("threads"),
                     use_mmap=place.get("use_mmap"),
-                    decode_tok_s=statistics.median(r["decode_tok_s"] for r in recs),
-                    runs=len(recs),
+                    decode_runs=tuple(float(r["decode_tok_s"]) for r in recs),
                 )
             )
         except (KeyError, TypeError, ValueError):
@@ -159,7 +200,7 @@ def refit(hw: HardwareProfile) -> int:
     from qwenrun.planner.costs import Layout
     from qwenrun.planner.facts import ModelFacts
 
-    key = hwprobe.machine_key(hw)
+    key = machine_key(hw)
     facts_of: dict[str, ModelFacts | None] = {}
     measurements = []
     for rec in records(key):
@@ -206,5 +247,5 @@ def refit(hw: HardwareProfile) -> int:
         return 0
     fitted = speed.fit(measurements)
     values = {k: float(v) for k, v in speed.describe(fitted).items() if v is not None}
-    hwprobe.store_speed_params(key, values, len(measurements))
+    _store_speed_params(key, values, len(measurements))
     return len(measurements)

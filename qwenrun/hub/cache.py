@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from qwenrun import catalog, config
+from qwenrun.atomic import write_atomic
 from qwenrun.hub import names
 
 # ------------------------------------------------------------------------------ layout
@@ -50,9 +51,7 @@ def write_ref(storage: Path, revision: str, branch: str | None) -> None:
     ref.parent.mkdir(parents=True, exist_ok=True)
     if ref.exists() and ref.read_text() == revision:
         return
-    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(revision)
-    os.replace(tmp, ref)
+    write_atomic(ref, revision)
 
 
 def link(storage: Path, revision: str, path: str, blob: Path) -> Path:
@@ -91,14 +90,8 @@ def _notes_dir(kind: str) -> Path:
 def _write_json(path: Path, obj: object) -> None:
     """Write a note, best effort: a home that cannot take it (a file, a full disk, no
     permission) only means checking again next time, never a failed command."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    with contextlib.suppress(OSError):
+        write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _read_json(path: Path) -> Any:
@@ -314,41 +307,46 @@ def _with_record(cache: Path, found: CachedQuant | None, record: PullRecord) -> 
     )
 
 
+def matching(
+    repos: Sequence[str],
+    quant: str | None,
+    *,
+    complete: bool | None = None,
+    cache: Path | None = None,
+) -> list[CachedQuant]:
+    """The one lookup of cached models by name: the quants of `repos` in the cache, `quant`
+    only when given (spelled either way: `q4_k_m` is `Q4_K_M`), complete ones only (True),
+    incomplete ones only (False) or both (None); best first: a revision a ref (`main`) points
+    to, then the earlier repo in `repos`, then the better quant."""
+    order = {r.lower(): i for i, r in enumerate(repos)}
+    want = catalog.normalize_quant(quant) if quant else None
+    found = [
+        c
+        for c in cached_quants(cache)
+        if c.repo.lower() in order
+        and (complete is None or c.complete == complete)
+        and (want is None or catalog.normalize_quant(c.quant) == want)
+    ]
+    found.sort(
+        key=lambda c: (not c.refs, order[c.repo.lower()], catalog.quant_rank(c.quant), c.quant)
+    )
+    return found
+
+
 def find_cached(
     repos: Sequence[str], quant: str | None, cache: Path | None = None
 ) -> CachedQuant | None:
-    """The best complete copy of `quant` (any quant when None) of one of `repos`.
-
-    Prefers the revision a ref (`main`) points to, then the earlier repo in `repos`, then the
-    better quant; None when nothing complete is cached.
-    """
-    order = {r.lower(): i for i, r in enumerate(repos)}
-    want = quant.lower() if quant else None
-    candidates = [
-        c
-        for c in cached_quants(cache)
-        if c.repo.lower() in order and c.complete and (want is None or c.quant.lower() == want)
-    ]
-    if not candidates:
-        return None
-    candidates.sort(
-        key=lambda c: (not c.refs, order[c.repo.lower()], catalog.quant_rank(c.quant), c.quant)
-    )
-    return candidates[0]
+    """The best complete copy of `quant` (any quant when None) of one of `repos`; None when
+    nothing complete is cached."""
+    found = matching(repos, quant, complete=True, cache=cache)
+    return found[0] if found else None
 
 
 def partial_for(
     repos: Sequence[str], quant: str | None, cache: Path | None = None
 ) -> list[CachedQuant]:
     """Incomplete copies of `quant` of `repos` (for messages saying what is missing)."""
-    wanted = {r.lower() for r in repos}
-    return [
-        c
-        for c in cached_quants(cache)
-        if c.repo.lower() in wanted
-        and not c.complete
-        and (quant is None or c.quant.lower() == quant.lower())
-    ]
+    return matching(repos, quant, complete=False, cache=cache)
 
 
 # ------------------------------------------------------------------------------ removal

@@ -26,7 +26,8 @@ from qwenrun.units import gib as fmt_bytes
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
     from qwenrun.hwprobe import HardwareProfile
-    from qwenrun.offload import QuantOption, Wishes
+    from qwenrun.planner.options import QuantOption
+    from qwenrun.planner.wishes import Wishes
 
 Replan = Callable[["Wishes"], "str | None"]
 

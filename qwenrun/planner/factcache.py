@@ -15,12 +15,12 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenrun import __version__, config
+from qwenrun.atomic import write_atomic
 from qwenrun.planner.facts import ModelFacts
 
 if TYPE_CHECKING:
@@ -61,10 +61,7 @@ def _entries(spec: ModelSpec) -> dict[str, Any]:
 def _save(spec: ModelSpec, entries: dict[str, Any]) -> None:
     path = _path(spec)
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": _stamp(), "facts": entries}), "utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"stamp": _stamp(), "facts": entries}))
 
 
 def cached_facts(spec: ModelSpec, quant: str, make: Callable[[], ModelFacts]) -> ModelFacts:

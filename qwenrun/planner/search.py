@@ -25,13 +25,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.planner.costs import CpuMoeFrom, Layout, Usage, usage
+from qwenrun.planner.costs import Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
 from qwenrun.units import GIB, MIB
 
 if TYPE_CHECKING:
     from qwenrun.hwprobe import HardwareProfile
-    from qwenrun.offload import Wishes
 
 DEFAULT_CTX_CAP = 32768
 PREFERRED_MIN_CTX = 16384
@@ -94,19 +94,6 @@ class Fit:
     layout: Layout
     use: Usage
     ctx_reason: str
-
-
-def fixed_cpu_moe(facts: ModelFacts, wishes: Wishes) -> int | None:
-    """The layers whose experts the user put on the CPU (`--cpu-moe`: all); None if free."""
-    return facts.n_layer if wishes.cpu_moe else wishes.n_cpu_moe
-
-
-def cpu_moe_order(wishes: Wishes) -> CpuMoeFrom:
-    """Which layers' experts go to the CPU: the user's choice; `--n-cpu-moe N` alone means the
-    first N, as in llama.cpp; otherwise the last ones, as llama.cpp's `--fit` chooses."""
-    if wishes.cpu_moe_from is not None:
-        return wishes.cpu_moe_from
-    return "first" if wishes.n_cpu_moe is not None else "last"
 
 
 def _ctx_candidates(facts: ModelFacts, wishes: Wishes, least: int) -> list[int]:

@@ -9,15 +9,7 @@ plan's `Speed`. The parameters are calibrated on measurements of a real GPU (the
 2026-11-27 in benchmarks/gpu/); a machine's own `qwenrun bench` runs re-fit them with `fit`
 (robust least squares in log space with log-normal priors, so a few noisy runs cannot push
 a parameter they do not constrain to a silly value), and `hw.speed_params` carries the
-result. It decides nothing.
-
-Contract: pure arithmetic, standard library only, no I/O. The planner describes a placement as
-a `Work` value (per trunk block: bytes, where they sit, KV and attention size; built from
-`memmodel.ModelFacts` + `Layout` with `work_from_blocks`) and the machine as a `Machine` value
-(nominal figures from `hwprobe`, no efficiency applied); `predict_decode` / `predict_prefill`
-return tokens per second under `SpeedParams`. `fit(measurements)` re-calibrates the parameters
-from measured runs (qwenrun's `bench`): robust least squares in log space with log-normal
-priors, so a few noisy runs cannot push a parameter they do not constrain to a silly value.
+result (put there by the start-up, `machine.py`, from `bench.store`). It decides nothing.
 
 Decode, per token, with a GPU (llama.cpp CUDA build; routed experts of some blocks overridden
 to host memory, or the first blocks wholly on the CPU with a smaller n_gpu_layers):
@@ -188,9 +180,9 @@ class Machine:
     threads: int
     # nominal host→GPU link (pcie_nominal_gbs; gen5 x16: 63 GB/s)
     pcie_gbs: float = 31.5
-    # memmodel.gpu_flops(cc) / 1e12 (H100/H200: 150); None: no GPU
+    # gpu_flops(cc) / 1e12 (H100/H200: 150); None: no GPU
     gpu_tflops: float | None = None
-    # memmodel.cpu_flops(cores, flags) / 1e9: CPU-only prefill
+    # cpu_flops(cores, flags) / 1e9: CPU-only prefill
     cpu_gflops: float = 0.0
 
 
@@ -223,7 +215,7 @@ class SpeedParams:
     cpu_only_efficiency: float = 0.7  # guess: repacked weights, no GPU driver thread
     cpu_only_layer_overhead_s: float = 50e-6  # guess: ~30 ops' barriers per block
     # --- prefill ---
-    # H200: of memmodel.gpu_flops (150 TFLOP/s for cc 9.x), one 512-token batch after load
+    # H200: of gpu_flops (150 TFLOP/s for cc 9.x), one 512-token batch after load
     gpu_flops_efficiency: float = 0.2
     # guess: of the nominal link, from pinned host memory
     pcie_efficiency: float = 0.8
@@ -235,7 +227,7 @@ class SpeedParams:
     ubatch_overhead_s: float = 0.0
     # H200: CPU flash attention of CPU blocks (f16 KV), per thread (16 threads)
     cpu_attn_gflops_per_thread: float = 10.4
-    # guess: CPU-only prefill (memmodel.cpu_flops is already a rough figure)
+    # guess: CPU-only prefill (cpu_flops is already a rough figure)
     cpu_flops_efficiency: float = 1.0
 
 
@@ -391,7 +383,7 @@ def work_from_blocks(
 ) -> Work:
     """`Work` from per-block sums and a layout.
 
-    From memmodel: `dense_bytes` = ModelFacts.dense_bytes, `expert_bytes` =
+    From `ModelFacts`: `dense_bytes` = ModelFacts.dense_bytes, `expert_bytes` =
     ModelFacts.expert_bytes, `attn_blocks` = ModelFacts.attn_layers, `kv_bytes_per_cell` =
     kv_bytes_per_layer(1, kv_type) (one cell after padding: divide by CTX_PAD),
     `attn_flops_per_cell` = 4 · n_head · head_dim_k, `state_bytes` = rs_bytes_per_layer,

@@ -21,8 +21,8 @@ from rich.text import Text
 from qwenrun import errors, units
 from qwenrun.hub.refs import reference_for
 from qwenrun.hwprobe import HardwareProfile
-from qwenrun.offload import DevicePlan, Plan
-from qwenrun.ui.console import show
+from qwenrun.offload import DevicePlan, Plan, clearly_faster
+from qwenrun.ui.console import info, show
 from qwenrun.units import gib as fmt_bytes
 
 if TYPE_CHECKING:
@@ -276,26 +276,62 @@ def print_cache(rows: Sequence[dict[str, Any]]) -> None:
 @dataclass(frozen=True)
 class BenchRow:
     label: str
-    runs: int
-    decode: tuple[float, float, float]  # median, min, max
-    prefill: tuple[float, float, float]
+    decode_runs: tuple[float, ...]  # tok/s of each run
+    prefill: tuple[float, float, float]  # median, min, max
     failed: int = 0
     planned: bool = False
 
+    @property
+    def runs(self) -> int:
+        return len(self.decode_runs)
+
+    @property
+    def decode(self) -> tuple[float, float, float]:  # median, min, max
+        return _median_range(self.decode_runs)
+
+
+def bench_winner(rows: Sequence[BenchRow]) -> int | None:
+    """The row measured faster beyond the spread (`offload.clearly_faster`) than the planned
+    row, or, without one, than every other row; the fastest median such; None: no
+    measurable difference."""
+    planned = [r for r in rows if r.planned]
+    others = planned or list(rows)
+    winners = [
+        i
+        for i, r in enumerate(rows)
+        if not r.planned
+        and all(clearly_faster(r.decode_runs, o.decode_runs) for o in others if o is not r)
+    ]
+    return max(winners, key=lambda i: rows[i].decode[0]) if winners else None
+
+
+def bench_verdict(rows: Sequence[BenchRow]) -> str:
+    """What the runs say, in one sentence (the rule: README, "qwenrun bench")."""
+    win = bench_winner(rows)
+    if win is not None:
+        return (
+            f"★ {rows[win].label} is faster beyond the spread of the runs: plans of this model "
+            "take it from now on, while it fits"
+        )
+    return (
+        "no measurable difference: the runs' spreads overlap, so the plan keeps its own "
+        "placement (more --rounds can tell closer ones apart)"
+    )
+
 
 def bench_table(rows: Sequence[BenchRow], title: str) -> Table:
-    """Medians with their spread (min-max); the fastest decode marked, the plan's own pick
-    named (the plan prefers the fastest measured placement that fits from now on)."""
+    """Medians with their spread (min-max); the placement measured faster beyond the spread
+    marked (`bench_winner`), the plan's own pick named."""
     t = Table(title=title, title_justify="left")
     for col in ("placement", "decode tok/s", "spread", "prefill tok/s", "spread", "runs"):
         t.add_column(col, justify="left" if col == "placement" else "right")
-    best = max((r.decode[0] for r in rows if r.runs), default=0.0)
-    for r in rows:
+    best = bench_winner(rows)
+    for i, r in enumerate(rows):
         label = r.label + (" (planned)" if r.planned else "")
         if not r.runs:
             t.add_row(label, "-", "-", "-", "-", f"0 ({r.failed} failed)")
             continue
-        mark = " ★" if r.decode[0] == best else ""
+        mark = " ★" if i == best else ""
         t.add_row(
             label,
             f"{r.decode[0]:.1f}{mark}",
@@ -313,34 +349,38 @@ def _median_range(values: Sequence[float]) -> tuple[float, float, float]:
     return (statistics.median(values), min(values), max(values))
 
 
-def show_bench_report(report: Report) -> None:
-    """`qwenrun bench`: each placement's medians and spread, the planned one first."""
-    rows = [
+def report_rows(report: Report) -> list[BenchRow]:
+    """A bench report's placements as table rows, the planned one first."""
+    return [
         BenchRow(
             c.label,
-            s.runs,
-            (s.decode_median, s.decode_min, s.decode_max),
+            tuple(r.decode_tok_s for r in report.runs if r.candidate == i and r.ok),
             (s.prefill_median, s.prefill_min, s.prefill_max),
             s.failed,
             planned=i == 0,
         )
         for i, (c, s) in enumerate(zip(report.candidates, report.summary, strict=True))
     ]
+
+
+def show_bench_report(report: Report) -> None:
+    """`qwenrun bench`: each placement's medians and spread, the planned one first, and
+    what they say."""
+    rows = report_rows(report)
     st = report.settings
     title = (
         f"{report.model['file']}: {st.rounds} rounds, {st.prompt_tokens}-token prompt, "
         f"{st.gen_tokens} tokens decoded (medians)"
     )
     show(bench_table(rows, title))
+    info(bench_verdict(rows))
 
 
 def show_bench_stored(groups: Sequence[StoredGroup]) -> None:
     """`qwenrun bench --show`: one table per model file measured on this machine."""
     for file in dict.fromkeys(g.model for g in groups):
         rows = [
-            BenchRow(
-                g.label, len(g.decode), _median_range(g.decode), _median_range(g.prefill), g.failed
-            )
+            BenchRow(g.label, tuple(g.decode), _median_range(g.prefill), g.failed)
             for g in groups
             if g.model == file
         ]

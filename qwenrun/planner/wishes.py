@@ -1,0 +1,118 @@
+"""What the user fixed for a plan (`Wishes`), and the one check of those settings.
+
+Contract: pure values. A `Wishes` holds every setting a command can hand the planner (quant,
+context, KV type, where the experts go, GPU layers, threads, the quant preference, and the
+memory of a hypothetical machine); None or False means "choose for me". `validate()` is the
+only check of them, one rule per setting, each message naming the flag; every command (run,
+chat, serve, bench, plan) goes through it before anything is probed, pulled or loaded.
+`fixed_cpu_moe` and `cpu_moe_order` read the expert settings the way the search needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from qwenrun import errors
+from qwenrun.engine.loadconfig import KV_TYPES
+from qwenrun.planner.costs import CpuMoeFrom
+from qwenrun.planner.facts import ModelFacts
+
+Prefer = Literal["quality", "balanced", "speed"]
+
+# The smallest context anyone may ask for: llama.cpp pads contexts to 256 cells, and a
+# chat template alone takes dozens of tokens.
+MIN_USER_CTX = 256
+
+
+@dataclass(frozen=True)
+class Wishes:
+    """What the user fixed. None (or False) means "choose for me"."""
+
+    quant: str | None = None
+    n_ctx: int | None = None
+    kv_type: str | None = None
+    cpu_moe: bool = False  # every layer's routed experts on the CPU
+    n_cpu_moe: int | None = None  # N layers' routed experts on the CPU (the first N alone)
+    cpu_moe_from: CpuMoeFrom | None = None  # which layers' experts: "first" or "last" N
+    n_gpu_layers: int | None = None
+    threads: int | None = None
+    prefer: Prefer = "balanced"  # how to weigh quality against speed when choosing the quant
+    gpu_mem_bytes: int | None = None  # plan for a GPU of this size (0: no GPU)
+    ram_bytes: int | None = None  # plan for this much RAM
+
+    def validate(self) -> None:
+        """The one check of the user's settings; each message names the flag."""
+        if self.n_ctx is not None and self.n_ctx < MIN_USER_CTX:
+            raise errors.UsageError(
+                f"--ctx {self.n_ctx} is too small", hint=f"use at least {MIN_USER_CTX}"
+            )
+        if self.kv_type is not None and self.kv_type.lower() not in KV_TYPES:
+            raise errors.UsageError(
+                f"unknown KV cache type {self.kv_type!r}", hint=f"use one of {', '.join(KV_TYPES)}"
+            )
+        if self.cpu_moe and self.n_cpu_moe is not None:
+            raise errors.UsageError(
+                "--cpu-moe and --n-cpu-moe both set",
+                hint="--cpu-moe puts every layer's experts on the CPU; pick one",
+            )
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise errors.UsageError("--n-cpu-moe must be 0 or more")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise errors.UsageError("--gpu-layers must be -1 (all) or more")
+        if self.cpu_moe_from is not None and self.cpu_moe_from not in ("first", "last"):
+            raise errors.UsageError(
+                f"--cpu-moe-from {self.cpu_moe_from!r} is not a choice",
+                hint="first (llama.cpp's --n-cpu-moe) or last (llama.cpp's --fit)",
+            )
+        if self.threads is not None and self.threads < 1:
+            raise errors.UsageError("--threads must be 1 or more")
+        if self.prefer not in ("quality", "balanced", "speed"):
+            raise errors.UsageError(
+                f"--prefer {self.prefer!r} is not a choice", hint="quality, balanced or speed"
+            )
+        for flag, value in (("--gpu-mem", self.gpu_mem_bytes), ("--ram", self.ram_bytes)):
+            if value is not None and value < 0:
+                raise errors.UsageError(f"{flag} cannot be negative")
+
+    @property
+    def placed_by_user(self) -> bool:
+        """Whether the user fixed where the experts or layers go."""
+        return (
+            self.cpu_moe
+            or self.n_cpu_moe is not None
+            or self.n_gpu_layers is not None
+            or self.cpu_moe_from is not None
+        )
+
+    def constraints(self) -> list[str]:
+        """The fixed settings, as the flags that set them."""
+        out = []
+        if self.quant:
+            out.append(f"--quant {self.quant}")
+        if self.n_ctx is not None:
+            out.append(f"--ctx {self.n_ctx}")
+        if self.cpu_moe:
+            out.append("--cpu-moe")
+        if self.n_cpu_moe is not None:
+            out.append(f"--n-cpu-moe {self.n_cpu_moe}")
+        if self.cpu_moe_from is not None:
+            out.append(f"--cpu-moe-from {self.cpu_moe_from}")
+        if self.n_gpu_layers is not None:
+            out.append(f"--gpu-layers {self.n_gpu_layers}")
+        if self.kv_type:
+            out.append(f"--kv-type {self.kv_type}")
+        return out
+
+
+def fixed_cpu_moe(facts: ModelFacts, wishes: Wishes) -> int | None:
+    """The layers whose experts the user put on the CPU (`--cpu-moe`: all); None if free."""
+    return facts.n_layer if wishes.cpu_moe else wishes.n_cpu_moe
+
+
+def cpu_moe_order(wishes: Wishes) -> CpuMoeFrom:
+    """Which layers' experts go to the CPU: the user's choice; `--n-cpu-moe N` alone means the
+    first N, as in llama.cpp; otherwise the last ones, as llama.cpp's `--fit` chooses."""
+    if wishes.cpu_moe_from is not None:
+        return wishes.cpu_moe_from
+    return "first" if wishes.n_cpu_moe is not None else "last"
