@@ -28,8 +28,8 @@ from qwenrun.serve.toolcalls import (
     parse_tool_calls,
     tool_call_to_openai,
 )
-from qwenrun.template import ChatTemplate
 from qwenrun.synthetic.tiny_gguf import template_text
+from qwenrun.template import ChatTemplate
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -136,7 +136,7 @@ def test_json_call_with_content_before() -> None:
 def test_xml_call_with_content_before() -> None:
     text = "Let me check.\n\n" + xml_call("get_weather", [("city", "Paris"), ("days", "3")])
     args = '{"city": "Paris", "days": 3}'
-    assert run([text]) == [
+    assert merged(run([text])) == [
         Content("Let me check."),
         CallStarted(0, "call_0", "get_weather"),
         CallArguments(0, args),
@@ -152,7 +152,7 @@ def test_several_calls_with_content_before_between_and_after(form: str) -> None:
         return xml_call("get_weather", [("city", city)])
 
     text = f"First Paris.\n{call('Paris')}\nThen Rome.\n{call('Rome')}\n{call('Oslo')}\nDone."
-    events = run([text])
+    events = merged(run([text]))
     assert [type(e) for e in events] == [
         Content,
         *[CallStarted, CallArguments, CallDone],
@@ -160,10 +160,11 @@ def test_several_calls_with_content_before_between_and_after(form: str) -> None:
         *[CallStarted, CallArguments, CallDone] * 2,
         Content,
     ]
+    # Text on both sides of a call keeps one space between (the call's own whitespace goes).
     assert [e.text for e in events if isinstance(e, Content)] == [
         "First Paris.",
-        "Then Rome.",
-        "Done.",
+        " Then Rome.",
+        " Done.",
     ]
     calls = calls_of(events)
     assert [(c.id, c.name, c.arguments) for c in calls] == [
@@ -189,18 +190,34 @@ def test_arguments_deltas_concatenate_to_the_call() -> None:
         assert isinstance(json.loads(done.call.arguments_json), dict)
 
 
-def test_call_started_as_soon_as_the_name_is_known() -> None:
-    for text, name_end in (
-        (json_call("get_weather", {"city": "Paris"}), '"get_weather"'),
-        (xml_call("get_weather", [("city", "Paris")]), "<function=get_weather>"),
-    ):
-        parser = ToolCallParser(TOOLS, id_factory=counter_ids())
-        cut = text.index(name_end) + len(name_end)
-        before = [e for i in range(cut - 1) for e in parser.feed(text[i])]
-        assert before == []
-        assert parser.feed(text[cut - 1]) == [CallStarted(0, "call_0", "get_weather")]
-        rest = parser.feed(text[cut:])
-        assert [type(e) for e in rest] == [CallArguments, CallDone]
+def test_xml_call_is_announced_once_its_structure_is_confirmed() -> None:
+    # After `<function=NAME>`, the first `<parameter=` (or `</function>`) confirms the format;
+    # a string value then streams as it is written.
+    text = xml_call("get_weather", [("city", "Paris"), ("days", "3")])
+    parser = ToolCallParser(TOOLS, id_factory=counter_ids())
+    cut = text.index("<parameter=city>") + len("<parameter=city>")
+    assert [e for ch in text[:cut] for e in parser.feed(ch)] == [
+        CallStarted(0, "call_0", "get_weather"),
+        CallArguments(0, '{"city": "'),
+    ]
+    streamed = [e for ch in "\nPar" for e in parser.feed(ch)]
+    assert "".join(e.delta for e in streamed if isinstance(e, CallArguments)) == "Par"
+    rest = merged(parser.feed(text[cut + 4 :]))
+    assert rest == [
+        CallArguments(0, 'is", "days": 3}'),
+        CallDone(0, ToolCall("call_0", "get_weather", '{"city": "Paris", "days": 3}')),
+    ]
+
+
+def test_json_call_is_announced_whole_when_it_ends() -> None:
+    text = json_call("get_weather", {"city": "Paris"})
+    parser = ToolCallParser(TOOLS, id_factory=counter_ids())
+    assert [e for ch in text[:-1] for e in parser.feed(ch)] == []
+    assert parser.feed(text[-1]) == [
+        CallStarted(0, "call_0", "get_weather"),
+        CallArguments(0, '{"city": "Paris"}'),
+        CallDone(0, ToolCall("call_0", "get_weather", '{"city": "Paris"}')),
+    ]
 
 
 def test_xml_without_newlines_and_without_parameters() -> None:
@@ -265,14 +282,17 @@ def test_xml_values_are_typed_by_the_schema() -> None:
 
 def test_xml_values_without_a_schema_are_read_as_json_literals_only() -> None:
     params = [("n", "7"), ("b", "true"), ("o", '{"a": 1}'), ("s", "hello"), ("py", "True")]
-    for tools in (None, [{"type": "function", "function": {"name": "other"}}]):
+    for tools in (None, [{"type": "function", "function": {"name": "unknown"}}]):
         _, calls = parse_tool_calls(xml_call("unknown", params), tools)
         assert calls[0].arguments == {"n": 7, "b": True, "o": {"a": 1}, "s": "hello", "py": "True"}
 
 
 def test_repeated_xml_parameter_keeps_the_last_value() -> None:
+    # Each value streams as written, so the key appears twice; JSON readers keep the last.
     text = xml_call("get_weather", [("city", "Paris"), ("city", "Rome")])
-    assert parse_tool_calls(text, TOOLS)[1][0].arguments_json == '{"city": "Rome"}'
+    call = parse_tool_calls(text, TOOLS)[1][0]
+    assert call.arguments_json == '{"city": "Paris", "city": "Rome"}'
+    assert call.arguments == {"city": "Rome"}
 
 
 @pytest.mark.parametrize(
@@ -368,7 +388,11 @@ def test_partial_tag_is_held_back_and_released_when_it_is_not_one() -> None:
 
 
 def test_streaming_never_leaks_a_tag_as_content() -> None:
-    text = "Hi " + json_call("get_weather", {"city": "Paris"}) + xml_call("f", [("a", "1")])
+    text = (
+        "Hi "
+        + json_call("get_weather", {"city": "Paris"})
+        + xml_call("get_weather", [("days", "1")])
+    )
     events = run(list(text))
     assert content_of(events) == "Hi"
     assert len(calls_of(events)) == 2
@@ -376,28 +400,33 @@ def test_streaming_never_leaks_a_tag_as_content() -> None:
 
 # ---- malformed blocks come back as content
 
+# Each fails for the reason its name gives: the function is one of the request's tools.
 MALFORMED = {
-    "bad json": '<tool_call>\n{"name": "f", "arguments": {oops}}\n</tool_call>',
+    "bad json": '<tool_call>\n{"name": "get_weather", "arguments": {oops}}\n</tool_call>',
     "no name": '<tool_call>\n{"arguments": {}}\n</tool_call>',
     "name not a string": '<tool_call>\n{"name": 3, "arguments": {}}\n</tool_call>',
-    "arguments not an object": '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
-    "NaN argument": '<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>',
-    "junk after json": '<tool_call>\n{"name": "f", "arguments": {}} and more\n</tool_call>',
-    "json not closed": '<tool_call>\n{"name": "f", "arguments": {"x": 1}}',
-    "function tag not closed": "<tool_call>\n<function=f\n<parameter=a>\n1\n</parameter>\n"
-    "</function>\n</tool_call>",
+    "unknown function": '<tool_call>\n{"name": "delete_all", "arguments": {}}\n</tool_call>',
+    "template syntax as name": "<tool_call>\n<function={{ tc.name }}>\n</function>\n</tool_call>",
+    "arguments not an object": '<tool_call>\n{"name": "get_weather", "arguments": [1]}\n'
+    "</tool_call>",
+    "NaN argument": '<tool_call>\n{"name": "get_weather", "arguments": {"x": NaN}}\n</tool_call>',
+    "junk after json": '<tool_call>\n{"name": "get_weather", "arguments": {}} and more\n'
+    "</tool_call>",
+    "json not closed": '<tool_call>\n{"name": "get_weather", "arguments": {"x": 1}}',
+    "function tag not closed": "<tool_call>\n<function=get_weather\n<parameter=city>\n1\n"
+    "</parameter>\n</function>\n</tool_call>",
     "empty function name": "<tool_call>\n<function=>\n</function>\n</tool_call>",
     "newline in function name": "<tool_call>\n<function=get\nweather>\n</function>\n</tool_call>",
-    "parameter tag not closed": "<tool_call>\n<function=f>\n<parameter=a\n1\n</parameter>\n"
-    "</function>\n</tool_call>",
-    "text between parameters": "<tool_call>\n<function=f>\nhello\n</function>\n</tool_call>",
-    "text after function": "<tool_call>\n<function=f>\n</function>\nmore\n</tool_call>",
-    "xml value not closed": "<tool_call>\n<function=f>\n<parameter=a>\n1\n",
-    "xml call not closed": "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>",
+    "parameter tag not closed": "<tool_call>\n<function=get_weather>\n<parameter=city\n1\n"
+    "</parameter>\n</function>\n</tool_call>",
+    "text between parameters": "<tool_call>\n<function=get_weather>\nhello\n</function>\n"
+    "</tool_call>",
+    "xml value not closed": "<tool_call>\n<function=get_weather>\n<parameter=city>\n1\n",
+    "bare function, not a tool": "<function=delete_all>\n</function>",
     "tag in prose": "Wrap calls in <tool_call> tags.",
     "empty block": "<tool_call></tool_call>",
     "only the tag": "<tool_call>",
-    "other format": '<tool_call>\n[{"name": "f"}]\n</tool_call>',
+    "other format": '<tool_call>\n[{"name": "get_weather"}]\n</tool_call>',
 }
 
 
@@ -410,17 +439,38 @@ def test_malformed_block_comes_back_verbatim(name: str) -> None:
     started = [e.index for e in events if isinstance(e, CallStarted)]
     assert [e.index for e in events if isinstance(e, CallAborted)] == started
     assert merged(run(list(text))) == merged(events)
+    # The model ending its text there changes nothing: none of these is a whole call.
+    parser = ToolCallParser(TOOLS, id_factory=counter_ids())
+    whole = parser.feed(text) + parser.finish(model_ended=True)
+    assert content_of(whole) == text and calls_of(whole) == []
 
 
-def test_aborted_call_is_announced_and_its_index_not_reused() -> None:
-    text = '<tool_call>\n{"name": "a", oops}\n</tool_call>' + json_call("b", {})
-    assert merged(run([text])) == [
-        CallStarted(0, "call_0", "a"),
-        CallAborted(0),
-        Content('<tool_call>\n{"name": "a", oops}\n</tool_call>'),
-        CallStarted(1, "call_1", "b"),
-        CallArguments(1, "{}"),
-        CallDone(1, ToolCall("call_1", "b", "{}")),
+def test_text_after_function_makes_the_call_whole() -> None:
+    # `</tool_call>` missing but the model moved on: the call stands, the text is content.
+    for text in (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+        "</function>\nmore\n</tool_call>",
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+        "</function>\nAfter ",
+    ):
+        content, calls = parse_tool_calls("Before\n" + text, TOOLS)
+        assert [c.arguments for c in calls] == [{"city": "Oslo"}]
+        assert content.startswith("Before more") or content == "Before After "
+
+
+def test_a_cut_call_is_aborted_after_its_streamed_pieces() -> None:
+    # Cut short (max_tokens) after a whole call: its index is spent, its text is content, and
+    # its streamed arguments never close.
+    first = xml_call("get_weather", [("city", "A")])
+    cut = "<tool_call>\n<function=get_weather>\n<parameter=city>\nB"
+    assert merged(run([first + "\n" + cut])) == [
+        CallStarted(0, "call_0", "get_weather"),
+        CallArguments(0, '{"city": "A"}'),
+        CallDone(0, ToolCall("call_0", "get_weather", '{"city": "A"}')),
+        CallStarted(1, "call_1", "get_weather"),
+        CallArguments(1, '{"city": "B'),
+        CallAborted(1),
+        Content(cut),
     ]
 
 
@@ -428,14 +478,19 @@ def test_good_call_after_an_unclosed_one_is_found() -> None:
     text = '<tool_call>\n{"name": "a", "arguments": {"x": 1}\n' + json_call("b", {"y": 2})
     content, calls = parse_tool_calls(text, id_factory=counter_ids())
     assert content == '<tool_call>\n{"name": "a", "arguments": {"x": 1}'
-    assert calls == [ToolCall("call_1", "b", '{"y": 2}')]
+    assert calls == [ToolCall("call_0", "b", '{"y": 2}')]
 
 
 def test_unclosed_call_at_finish() -> None:
     parser = ToolCallParser(TOOLS, id_factory=counter_ids())
     text = "Checking.\n" + xml_call("get_weather", [("city", "Paris")])[:-3]
-    assert parser.feed(text) == [Content("Checking."), CallStarted(0, "call_0", "get_weather")]
-    assert parser.finish() == [CallAborted(0), Content("\n<tool_call>"), Content(text[10 + 11 :])]
+    assert merged(parser.feed(text)) == [
+        Content("Checking."),
+        CallStarted(0, "call_0", "get_weather"),
+        CallArguments(0, '{"city": "Paris"'),
+    ]
+    # Cut (max_tokens): the call is text, from the whitespace before it on.
+    assert merged(parser.finish()) == [CallAborted(0), Content(text[len("Checking.") :])]
     assert parser.finish() == []
     with pytest.raises(ValueError):
         parser.feed("more")
@@ -447,7 +502,8 @@ def test_unclosed_call_at_finish() -> None:
 def test_whitespace_touching_calls_is_dropped_and_other_text_kept() -> None:
     call = json_call("f", {})
     assert parse_tool_calls(f"\n\n{call}\n\n{call}\n\n")[0] == ""
-    assert parse_tool_calls(f"A \n{call}\n B")[0] == "AB"
+    assert parse_tool_calls(f"A \n{call}\n B")[0] == "A B"  # one space keeps them apart
+    assert parse_tool_calls(f"{call}\n B")[0] == "B"  # nothing before: nothing to keep apart
     plain = "  Hello,\n\n  world <b>x</b> \n"
     assert parse_tool_calls(plain) == (plain, [])
     assert merged(run(list(plain))) == [Content(plain)]

@@ -2,46 +2,90 @@
 into what Qwen's chat templates render.
 
 Contract: pure and incremental. `ToolCallParser(tools).feed(piece)` takes answer text as the
-engine yields it and returns events: `Content` for plain text, and for each `<tool_call>` block
-`CallStarted` (as soon as the function name is known), `CallArguments` (argument JSON text) and
-`CallDone` (the whole `ToolCall`) once `</tool_call>` closes it; `finish()` ends the stream.
-`parse_tool_calls(text)` is the one-shot form. The module imports only the standard library,
-does no I/O and never raises on what the model wrote.
+engine yields it and returns events: `Content` for plain text; for each call `CallStarted`
+(id and name), `CallArguments` (pieces of the argument JSON, as they are written) and
+`CallDone` (the whole `ToolCall`) once the call is known to be whole; `CallAborted` for a
+started call the text ended inside of. `finish(model_ended=…)` ends the stream.
+`parse_tool_calls(text)` is the one-shot form. The module and its two helpers
+(`toolcalls_xml`: the XML form; `toolcalls_values`: names, schemas, typed values) import only
+the standard library, do no I/O and never raise on what the model wrote. Each piece of text is
+looked at a bounded number of times, so time is linear in the answer's length (measured by
+benchmarks/toolcall_parse.py).
 
-Qwen writes one of two formats inside `<tool_call>…</tool_call>`, told apart per block:
+The forms Qwen writes (told apart per call):
 
-- JSON (Qwen3, Qwen3-2507, Qwen3-Next): `{"name": "f", "arguments": {"city": "Paris"}}`;
-- XML (Qwen3.5/3.6, Qwen3-Coder): `<function=f>`, then `<parameter=city>\\nParis\\n</parameter>`
-  per argument, then `</function>`. Values are raw text: exactly one newline is stripped from
-  each end (the template adds them), then the value is typed by the tool's JSON schema when the
-  request gave one (`convert_parameter_value`), else read as JSON if it looks like a JSON literal.
+- JSON (Qwen3, Qwen3-2507, Qwen3-Next): `<tool_call>{"name": "f", "arguments": {…}}</tool_call>`
+  (`"parameters"` is read as `"arguments"`; arguments given as a JSON string are decoded);
+- XML (Qwen3.5/3.6, Qwen3-Coder): `<tool_call><function=f><parameter=k>\\nv\\n</parameter>
+  </function></tool_call>`, read by `toolcalls_xml` (where values end, how they are typed);
+- XML without `<tool_call>` (Qwen3-Coder, about one tool turn in five by Ollama's count):
+  `<function=NAME>…</function>` is a call when NAME is one of the request's tools (never
+  without tools); an orphan `</tool_call>` right after it is swallowed;
+- several `<function=…>` blocks inside one `<tool_call>`: one call each.
 
 What it guarantees:
 
-- A tag cut across pieces never leaks: only a possible start of `<tool_call>` is held back, and
-  released as soon as it cannot be one. Events do not depend on how the text was cut (adjacent
-  `Content` events may be split differently; their concatenation is the same).
-- A block that is not a well-formed call (bad JSON, no name, `<function=` never closed, stray
-  text between parameters, no `</tool_call>` by `finish()`) comes back as `Content`, verbatim,
-  so the user sees what the model wrote. Its text is scanned again, so a good call after a
-  broken one is still found. If `CallStarted` was already emitted for it, `CallAborted(index)`
-  comes first; that index is never reused (a streaming client has already seen it). A server
-  that must never show a call that fails can hold a call's events until its `CallDone`.
-- Whitespace touching a parsed call (the template's `\\n\\n` before it, `\\n` between calls) is
-  dropped; all other text is passed through unchanged.
-- The concatenation of a call's `CallArguments` deltas is its `ToolCall.arguments_json`, a JSON
-  object (emitted whole, just before `CallDone`: values can only be typed once complete).
+- A call is only a call when its function name is one of the request's tools (without tools:
+  any name-like name; never template syntax such as `{{ tc.name }}`) and, for JSON, its body is
+  a JSON object with a string name and object arguments. Anything else is `Content`, verbatim.
+- `CallDone` comes once the model has moved past the call: `</tool_call>`, a next call, or
+  other text after `</function>`. When the stream ends inside a call, `finish(model_ended=True)`
+  (the model's end-of-generation, or a client's stop string, ended the text) still completes a
+  call that is whole: XML with its `</function>` (or at least one parameter closed, nothing but
+  whitespace after it), JSON whose body parses. Without `model_ended` (cut by max_tokens, or
+  cancelled) an open call is never completed: its text comes back as `Content`.
+- XML calls are announced (`CallStarted`) once their structure is confirmed (the first
+  `<parameter=` or `</function>` after a valid name) and their arguments stream: string
+  parameters as written, other parameters whole when they end. The concatenation of a call's
+  `CallArguments` is its `ToolCall.arguments_json`, which is valid JSON only with the last
+  piece, sent just before `CallDone`: a client that joins the pieces can never run a call that
+  was cut. JSON calls are announced, with their arguments whole, when they end.
+- `CallAborted(index)` follows a started call that the text ended inside of before it was
+  whole; its raw text then follows as `Content`. An index is never reused (a streaming client
+  has seen it). (Once started, an XML call cannot otherwise fail: a value runs until one of
+  the closing rules holds, so no stray text can come between parameters.)
+- Tags cut across pieces never leak; events do not depend on how the text was cut (adjacent
+  `Content`, and one call's adjacent `CallArguments`, may be split differently).
+- Whitespace touching a call is dropped; where text resumes after a call and there was text
+  before it, one space separates them ("it. It is sunny", not "it.It is sunny"). All other
+  text is passed through unchanged.
+- A block that fails is given back as text and scanning goes on after the point where it
+  failed: after `<tool_call>` for a bad name or form, at the stray text for a broken XML body,
+  after `</tool_call>` for a JSON body that does not parse (whose last inner `<tool_call>` is
+  tried once, so a good call written after a broken opening is still found). What is left open
+  at `finish()` is text as a whole: text inside a cut call (a `write_file` of code about tool
+  calls) is never read again as calls.
 
-What it does not do: split thinking from the answer (feed it the answer only; note that Qwen3.5
-sometimes opens `<tool_call>` before `</think>`, which the caller must route here itself), check
-calls against the tools (an unknown function name or a missing required argument is passed
-on), or accept calls not wrapped in `<tool_call>` (Qwen3-Coder's bare `<function=…>`).
+Where the peers (vLLM's qwen3coder/qwen3xml/hermes parsers, SGLang's Qwen detectors,
+llama.cpp's chat parsers) disagree, the reading taken here, and why:
+
+- Text after a call is kept as content (vLLM and SGLang drop it, llama.cpp's grammar forbids
+  it): it is what the model said.
+- A call cut by max_tokens is not a call (vLLM's non-streaming path and SGLang emit it with the
+  arguments written so far): a tool must not run with half its arguments. The same holds for a
+  value still open when the model stops (vLLM takes it as ended).
+- Arguments that are not a JSON object (`"arguments": [1]`) stay content (vLLM wraps or
+  passes them): OpenAI's `function.arguments` is an object.
+- A name not among the request's tools stays content (vLLM emits it and logs a warning;
+  llama.cpp's grammar cannot write it): an agent would fail on an unknown tool anyway, and text
+  is what the model wrote.
+- A `<function=` block with stray text before its first parameter, or a name tag never closed,
+  is not a call (vLLM's regexes skip the stray text): the format was not followed. Stray text
+  after a `</parameter>` belongs to that value (rule 1 of `toolcalls_xml`; vLLM reads it so).
+- JSON-form arguments are sent whole when the call ends (vLLM's hermes parser streams the
+  partial JSON text): only a parsed body tells an object from an array, `"arguments"` from
+  `"parameters"`, or arguments encoded twice, and re-encoding it is what makes them valid JSON.
+- A repeated parameter: each value is streamed as written, so the arguments text holds the key
+  twice and JSON readers keep the last (vLLM's non-streaming path keeps the last, its streaming
+  path sends both, as here).
+
+Thinking is not split here (feed the answer only); `serve.runner` decides whether a
+`<tool_call>` written inside thinking belongs to the answer.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import secrets
 import string
@@ -49,6 +93,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+from qwenrun.serve.toolcalls_values import (
+    MAX_NAME,
+    ToolTable,
+    convert_parameter_value,
+    loads_strict,
+)
+from qwenrun.serve.toolcalls_xml import (
+    CLOSE_TAG,
+    FUNCTION_TAG,
+    OPEN_TAG,
+    Outcome,
+    XmlFunction,
+    read_tag_name,
+)
 
 __all__ = [
     "CallAborted",
@@ -66,12 +125,6 @@ __all__ = [
     "tool_call_to_openai",
 ]
 
-OPEN_TAG = "<tool_call>"
-CLOSE_TAG = "</tool_call>"
-FUNCTION_TAG = "<function="
-FUNCTION_END = "</function>"
-PARAMETER_TAG = "<parameter="
-PARAMETER_END = "</parameter>"
 _WS = " \t\r\n"
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -114,7 +167,8 @@ class CallDone:
 
 @dataclass(frozen=True)
 class CallAborted:
-    """A started call turned out malformed; its raw text follows as `Content`."""
+    """The text ended inside a started call before it was whole (cut by max_tokens, or the
+    model stopped mid-value); its raw text follows as `Content`."""
 
     index: int
 
@@ -128,31 +182,26 @@ def new_call_id() -> str:
 
 
 class _Mode(Enum):
-    TEXT = "text"  # plain answer text, looking for `<tool_call>`
-    DETECT = "detect"  # just after `<tool_call>`: which format?
+    TEXT = "text"  # plain answer text, looking for `<tool_call>` (and bare `<function=`)
+    OPENED = "opened"  # just after `<tool_call>`: which form?
     JSON = "json"  # a JSON body, looking for `</tool_call>` outside its strings
     XML_NAME = "xml_name"  # after `<function=`, reading the name up to `>`
-    XML_PARAMS = "xml_params"  # `<parameter=…>…</parameter>` pairs, then `</function>`
-    XML_END = "xml_end"  # after `</function>`, expecting `</tool_call>`
+    XML_BODY = "xml_body"  # parameters, read by toolcalls_xml.XmlFunction
+    AFTER = "after"  # after `</function>`: `</tool_call>`, another function, or text
 
 
-@dataclass
-class _OpenCall:
-    index: int
-    id: str
-    name: str
-
-
-# The head of a Qwen3 JSON call, `{"name": "…"`: the template writes the name first, so the
-# name is usually known long before the (possibly long) arguments are.
-_JSON_HEAD = re.compile(r'[ \t\r\n]*\{[ \t\r\n]*"name"[ \t\r\n]*:[ \t\r\n]*"((?:[^"\\]|\\.)*)"')
+# Where the JSON scan stops: outside strings a quote or a possible `</tool_call>`; inside, a
+# quote or a backslash. Everything between is skipped at C speed.
+_JSON_OUTSIDE = re.compile(r'["<]')
+_JSON_INSIDE = re.compile(r'["\\]')
 
 
 class ToolCallParser:
     """An incremental parser of Qwen tool calls in answer text (see the module contract).
 
-    `tools` is the request's OpenAI tool list; only the parameter schemas of XML-format calls
-    are read from it. `id_factory` makes call ids (default `new_call_id`).
+    `tools` is the request's OpenAI tool list: the function names calls may use and the
+    parameter schemas that type XML values. `id_factory` makes call ids (default
+    `new_call_id`).
     """
 
     def __init__(
@@ -161,51 +210,57 @@ class ToolCallParser:
         *,
         id_factory: Callable[[], str] | None = None,
     ) -> None:
-        self._schemas = _parameter_schemas(tools)
+        self._tools = ToolTable(tools)
+        # Bare `<function=NAME>` needs the request's names; the longest bounds the hold-back.
+        self._bare = bool(self._tools.names)
+        self._bare_limit = min(MAX_NAME, self._tools.longest_name() + 8)
         self._new_id = id_factory or new_call_id
         self._mode = _Mode.TEXT
-        self._buf = ""  # TEXT: text not yet released (trailing whitespace, a partial tag)
-        self._block = ""  # in a block: everything after its `<tool_call>`, kept for fallback
-        self._pos = 0  # how far into `_block` the parse has got
-        self._scan = 0  # XML: where to look for the current value's `</parameter>`
-        self._in_string = False  # JSON: whether `_pos` is inside a JSON string
-        self._escaped = False  # JSON: whether the previous character was a backslash in one
-        self._held_ws = ""  # whitespace before `<tool_call>`: dropped, unless the block fails
-        self._after_call = False  # whitespace right after a parsed call is dropped
-        self._call: _OpenCall | None = None
-        self._params: dict[str, Any] = {}
+        # TEXT: text not yet decided; in a call: everything from its first tag on (given back
+        # verbatim if it is not a call after all).
+        self._buf = ""
+        self._pos = 0  # how far into `_buf` the parse has got
+        self._ws: list[str] = []  # whitespace after the last text given out: held
+        self._block_ws: list[str] = []  # the held whitespace before the current call
+        self._after_call = False  # whitespace right after a call is dropped
+        self._said = False  # whether any text has been given out
+        self._wrapped = False  # the current call sits inside `<tool_call>`
+        self._in_string = False  # JSON: inside a string
+        self._xml: XmlFunction | None = None
+        self._started: tuple[int, str] | None = None  # (index, id) of an announced call
+        self._arguments: list[str] = []  # the current call's argument pieces
         self._next_index = 0
         self._finished = False
+        self._model_ended = False
 
     def feed(self, text: str) -> list[Event]:
         if self._finished:
             raise ValueError("feed() after finish()")
-        if self._mode is _Mode.TEXT:
-            self._buf += text
-        else:
-            # Appended through a local that holds the only reference, so CPython can grow the
-            # string in place: `self._block += text` would copy a long block on every token.
-            block, self._block = self._block, ""
-            block += text
-            self._block = block
+        # Grown through a local that holds the only reference, so CPython can extend the
+        # string in place: `self._buf += text` would copy a long call on every token.
+        buf, self._buf = self._buf, ""
+        buf += text
+        self._buf = buf
         events: list[Event] = []
         self._run(events)
         return events
 
-    def finish(self) -> list[Event]:
-        """The stream ended: an open block is malformed; held-back text is released."""
+    def finish(self, *, model_ended: bool = False) -> list[Event]:
+        """The stream ended. `model_ended`: the model ended it (end-of-generation, or a client's
+        stop string cut it), so an open call that is whole is still a call; otherwise (max_tokens,
+        cancel) an open call is text. Held-back text is released."""
         events: list[Event] = []
         if self._finished:
             return events
-        self._finished = True
+        self._finished, self._model_ended = True, model_ended
         self._run(events)
-        # Each abandoned block gives back its text, which may open another block: go on until
-        # only plain text is left (each round consumes one `<tool_call>`, so this ends).
+        # Each round ends the open call (whole, or given back as text) and reads what is left.
         while self._mode is not _Mode.TEXT:
-            self._abandon(events)
+            if not (model_ended and self._whole_at_end(events)):
+                self._abandon(events, len(self._buf), rescan=False)
             self._run(events)
-        rest, self._buf = self._buf, ""
-        self._emit(events, rest)
+        self._emit(events, "".join(self._ws))
+        self._ws = []
         return events
 
     # ---- the loop: each step consumes what it can; False means it must wait for more text
@@ -218,208 +273,299 @@ class ToolCallParser:
         mode = self._mode
         if mode is _Mode.TEXT:
             return self._text(events)
-        if mode is _Mode.DETECT:
-            return self._detect(events)
+        if mode is _Mode.XML_BODY:
+            return self._xml_body(events)
+        if mode is _Mode.OPENED:
+            return self._opened(events)
         if mode is _Mode.JSON:
             return self._json(events)
         if mode is _Mode.XML_NAME:
             return self._xml_name(events)
-        if mode is _Mode.XML_PARAMS:
-            return self._xml_params(events)
-        return self._xml_end(events)
+        return self._after(events)
 
     def _text(self, events: list[Event]) -> bool:
-        buf = self._buf
-        at = buf.find(OPEN_TAG)
-        if at < 0:
-            # Hold back a possible start of the tag and, before it, trailing whitespace (it is
-            # dropped if a call follows).
-            keep = _partial_suffix(buf, OPEN_TAG)
-            body = buf[: len(buf) - keep].rstrip(_WS)
-            self._emit(events, body)
-            self._buf = buf[len(body) :]
-            return False
-        head = buf[:at]
-        body = head.rstrip(_WS)
-        self._emit(events, body)
-        self._held_ws = head[len(body) :]
-        self._buf = ""
-        self._mode = _Mode.DETECT
-        self._block = buf[at + len(OPEN_TAG) :]
-        self._pos = self._scan = 0
-        self._in_string = self._escaped = False
-        self._call = None
-        self._params = {}
-        return True
+        buf, final = self._buf, self._finished
+        i = self._pos
+        while True:
+            lt = buf.find("<", i)
+            if lt < 0:
+                self._out(events, buf)
+                self._buf, self._pos = "", 0
+                return False
+            if buf.startswith(OPEN_TAG, lt):
+                self._out(events, buf[:lt])
+                self._open(buf[lt:], len(OPEN_TAG), wrapped=True)
+                self._mode = _Mode.OPENED
+                return True
+            if self._bare and buf.startswith(FUNCTION_TAG, lt):
+                tag = read_tag_name(buf, lt + len(FUNCTION_TAG), self._bare_limit, final)
+                if tag is None:
+                    return self._hold(events, lt)
+                name, after = tag
+                if name and self._tools.is_function(name):
+                    self._out(events, buf[:lt])
+                    self._open(buf[lt:], after - lt, wrapped=False)
+                    self._xml = XmlFunction(name, self._tools.properties(name), self._pos)
+                    self._mode = _Mode.XML_BODY
+                    return True
+            elif not final and (
+                _is_partial(buf, lt, OPEN_TAG)
+                or (self._bare and _is_partial(buf, lt, FUNCTION_TAG))
+            ):
+                return self._hold(events, lt)
+            i = lt + 1
 
-    def _detect(self, events: list[Event]) -> bool:
-        block = self._block
-        start = _skip_ws(block, 0)
-        if block.startswith("{", start):
+    def _hold(self, events: list[Event], at: int) -> bool:
+        """Give out the text before `at`; keep the rest (a tag that may be one) for later."""
+        self._out(events, self._buf[:at])
+        self._buf, self._pos = self._buf[at:], 0
+        return False
+
+    def _opened(self, events: list[Event]) -> bool:
+        buf = self._buf
+        i = self._pos = _skip_ws(buf, self._pos)
+        if buf.startswith("{", i):
             self._mode = _Mode.JSON
-            self._pos = start
+            self._in_string = False
             return True
-        if block.startswith(FUNCTION_TAG, start):
+        if buf.startswith(FUNCTION_TAG, i):
+            self._pos = i + len(FUNCTION_TAG)
             self._mode = _Mode.XML_NAME
-            self._pos = start + len(FUNCTION_TAG)
             return True
-        if _is_partial(block, start, FUNCTION_TAG):
-            return False  # nothing yet, or a partial `<function=`
-        self._abandon(events)  # `<tool_call>` in prose, or a format Qwen does not write
+        if i == len(buf) or (not self._finished and _is_partial(buf, i, FUNCTION_TAG)):
+            return False
+        self._abandon(events, len(OPEN_TAG))  # `<tool_call>` in prose, or no form Qwen writes
         return True
 
     def _json(self, events: list[Event]) -> bool:
-        block = self._block
-        if self._call is None:
-            head = _JSON_HEAD.match(block)
-            if head:
-                name = _json_string(head.group(1))
-                if name and name.strip():
-                    self._start(events, name)
+        buf = self._buf
+        n = len(buf)
+        i, in_string = self._pos, self._in_string
         # Scan for `</tool_call>` outside JSON strings, so that an argument holding that very
         # text (code about tool calls) does not end the block.
-        i = self._pos
-        n = len(block)
-        while i < n:
-            ch = block[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch == "<":
-                if block.startswith(CLOSE_TAG, i):
-                    self._json_close(events, block[:i], block[i + len(CLOSE_TAG) :])
-                    return True
-                if _is_partial(block, i, CLOSE_TAG):
-                    break  # a partial `</tool_call>`: look again from here
-            i += 1
-        self._pos = i
+        while True:
+            if in_string:
+                m = _JSON_INSIDE.search(buf, i)
+                if m is None:
+                    i = n
+                    break
+                j = m.start()
+                if buf[j] == "\\":
+                    if j + 1 >= n:
+                        i = j  # the escaped character is still to come
+                        break
+                    i = j + 2
+                    continue
+                in_string, i = False, j + 1
+                continue
+            m = _JSON_OUTSIDE.search(buf, i)
+            if m is None:
+                i = n
+                break
+            j = m.start()
+            if buf[j] == '"':
+                in_string, i = True, j + 1
+                continue
+            if buf.startswith(CLOSE_TAG, j):
+                self._json_close(events, j)
+                return True
+            if not self._finished and _is_partial(buf, j, CLOSE_TAG):
+                i = j
+                break
+            i = j + 1
+        self._pos, self._in_string = i, in_string
         return False
 
-    def _json_close(self, events: list[Event], body: str, rest: str) -> None:
-        parsed = _parse_json_call(body)
-        if parsed is None or (self._call is not None and self._call.name != parsed[0]):
-            self._abandon(events)
+    def _json_close(self, events: list[Event], close: int) -> None:
+        buf = self._buf
+        body = buf[len(OPEN_TAG) : close]
+        rest = buf[close + len(CLOSE_TAG) :]
+        parsed = self._json_call(body)
+        if parsed is not None:
+            self._complete(events, parsed[0], parsed[1], rest)
             return
-        self._complete(events, parsed[0], parsed[1], rest)
+        # A broken opening followed by a good call (both closed by this `</tool_call>`): try
+        # the last opening once, so the good call is not lost and no text is read twice.
+        inner = body.rfind(OPEN_TAG)
+        parsed = self._json_call(body[inner + len(OPEN_TAG) :]) if inner >= 0 else None
+        if parsed is not None:
+            head = "".join(self._block_ws) + buf[: len(OPEN_TAG) + inner]
+            self._block_ws = []
+            self._out(events, head)
+            self._ws = []  # the whitespace before the good call is the call's
+            self._complete(events, parsed[0], parsed[1], rest)
+            return
+        self._abandon(events, close + len(CLOSE_TAG))
+
+    def _json_call(self, body: str) -> tuple[str, str] | None:
+        """(name, arguments JSON) of a JSON-form call body, or None if it is not one."""
+        try:
+            value = loads_strict(body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(value, dict):
+            return None
+        name = value.get("name")
+        if not isinstance(name, str) or not self._tools.is_function(name.strip()):
+            return None
+        arguments = value.get("arguments", value.get("parameters"))
+        if arguments is None:
+            arguments = {}  # a function without parameters
+        elif isinstance(arguments, str):
+            # Arguments encoded twice, as OpenAI's wire format has them: take the object inside.
+            try:
+                arguments = loads_strict(arguments) if arguments.strip(_WS) else {}
+            except (ValueError, RecursionError):
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        return name.strip(), json.dumps(arguments, ensure_ascii=False)
 
     def _xml_name(self, events: list[Event]) -> bool:
-        name = self._tag_value(self._pos)
-        if name is None:
+        tag = read_tag_name(self._buf, self._pos, MAX_NAME, self._finished)
+        if tag is None:
             return False
-        if not name[0]:
-            self._abandon(events)
+        name, after = tag
+        if not name or not self._tools.is_function(name):
+            # Not a call: give back what came before the name as text (after `<tool_call>`, or
+            # from this `<function=` when it follows a call in the same block).
+            self._abandon(events, len(OPEN_TAG) if self._buf.startswith(OPEN_TAG) else 1)
             return True
-        self._start(events, name[0])
-        self._pos = name[1]
-        self._mode = _Mode.XML_PARAMS
+        self._xml = XmlFunction(name, self._tools.properties(name), after)
+        self._mode = _Mode.XML_BODY
         return True
 
-    def _xml_params(self, events: list[Event]) -> bool:
-        block = self._block
-        i = _skip_ws(block, self._pos)
-        if block.startswith(PARAMETER_TAG, i):
-            key = self._tag_value(i + len(PARAMETER_TAG))
-            if key is None:
-                return False
-            if not key[0]:
-                self._abandon(events)
+    def _xml_body(self, events: list[Event]) -> bool:
+        xml = self._xml
+        assert xml is not None
+        outcome = xml.read(self._buf, self._finished, self._model_ended)
+        self._send_arguments(events, xml)
+        if outcome is Outcome.WAIT:
+            return False
+        if outcome is Outcome.BROKEN:
+            self._abandon(events, xml.pos)
+            return True
+        if outcome is Outcome.BLOCK_END:
+            self._finish_xml(events, self._buf[xml.pos :])
+            return True
+        self._pos = xml.pos
+        self._mode = _Mode.AFTER
+        return True
+
+    def _after(self, events: list[Event]) -> bool:
+        """After `</function>`: the block's close, another function in the same block, or the
+        model moving on; any of them makes the call whole."""
+        buf = self._buf
+        i = self._pos = _skip_ws(buf, self._pos)
+        if buf.startswith(CLOSE_TAG, i):
+            # (For a bare call this is the orphan closer Qwen3-Coder writes: swallowed.)
+            self._finish_xml(events, buf[i + len(CLOSE_TAG) :])
+            return True
+        if self._wrapped and buf.startswith(FUNCTION_TAG, i):
+            self._finish_xml(events, "")
+            # The next function belongs to the same block: its text is what is given back if
+            # it fails.
+            self._open(buf[i:], len(FUNCTION_TAG), wrapped=True)
+            self._mode = _Mode.XML_NAME
+            return True
+        # Nothing yet, or the start of a closer: wait (at the end, `finish` decides: the text
+        # stopped before the model moved on).
+        if _is_partial(buf, i, CLOSE_TAG) or (self._wrapped and _is_partial(buf, i, FUNCTION_TAG)):
+            return False
+        self._finish_xml(events, buf[i:])  # text after the call (or another `<tool_call>`)
+        return True
+
+    def _whole_at_end(self, events: list[Event]) -> bool:
+        """At the end of a text the model ended: complete the open call if it is whole."""
+        if self._mode is _Mode.AFTER:
+            self._finish_xml(events, self._buf[self._pos :])  # (a closer's start, as text)
+            return True
+        if self._mode is _Mode.XML_BODY and self._xml is not None and self._xml.complete_at_end():
+            self._finish_xml(events, "")
+            return True
+        if self._mode is _Mode.JSON:
+            parsed = self._json_call(self._buf[len(OPEN_TAG) :])
+            if parsed is not None:
+                self._complete(events, parsed[0], parsed[1], "")
                 return True
-            # The value runs to the first `</parameter>`: it may hold anything else, including
-            # `</function>` and `</tool_call>` (Qwen3-Coder writing code about tool calls).
-            end = block.find(PARAMETER_END, max(key[1], self._scan))
-            if end < 0:
-                # Next time, look only where a new `</parameter>` could be: a long value
-                # arriving token by token is then scanned once, not once per token.
-                self._scan = max(key[1], len(block) - len(PARAMETER_END) + 1)
-                return False
-            assert self._call is not None
-            properties = self._schemas.get(self._call.name, {})
-            schema = properties.get(key[0])
-            value = _strip_one_newline(block[key[1] : end])
-            self._params[key[0]] = convert_parameter_value(
-                value, schema if isinstance(schema, Mapping) else None
-            )
-            self._pos = end + len(PARAMETER_END)
-            self._scan = 0
-            return True
-        if block.startswith(FUNCTION_END, i):
-            self._pos = i + len(FUNCTION_END)
-            self._mode = _Mode.XML_END
-            return True
-        if _is_partial(block, i, PARAMETER_TAG) or _is_partial(block, i, FUNCTION_END):
-            return False
-        self._abandon(events)
-        return True
+        return False
 
-    def _xml_end(self, events: list[Event]) -> bool:
-        block = self._block
-        i = _skip_ws(block, self._pos)
-        if block.startswith(CLOSE_TAG, i):
-            assert self._call is not None
-            arguments = json.dumps(self._params, ensure_ascii=False)
-            self._complete(events, self._call.name, arguments, block[i + len(CLOSE_TAG) :])
-            return True
-        if _is_partial(block, i, CLOSE_TAG):
-            return False
-        # Anything else after `</function>` (a second `<function=` in the same block, text) is
-        # not the format the templates teach.
-        self._abandon(events)
-        return True
+    # ---- calls
 
-    # ---- helpers
+    def _open(self, block: str, pos: int, *, wrapped: bool) -> None:
+        """A possible call begins: `block` is its text from the first tag on."""
+        self._buf, self._pos = block, pos
+        self._block_ws, self._ws = self._ws, []
+        self._wrapped = wrapped
+        self._started = None
+        self._arguments = []
 
-    def _tag_value(self, start: int) -> tuple[str, int] | None:
-        """The `NAME` of `<function=NAME>` / `<parameter=NAME>` from `start`, and the position
-        after its `>`; None while it is incomplete; ("", _) when it cannot be a name."""
-        block = self._block
-        gt = block.find(">", start)
-        pending = block[start:gt] if gt >= 0 else block[start:]
-        # A newline or `<` before the `>` means the tag was never closed: the model moved on.
-        if "\n" in pending or "<" in pending:
-            return "", start
-        if gt < 0:
-            return None
-        return pending.strip(_WS), gt + 1
+    def _announce(self, events: list[Event], name: str) -> tuple[int, str]:
+        if self._started is None:
+            self._started = (self._next_index, self._new_id())
+            self._next_index += 1
+            events.append(CallStarted(self._started[0], self._started[1], name))
+        return self._started
 
-    def _start(self, events: list[Event], name: str) -> None:
-        call = _OpenCall(self._next_index, self._new_id(), name)
-        self._next_index += 1
-        self._call = call
-        events.append(CallStarted(call.index, call.id, call.name))
+    def _send_arguments(self, events: list[Event], xml: XmlFunction) -> None:
+        if not xml.started:
+            return
+        index, _ = self._announce(events, xml.name)
+        for delta in xml.take_deltas():
+            self._arguments.append(delta)
+            events.append(CallArguments(index, delta))
 
-    def _complete(self, events: list[Event], name: str, arguments: str, rest: str) -> None:
-        if self._call is None:
-            self._start(events, name)
-        assert self._call is not None
-        call = ToolCall(self._call.id, name, arguments)
-        events.append(CallArguments(self._call.index, arguments))
-        events.append(CallDone(self._call.index, call))
+    def _finish_xml(self, events: list[Event], rest: str) -> None:
+        xml = self._xml
+        assert xml is not None
+        self._send_arguments(events, xml)
+        self._arguments.append(xml.close_arguments())
+        self._complete(events, xml.name, "".join(self._arguments), rest, last=self._arguments[-1])
+
+    def _complete(
+        self, events: list[Event], name: str, arguments: str, rest: str, last: str | None = None
+    ) -> None:
+        """The call is whole: its last argument piece and `CallDone`; `rest` is read on."""
+        index, call_id = self._announce(events, name)
+        events.append(CallArguments(index, arguments if last is None else last))
+        events.append(CallDone(index, ToolCall(call_id, name, arguments)))
         self._to_text(rest)
-        self._held_ws = ""
+        self._block_ws = []
         self._after_call = True
 
-    def _abandon(self, events: list[Event]) -> None:
-        """The block is not a call: give back its text, from `<tool_call>` on, as plain text."""
-        if self._call is not None:
-            events.append(CallAborted(self._call.index))
-        held, self._held_ws = self._held_ws, ""
-        self._emit(events, held + OPEN_TAG)
-        # Scanned again as text: it may hold a good call (after a broken one left unclosed).
-        self._to_text(self._block)
+    def _abandon(self, events: list[Event], upto: int, *, rescan: bool = True) -> None:
+        """Not a call: its text up to `upto` is given back as text, and scanning goes on from
+        there (or, at the end, the whole text is given back)."""
+        if self._started is not None:
+            events.append(CallAborted(self._started[0]))
+        buf = self._buf
+        if not rescan:
+            upto = len(buf)
+        held = "".join(self._block_ws)
+        self._block_ws = []
+        self._to_text(buf[upto:])
+        self._out(events, held + buf[:upto])
 
     def _to_text(self, text: str) -> None:
         self._mode = _Mode.TEXT
-        self._buf = text
-        self._block = ""
-        self._pos = 0
-        self._call = None
-        self._params = {}
+        self._buf, self._pos = text, 0
+        self._xml = None
+        self._started = None
+        self._arguments = []
+
+    # ---- text out
+
+    def _out(self, events: list[Event], text: str) -> None:
+        """Give out text, holding back its trailing whitespace (dropped if a call follows)."""
+        if not text:
+            return
+        body = text.rstrip(_WS)
+        if not body:
+            self._ws.append(text)
+            return
+        held = "".join(self._ws)
+        self._ws = [text[len(body) :]] if len(body) < len(text) else []
+        self._emit(events, held + body)
 
     def _emit(self, events: list[Event], text: str) -> None:
         if self._after_call:
@@ -427,7 +573,10 @@ class ToolCallParser:
             if not text:
                 return
             self._after_call = False
+            if self._said:
+                text = " " + text  # text on both sides of a call: keep them apart
         if text:
+            self._said = True
             events.append(Content(text))
 
 
@@ -436,10 +585,11 @@ def parse_tool_calls(
     tools: Sequence[Mapping[str, Any]] | None = None,
     *,
     id_factory: Callable[[], str] | None = None,
+    model_ended: bool = False,
 ) -> tuple[str, list[ToolCall]]:
     """The whole-text form: (content, calls) of a finished answer."""
     parser = ToolCallParser(tools, id_factory=id_factory)
-    events = parser.feed(text) + parser.finish()
+    events = parser.feed(text) + parser.finish(model_ended=model_ended)
     content = "".join(e.text for e in events if isinstance(e, Content))
     return content, [e.call for e in events if isinstance(e, CallDone)]
 
@@ -489,7 +639,7 @@ def _arguments_mapping(arguments: Any, i: int) -> dict[str, Any]:
         if not arguments.strip(_WS):
             return {}  # some clients send "" for a call without arguments
         try:
-            value = _loads(arguments)
+            value = loads_strict(arguments)
         except (ValueError, RecursionError):
             raise ValueError(f"tool_calls[{i}].function.arguments is not valid JSON") from None
         if isinstance(value, dict):
@@ -497,218 +647,11 @@ def _arguments_mapping(arguments: Any, i: int) -> dict[str, Any]:
     raise ValueError(f"tool_calls[{i}].function.arguments is not a JSON object")
 
 
-# ---- XML parameter values
-
-
-_TYPE_ALIASES = {
-    "int": "integer",
-    "float": "number",
-    "double": "number",
-    "bool": "boolean",
-    "str": "string",
-    "text": "string",
-    "dict": "object",
-    "list": "array",
-}
-# Tried in this order when a schema allows several types, the most specific first: a value
-# that reads as one of them is taken as it, else it stays the string the model wrote.
-_TYPE_ORDER = ("null", "boolean", "integer", "number", "object", "array")
-_INTEGER = re.compile(r"[+-]?\d+")
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_FAIL = object()
-
-
-def convert_parameter_value(value: str, schema: Mapping[str, Any] | None) -> Any:
-    """An XML parameter's raw text (its one template newline on each end already removed) as
-    the JSON value the tool expects.
-
-    With a schema type: string → the text itself; integer/number → a number; boolean →
-    true/false (case-insensitive: Qwen3.5's template writes Python's `True`); null → from
-    `null`/`None`; object/array → the parsed JSON. Text that does not read as the type stays a
-    string, so the tool sees what the model wrote rather than a guess. Without a usable schema,
-    text that is a JSON number, true/false/null, object or array is parsed; the rest is a string.
-    """
-    types = _schema_types(schema) if schema is not None else set()
-    if not types:
-        return _guess(value)
-    if types == {"string"}:
-        return value
-    text = value.strip(_WS)
-    for kind in _TYPE_ORDER:
-        if kind in types:
-            converted = _as_type(text, kind)
-            if converted is not _FAIL:
-                return converted
-    return value
-
-
-def _schema_types(schema: Mapping[str, Any], depth: int = 0) -> set[str]:
-    kind = schema.get("type")
-    names: list[Any] = []
-    if isinstance(kind, str):
-        names = [kind]
-    elif isinstance(kind, list):
-        names = kind
-    types = {_TYPE_ALIASES.get(n.lower(), n.lower()) for n in names if isinstance(n, str)}
-    if types or depth > 4:
-        return types
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if isinstance(options, list):
-            for option in options:
-                if isinstance(option, Mapping):
-                    types |= _schema_types(option, depth + 1)
-    enum = schema.get("enum")
-    if not types and isinstance(enum, list):
-        types = {_json_type(v) for v in enum}
-    return types
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
-def _as_type(text: str, kind: str) -> Any:
-    lowered = text.lower()
-    if kind == "null":
-        return None if lowered in ("null", "none") else _FAIL
-    if kind == "boolean":
-        return lowered == "true" if lowered in ("true", "false") else _FAIL
-    if kind in ("integer", "number"):
-        try:
-            if _INTEGER.fullmatch(text):
-                return int(text)
-            if _NUMBER.fullmatch(text):
-                number = float(text)
-                if not math.isfinite(number):
-                    return _FAIL
-                # An integer written as `3.0` is still an integer.
-                if kind == "integer":
-                    return int(number) if number.is_integer() else _FAIL
-                return number
-        except ValueError:  # an integer too long for int() (Python's digit limit)
-            return _FAIL
-        return _FAIL
-    if kind in ("object", "array"):
-        try:
-            parsed = _loads(text)
-        except (ValueError, RecursionError):
-            return _FAIL
-        wanted = dict if kind == "object" else list
-        return parsed if isinstance(parsed, wanted) else _FAIL
-    return _FAIL
-
-
-def _guess(value: str) -> Any:
-    text = value.strip(_WS)
-    looks_json = (
-        text[:1] in ("{", "[")
-        or text in ("true", "false", "null")
-        or _JSON_NUMBER.fullmatch(text) is not None
-    )
-    if looks_json:
-        try:
-            return _loads(text)
-        except (ValueError, RecursionError):
-            pass
-    return value
-
-
 # ---- small pieces
 
 
-def _parameter_schemas(
-    tools: Sequence[Mapping[str, Any]] | None,
-) -> dict[str, Mapping[str, Any]]:
-    """Function name → its parameters' `properties`, from OpenAI tools (or bare functions)."""
-    schemas: dict[str, Mapping[str, Any]] = {}
-    for tool in tools or ():
-        if not isinstance(tool, Mapping):
-            continue
-        function = tool.get("function", tool)
-        if not isinstance(function, Mapping):
-            continue
-        name = function.get("name")
-        parameters = function.get("parameters")
-        if isinstance(name, str) and isinstance(parameters, Mapping):
-            properties = parameters.get("properties")
-            if isinstance(properties, Mapping):
-                schemas[name] = properties
-    return schemas
-
-
-def _parse_json_call(body: str) -> tuple[str, str] | None:
-    """(name, arguments JSON) of a JSON-format call body, or None if it is not one."""
-    try:
-        value = _loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(value, dict):
-        return None
-    name = value.get("name")
-    if not isinstance(name, str) or not name.strip():
-        return None
-    arguments = value.get("arguments")
-    if arguments is None:
-        arguments = {}  # a function without parameters
-    elif isinstance(arguments, str):
-        # Arguments encoded twice, as OpenAI's wire format has them: accept the object inside.
-        try:
-            arguments = _loads(arguments) if arguments.strip(_WS) else {}
-        except (ValueError, RecursionError):
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return name, json.dumps(arguments, ensure_ascii=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is out of range")
-    return number
-
-
-def _loads(text: str) -> Any:
-    """Strict JSON: no NaN/Infinity, which `json.dumps` would write back as invalid JSON."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def _json_string(inner: str) -> str | None:
-    try:
-        value = json.loads('"' + inner + '"')
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
-
-
-def _strip_one_newline(value: str) -> str:
-    # The template writes `>\n` + value + `\n</`: exactly those two newlines are markup (as in
-    # vLLM's qwen3coder parser); any others belong to the value.
-    if value.startswith("\n"):
-        value = value[1:]
-    if value.endswith("\n"):
-        value = value[:-1]
-    return value
-
-
 def _is_partial(text: str, i: int, tag: str) -> bool:
-    """Whether `text[i:]` is a proper start of `tag` (the empty string included)."""
+    """Whether `text[i:]` is a proper start of `tag` (the text ends inside it)."""
     return len(text) - i < len(tag) and tag.startswith(text[i:])
 
 
@@ -717,11 +660,3 @@ def _skip_ws(text: str, i: int) -> int:
     while i < n and text[i] in _WS:
         i += 1
     return i
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
