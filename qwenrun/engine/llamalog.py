@@ -39,7 +39,8 @@ class PlacementReport:
     buffers: tuple[BufferSize, ...]
 
     def total(self, kind: str | None = None, device: str | None = None) -> int:
-        """Bytes of the buffers of one kind and/or one device ("CPU" covers CPU_Mapped etc.)."""
+        """Bytes of the buffers of one kind and/or one device ("CPU" covers CPU_Mapped etc.;
+        a worker's "host:port" covers each of its devices' `RPCn[host:port]` buffers)."""
         return sum(
             b.n_bytes
             for b in self.buffers
@@ -58,7 +59,7 @@ class PlacementReport:
 def _on_device(buft: str, device: str) -> bool:
     if device.upper() == "CPU":
         return buft.upper().startswith("CPU") or buft.upper().endswith("_HOST")
-    return buft == device
+    return buft == device or (buft.startswith("RPC") and buft.endswith(f"[{device}]"))
 
 
 _OVERRIDE_RE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
@@ -130,7 +131,14 @@ def parse_placement(lines: list[str], n_gpu_layers: int) -> PlacementReport:
             buffers.append(BufferSize(kind, m.group(1), round(float(m.group(3)) * 1024 * 1024)))
         elif m := _OFFLOADED_RE.search(line):
             n_gpu_layers = int(m.group(1))
-    layers = sorted({n for name, _ in overridden if (n := layer_of(name)) is not None})
+    # Layers whose experts went to this machine's RAM (not those sent to a worker's device).
+    layers = sorted(
+        {
+            n
+            for name, buft in overridden
+            if (n := layer_of(name)) is not None and _on_device(buft, "CPU")
+        }
+    )
     return PlacementReport(n_gpu_layers, tuple(layers), tuple(overridden), tuple(buffers))
 
 
