@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,28 @@ class GPUInfo:
     driver: str | None = None
     mem_bandwidth_gbs: float | None = None  # peak, GB/s (10^9 bytes)
     pcie: str | None = None  # e.g. "4.0 x16" (link generation and width)
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """One device a worker (`qwenrun worker`) serves: a GPU, or the worker's RAM (its CPU)."""
+
+    buffer: str  # llama.cpp's buffer type name, `RPC0[10.0.0.2:50052]`, stable across runs
+    description: str
+    is_cpu: bool  # the worker's CPU and RAM (a worker serves it last)
+    total_bytes: int
+    free_bytes: int
+    bandwidth_gbs: float  # its memory's, GB/s (a table by name, or a conservative default)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Another machine's devices, lent through llama.cpp's RPC backend."""
+
+    endpoint: str  # "host:port"; a hypothetical worker's is "worker N"
+    devices: tuple[RemoteDevice, ...]
+    round_trip_s: float  # one request and its answer on the wire
+    hypothetical: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,9 @@ class HardwareProfile:
     # The speed model's parameters fitted from this machine's `qwenrun bench` runs, as
     # (name, value) pairs; empty: the defaults calibrated on the H200 data.
     speed_params: tuple[tuple[str, float], ...] = ()
+    # Other machines' devices this one may use (`--rpc`): read by the start-up
+    # (`machine.py`), or described for `qwenrun plan --worker`.
+    workers: tuple[WorkerInfo, ...] = ()
 
     @property
     def has_gpu(self) -> bool:
@@ -556,42 +582,81 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
 
 # Assumed for a GPU that exists only in a `--gpu-mem` question: a mid-range card's peak.
 HYPOTHETICAL_GPU_BANDWIDTH_GBS = 500.0
+# Assumed for a hypothetical worker: a request and its answer over a local network (1-10 GbE
+# with a switch: 0.1-0.5 ms; loopback measures 0.02 ms).
+HYPOTHETICAL_ROUND_TRIP_S = 0.0005
 
 
 def with_memory(
-    hw: HardwareProfile, gpu_bytes: int | None = None, ram_bytes: int | None = None
+    hw: HardwareProfile,
+    gpu_bytes: int | Sequence[int] | None = None,
+    ram_bytes: int | None = None,
+    workers: Sequence[tuple[Sequence[int], int]] = (),
 ) -> HardwareProfile:
     """`hw` with its GPU memory and/or RAM replaced, for planning another machine.
 
-    `gpu_bytes=0` removes the GPUs. A size without a real GPU makes one hypothetical GPU
-    (bandwidth assumed, `HYPOTHETICAL_GPU_BANDWIDTH_GBS`); with real GPUs it replaces the
-    first one's memory (all free) and drops the others. `ram_bytes` sets total and
-    available RAM alike.
+    `gpu_bytes` is one size or one per GPU; `0` (or an empty list) removes the GPUs. Sizes
+    replace the real GPUs' memory in order (all free), and a size without a real GPU makes a
+    hypothetical one (bandwidth assumed, `HYPOTHETICAL_GPU_BANDWIDTH_GBS`); GPUs beyond the
+    sizes given are dropped. `ram_bytes` sets total and available RAM alike. `workers` adds
+    hypothetical workers, each (its GPUs' sizes, its RAM), after any real ones.
     """
     out = hw
     if gpu_bytes is not None:
-        # Another GPU: this machine's measured speed calibration does not carry over.
-        out = replace(out, gpus=_gpus_with(hw.gpus, gpu_bytes), speed_params=())
-        if gpu_bytes > 0:
+        sizes = [gpu_bytes] if isinstance(gpu_bytes, int) else list(gpu_bytes)
+        sizes = [s for s in sizes if s > 0]
+        # Other GPUs: this machine's measured speed calibration does not carry over.
+        out = replace(out, gpus=_gpus_with(hw.gpus, sizes), speed_params=())
+        if sizes:
             # The question is "what would this GPU give me", not "can my build use one".
             out = replace(out, gpu_offload=None)
     if ram_bytes is not None:
         out = replace(out, ram_total_bytes=ram_bytes, ram_available_bytes=ram_bytes)
+    if workers:
+        start = len(out.workers)
+        made = tuple(
+            hypothetical_worker(start + i, gpus, ram) for i, (gpus, ram) in enumerate(workers)
+        )
+        out = replace(out, workers=(*out.workers, *made))
     return out
 
 
-def _gpus_with(gpus: tuple[GPUInfo, ...], size: int) -> tuple[GPUInfo, ...]:
-    if size <= 0:
-        return ()
-    if gpus:
-        return (replace(gpus[0], total_bytes=size, free_bytes=size, used_bytes=0),)
-    hypothetical = GPUInfo(
-        index=0,
-        name=f"hypothetical {size / GIB:g} GiB GPU",
-        total_bytes=size,
-        free_bytes=size,
-        used_bytes=0,
-        mem_bandwidth_gbs=HYPOTHETICAL_GPU_BANDWIDTH_GBS,
-        pcie="4.0 x16",
+def _gpus_with(gpus: tuple[GPUInfo, ...], sizes: Sequence[int]) -> tuple[GPUInfo, ...]:
+    out = []
+    for i, size in enumerate(sizes):
+        if i < len(gpus):
+            out.append(replace(gpus[i], total_bytes=size, free_bytes=size, used_bytes=0))
+            continue
+        out.append(
+            GPUInfo(
+                index=i,
+                name=f"hypothetical {size / GIB:g} GiB GPU",
+                total_bytes=size,
+                free_bytes=size,
+                used_bytes=0,
+                mem_bandwidth_gbs=HYPOTHETICAL_GPU_BANDWIDTH_GBS,
+                pcie="4.0 x16",
+            )
+        )
+    return tuple(out)
+
+
+def hypothetical_worker(n: int, gpus: Sequence[int], ram: int) -> WorkerInfo:
+    """Worker `n` of a `qwenrun plan --worker` question: GPUs of these sizes and this RAM."""
+    endpoint = f"worker {n + 1}"
+    devices = [
+        RemoteDevice(
+            f"RPC{i}[{endpoint}]",
+            f"{size / GIB:g} GiB GPU",
+            False,
+            size,
+            size,
+            HYPOTHETICAL_GPU_BANDWIDTH_GBS,
+        )
+        for i, size in enumerate(s for s in gpus if s > 0)
+    ]
+    cpu_gbs, _ = default_cpu_bandwidth("", 16)
+    devices.append(
+        RemoteDevice(f"RPC{len(devices)}[{endpoint}]", "its RAM", True, ram, ram, cpu_gbs)
     )
-    return (hypothetical,)
+    return WorkerInfo(endpoint, tuple(devices), HYPOTHETICAL_ROUND_TRIP_S, hypothetical=True)

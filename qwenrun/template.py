@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from qwenrun import errors
+from qwenrun import errors, sampling
 from qwenrun.catalog import ThinkingKind
 from qwenrun.engine.llama import SamplingParams
 from qwenrun.thinking import prompt_opens_thinking
@@ -125,7 +125,7 @@ def _strftime_now(fmt: str) -> str:
 
 def fallback_template() -> str:
     """Qwen3's own template, for a GGUF that carries none (all Qwen models speak ChatML)."""
-    return (Path(__file__).parent / "testing" / "templates" / "qwen3.jinja").read_text("utf-8")
+    return (Path(__file__).parent / "synthetic" / "templates" / "qwen3.jinja").read_text("utf-8")
 
 
 def detect_thinking_kind(template: ChatTemplate) -> ThinkingKind:
@@ -171,12 +171,14 @@ def presets_from_spec(spec: ModelSpec | None) -> dict[str, SamplingParams]:
     presets = dict(DEFAULT_PRESETS)
     if spec is not None:
         for mode, p in spec.presets.items():
+            # Every setting of the sampling table the catalog's preset gives (the Coder
+            # cards' repeat penalty included).
             presets[mode] = SamplingParams(
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                min_p=p.min_p,
-                presence_penalty=p.presence_penalty,
+                **{
+                    s.field: getattr(p, s.field)
+                    for s in sampling.SAMPLER_SETTINGS
+                    if hasattr(p, s.field)
+                }
             )
     return presets
 

@@ -3,7 +3,8 @@
 Contract: pure functions. Memory (RAM, VRAM, buffers) is shown in binary units, as the
 planner and llama.cpp count it (`gib`: "17.3 GiB"); file and download sizes in decimal units,
 as the hub and disks show them (`gb`: "18.6 GB"). `parse_size` reads what a user types for a
-memory size. Nothing here knows what the bytes are for.
+memory size, `parse_sizes` several (one per GPU), `parse_worker` a machine's GPUs and RAM.
+Nothing here knows what the bytes are for.
 """
 
 from __future__ import annotations
@@ -53,3 +54,23 @@ def parse_size(text: str, flag: str = "size") -> int:
             hint="give a size such as 24GiB, 12G or 512M (a bare number means GiB; 0 means none)",
         )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_sizes(text: str, flag: str = "size") -> tuple[int, ...]:
+    """One size or several, comma-separated: `24GiB,12GiB` (one per GPU)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise errors.UsageError(f"{flag} needs a size", hint="give one such as 24GiB, or 24G,12G")
+    return tuple(parse_size(p, flag) for p in parts)
+
+
+def parse_worker(text: str, flag: str = "--worker") -> tuple[tuple[int, ...], int]:
+    """A machine as `GPU[,GPU…]/RAM`: `24GiB/128GiB`, `24G,24G/256G`, `0/64G` (no GPU)."""
+    gpus, sep, ram = text.partition("/")
+    if not sep or not ram.strip():
+        raise errors.UsageError(
+            f"cannot read {flag} {text!r}",
+            hint="give its GPUs' memory, then / and its RAM: 24GiB/128GiB (0/64GiB: no GPU)",
+        )
+    sizes = tuple(s for s in parse_sizes(gpus, flag) if s > 0)
+    return sizes, parse_size(ram, flag)

@@ -16,10 +16,10 @@ from qwenrun import catalog, hwprobe, offload
 from qwenrun.bench import candidates, runner, store
 from qwenrun.engine.loadconfig import LoadConfig, Placement
 from qwenrun.offload import Wishes
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, usage
 from qwenrun.planner.facts import ModelFacts
 from qwenrun.planner.recipes import estimate
-from qwenrun.planner.search import Budget
 from qwenrun.testing.hardware import machine
 from qwenrun.testing.proc import run_qwenrun
 from qwenrun.ui import tables
@@ -117,6 +117,27 @@ def test_a_candidate_that_cannot_load_is_recorded_and_the_bench_goes_on(tiny_mod
     assert "NOPE" in (runs[0].error or "")
     summary = runner.summarize(runs, 2)
     assert summary[0].failed == 1 and summary[1].runs == 1
+
+
+@pytest.mark.slow
+def test_bench_shows_its_runs_when_the_home_cannot_keep_them(tiny_models, tmp_path):
+    # QWENRUN_HOME is a regular file: the runs cannot be stored, the table is still shown,
+    # and one line says why they were not kept (issue 19: a traceback lost them).
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    model = str(tiny_models("qwen3moe", steer=2))
+    args = ("bench", model, "--rounds", "1", "--prompt", "16", "--gen", "4", "--ctx", "512")
+    proc = run_qwenrun(*args, env={"QWENRUN_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "decode tok/s" in proc.stdout and "(planned)" in proc.stdout
+    why = [ln for ln in proc.stderr.splitlines() if "not kept" in ln]
+    assert len(why) == 1 and "cannot be written" in why[0]
+    assert home.read_text() == ""  # nothing was written anywhere near it
+    # --json: the runs on stdout, the reason in the document.
+    report = json.loads(run_qwenrun(*args, "--json", env={"QWENRUN_HOME": str(home)}).stdout)
+    assert report["runs"] and all(r["error"] is None for r in report["runs"])
+    assert "cannot be written" in report["not_kept"]
 
 
 @pytest.mark.slow

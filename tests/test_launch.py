@@ -58,7 +58,7 @@ def test_a_gpu_the_build_cannot_use_is_planned_as_no_gpu(tiny_models):
         (Wishes(kv_type="q3"), "KV cache type"),
         (Wishes(n_ctx=8), "--ctx"),
         (Wishes(n_ctx=255), "--ctx 255 is too small"),
-        (Wishes(gpu_mem_bytes=-1), "--gpu-mem"),
+        (Wishes(gpu_mem_bytes=(-1,)), "--gpu-mem"),
     ],
 )
 def test_bad_wishes_are_usage_errors_naming_the_flag(wishes, flag):

@@ -18,8 +18,8 @@ from qwenrun.engine import loadconfig
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.offload import Plan, Wishes
 from qwenrun.planner import search
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.facts import ModelFacts, pad_ctx
-from qwenrun.planner.search import Budget
 from qwenrun.testing.hardware import machine
 from qwenrun.units import GIB, MIB
 
@@ -202,11 +202,11 @@ def test_gpu_the_build_cannot_use_is_not_planned_for():
 
 def test_hypothetical_gpu_and_ram_from_wishes():
     p = plan_or_none(
-        QWEN3_30B, machine(None, 8), Wishes(gpu_mem_bytes=24 * GIB, ram_bytes=64 * GIB)
+        QWEN3_30B, machine(None, 8), Wishes(gpu_mem_bytes=(24 * GIB,), ram_bytes=64 * GIB)
     )
     assert p is not None and p.gpu is not None
     assert p.gpu.capacity == 24 * GIB and p.cpu.capacity == 64 * GIB
-    q = plan_or_none(QWEN3_30B, machine(24, 64), Wishes(gpu_mem_bytes=0))
+    q = plan_or_none(QWEN3_30B, machine(24, 64), Wishes(gpu_mem_bytes=(0,)))
     assert q is not None and q.gpu is None
 
 

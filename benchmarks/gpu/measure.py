@@ -68,9 +68,10 @@ from qwenrun.hub import header  # noqa: E402
 from qwenrun.hwprobe import HardwareProfile  # noqa: E402
 from qwenrun.offload import Wishes  # noqa: E402
 from qwenrun.planner import speed  # noqa: E402
+from qwenrun.planner.budget import Budget  # noqa: E402
 from qwenrun.planner.costs import Layout, Usage, usage  # noqa: E402
 from qwenrun.planner.facts import ModelFacts  # noqa: E402
-from qwenrun.planner.search import CUDA_CONTEXT_BYTES, GPU_MARGIN_BYTES, Budget  # noqa: E402
+from qwenrun.planner.targets import CUDA_CONTEXT_BYTES, GPU_MARGIN_BYTES  # noqa: E402
 from qwenrun.units import GIB, MIB, parse_size  # noqa: E402
 
 H200_FIT_LOG = HERE / "h200-2026-11-27" / "fit.log"
@@ -436,7 +437,7 @@ def plan_everything(
     for cap in caps:
         c = float(cap_label(cap / GIB))
         hwc = hwprobe.with_memory(hw, gpu_bytes=cap)
-        wish = Wishes(gpu_mem_bytes=cap, n_ctx=s.ctx, kv_type=s.kv)
+        wish = Wishes(gpu_mem_bytes=(cap,), n_ctx=s.ctx, kv_type=s.kv)
         entry: dict[str, Any] = {"cap_bytes": cap, "usable_bytes": Budget.from_hw(hwc).gpu}
         info["caps"][cap_label(c)] = entry
         got: dict[str, offload.Plan] = {}

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.offload import Plan, Wishes, load_config
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, usage
 from qwenrun.planner.facts import ModelFacts
-from qwenrun.planner.search import Budget
 
 MAX_CANDIDATES = 8
 

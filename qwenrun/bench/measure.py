@@ -52,12 +52,12 @@ def measure(
     on_progress: runner.Progress | None = None,
 ) -> Report:
     from qwenrun.hub import header
+    from qwenrun.planner.budget import Budget
     from qwenrun.planner.facts import ModelFacts
-    from qwenrun.planner.search import Budget
 
     wishes.validate()
     settings.validate()
-    hw = machine()
+    hw = machine(rpc=wishes.rpc)
     if model is None:
         name, quant, _why = offload.default_model(hw)
         model = f"{name}:{quant}"

@@ -7,7 +7,8 @@ tokens to warm up, then evaluates a fixed prompt of `prompt_tokens` and decodes 
 `gen_tokens` (greedy, end-of-generation ruled out), and keeps llama.cpp's numbers as one
 `Run`. A candidate that fails to load (out of memory) is recorded with its error and the
 bench goes on. `summarize` gives each candidate's median and spread. Progress goes to the
-caller's callback; nothing here prints or stores.
+caller's callback (before each run, and with each finished `Run`); nothing here prints or
+stores.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Summary:
         )
 
 
-Progress = Callable[[int, int, str], None]  # done, total, what now
+# done, total, what runs next ("done" at the end), the run that just finished (None first)
+Progress = Callable[[int, int, str, Run | None], None]
 
 
 def bench_prompt(engine: Engine, n_tokens: int) -> list[int]:
@@ -156,10 +158,11 @@ def run_bench(
     runs: list[Run] = []
     for done, (rnd, index) in enumerate(order):
         if on_progress is not None:
-            on_progress(done, len(order), f"round {rnd + 1}: {cands[index].label}")
+            what = f"round {rnd + 1}: {cands[index].label}"
+            on_progress(done, len(order), what, runs[-1] if runs else None)
         runs.append(measure_once(path, cands[index], index, rnd, settings))
     if on_progress is not None:
-        on_progress(len(order), len(order), "done")
+        on_progress(len(order), len(order), "done", runs[-1] if runs else None)
     return runs
 
 

@@ -40,10 +40,11 @@ src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, ggml-backen
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.targets import Target
 from qwenrun.units import MIB
 
 OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda offloads host-weight ops for batches of 32+ tokens
@@ -69,6 +70,48 @@ CpuMoeFrom = Literal["first", "last"]
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A run of consecutive trunk layers on one device (`target`, an index into the spread's
+    targets), whole: attention or GDN, norms, router, shared expert, KV cache, recurrent
+    state, and routed experts, except that the last `host_layers` layers of the run (and the
+    single `host_tensors` of the layer before them) keep their routed experts in the RAM of
+    the device's machine (`host`, a target index), computed by that machine's CPU."""
+
+    target: int
+    count: int
+    host: int | None = None
+    host_layers: int = 0
+    host_tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A model over several devices, as llama.cpp lays it out: the first `cpu_layers` trunk
+    layers wholly on this machine's CPU, then each stage's run in order; the output layer
+    goes with the last stage. `targets` are the devices (`planner/targets.py`) the stages
+    index; the byte counts of `usage` come one per target, in that order."""
+
+    targets: tuple[Target, ...]
+    cpu_layers: int
+    stages: tuple[Stage, ...]
+    with_output: bool = True  # False only while a search checks a run before the last
+
+    def ranges(self) -> list[range]:
+        """Each stage's trunk layers."""
+        out, start = [], self.cpu_layers
+        for st in self.stages:
+            out.append(range(start, start + st.count))
+            start += st.count
+        return out
+
+    def host_range(self, i: int) -> range:
+        """The layers of stage `i` whose routed experts are all on its host."""
+        r = self.ranges()[i]
+        k = min(self.stages[i].host_layers, len(r))
+        return range(r.stop - k, r.stop)
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where things go, in llama.cpp's terms.
 
@@ -89,6 +132,7 @@ class Layout:
     cpu_moe_from: CpuMoeFrom = "first"
     n_batch: int = 2048
     use_mmap: bool | None = None  # None: llama.cpp's advice (off when tensors are moved)
+    spread: Spread | None = None  # several devices; the fields above that place are unused
 
     def cpu_expert_layers(self, n_layer: int) -> range:
         """The trunk layers whose routed experts all sit on the CPU."""
@@ -124,10 +168,11 @@ class DeviceBytes:
 
 @dataclass(frozen=True)
 class Usage:
-    gpu: DeviceBytes
-    cpu: DeviceBytes
+    gpu: DeviceBytes  # a spread's: every GPU and worker together
+    cpu: DeviceBytes  # this machine's RAM
     gpu_expert_layers: int  # trunk layers whose routed experts are all on the GPU
     first_gpu_layer: int  # trunk layers before this one sit wholly on the CPU
+    devices: tuple[DeviceBytes, ...] = ()  # a spread's: one per target, in order
 
 
 def first_gpu_layer(facts: ModelFacts, layout: Layout) -> int:
@@ -148,6 +193,8 @@ def _tensor_bytes(facts: ModelFacts, layer: int, names: Iterable[str]) -> int:
 
 def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozenset()) -> Usage:
     """Bytes per device for `layout` (see the module docstring for each rule)."""
+    if layout.spread is not None:
+        return spread_usage(facts, layout, cpu_flags)
     s = facts.sums
     n = facts.n_layer
     first = min(first_gpu_layer(facts, layout), n)
@@ -227,8 +274,7 @@ def compute_bytes(
     if not layout.flash_attn:
         # the materialized f32 scores, and the mask in f32
         attn += cells * ub * facts.n_head * 4 + cells * ub * 2
-    moe = ub * facts.n_expert_used * (3 * facts.expert_ff + facts.n_embd) * 4
-    moe += ub * facts.n_expert * 4 + hidden
+    moe = moe_compute_bytes(facts, layout)
     ssm = ub * facts.ssm_conv_dim * 4 * 2 + hidden if facts.is_hybrid else 0
     if not layout.use_gpu:
         return 0, _with_slack(max(logits, attn, moe, ssm))
@@ -240,12 +286,132 @@ def compute_bytes(
     return _with_slack(gpu_peak), _with_slack(cpu_peak)
 
 
-def repack_bytes(facts: ModelFacts, cpu_flags: frozenset[str]) -> int:
-    """Bytes of CPU matmul weights llama.cpp repacks on a CPU-only run of this machine."""
+def moe_compute_bytes(facts: ModelFacts, layout: Layout) -> int:
+    """The live tensors of one layer's routed experts for an n_ubatch-token batch."""
+    ub = max(1, layout.n_ubatch)
+    hidden = 2 * facts.n_embd * ub * 4
+    moe = ub * facts.n_expert_used * (3 * facts.expert_ff + facts.n_embd) * 4
+    return moe + ub * facts.n_expert * 4 + hidden
+
+
+def repack_bytes(facts: ModelFacts, cpu_flags: frozenset[str], layers: range | None = None) -> int:
+    """Bytes of CPU matmul weights llama.cpp repacks on a CPU-only run of this machine (of
+    `layers` only, when given)."""
     total = 0
-    for layer in facts.layer_types:
+    chosen = facts.layer_types if layers is None else facts.layer_types[layers.start : layers.stop]
+    for layer in chosen:
         for ggml_type, n_bytes, rows, _expert in layer:
             flag = REPACK_TYPES.get(ggml_type)
             if flag is not None and flag in cpu_flags and rows % 8 == 0:
                 total += n_bytes
     return total
+
+
+# --------------------------------------------------------------------------------------
+# Several devices
+
+
+def _range_sum(suffix: tuple[int, ...], r: range) -> int:
+    return suffix[r.start] - suffix[r.stop] if r.stop > r.start else 0
+
+
+def spread_usage(
+    facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozenset()
+) -> Usage:
+    """Bytes per target for a model spread over several devices (`Spread`).
+
+    Each stage's device holds its run's dense weights, KV cache and recurrent state, the
+    routed experts not kept on the host, and a compute buffer for its part of the graph
+    (with the logits where the output layer is, the last stage). A host holds the experts
+    its stages keep there. This machine's RAM also holds the first `cpu_layers` layers, the
+    token embeddings and the logits row; its weights are repacked only when no GPU of this
+    machine takes layers (as on a CPU-only run).
+    """
+    spread = layout.spread
+    assert spread is not None
+    s = facts.sums
+    n = facts.n_layer
+    targets = spread.targets
+    acc = [dict.fromkeys(("dense", "experts", "kv", "rs", "compute"), 0) for _ in targets]
+    kv_layer = facts.kv_bytes_per_layer(layout.n_ctx, layout.kv_type)
+    attn, recr = set(facts.attn_layers), set(facts.recr_layers)
+
+    def put(t: int, r: range) -> None:
+        """Layers `r` wholly on target `t` (their experts too)."""
+        acc[t]["dense"] += _range_sum(s.dense_suffix, r)
+        acc[t]["experts"] += _range_sum(s.expert_suffix, r)
+        acc[t]["kv"] += sum(1 for i in r if i in attn) * kv_layer
+        acc[t]["rs"] += sum(1 for i in r if i in recr) * facts.rs_bytes_per_layer
+
+    ram = next(i for i, t in enumerate(targets) if t.kind == "cpu")
+    cpu_run = range(0, min(spread.cpu_layers, n))
+    put(ram, cpu_run)
+    ranges = spread.ranges()
+    last = len(spread.stages) - 1
+    local_gpu_layers = False
+    for i, (st, r) in enumerate(zip(spread.stages, ranges, strict=True)):
+        r = range(min(r.start, n), min(r.stop, n))
+        put(st.target, r)
+        target = targets[st.target]
+        local_gpu_layers |= target.kind == "gpu" and len(r) > 0
+        moved = 0
+        host_run = spread.host_range(i)
+        if st.host is not None and len(host_run):
+            moved = _range_sum(s.expert_suffix, host_run)
+        boundary = host_run.start - 1
+        if st.host is not None and st.host_tensors and boundary in r:
+            moved += _tensor_bytes(facts, boundary, st.host_tensors)
+        if st.host is not None and moved:
+            acc[st.target]["experts"] -= moved
+            acc[st.host]["experts"] += moved
+            if targets[st.host].remote:
+                # A worker's CPU computes its experts in its own graph split.
+                acc[st.host]["compute"] += _with_slack(moe_compute_bytes(facts, layout))
+        # Big batches copy host-held experts of a local GPU's layers into its compute buffer.
+        host_copy = 0
+        if target.kind == "gpu" and st.host is not None and layout.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
+            host_copy = max((facts.expert_bytes[j] for j in host_run), default=0)
+        has_output = i == last and spread.with_output
+        compute, _ = compute_bytes(facts, layout, has_output, host_copy)
+        acc[st.target]["compute"] += compute
+        if has_output:
+            acc[st.target]["dense"] += facts.output_bytes
+    # This machine's RAM: the embeddings, the host side of the graph, the logits row.
+    acc[ram]["dense"] += facts.token_embd_bytes
+    on_gpu = bool(spread.stages)
+    _, host_compute = compute_bytes(facts, replace(layout, use_gpu=on_gpu), on_gpu, 0)
+    acc[ram]["compute"] += host_compute
+    repack = 0 if local_gpu_layers else repack_bytes(facts, cpu_flags, cpu_run)
+    out = []
+    for i, a in enumerate(acc):
+        out.append(
+            DeviceBytes(
+                weights_dense=a["dense"],
+                weights_experts=a["experts"],
+                kv=a["kv"],
+                rs=a["rs"],
+                compute=a["compute"],
+                output=facts.n_vocab * 4 if i == ram else 0,
+                repack=repack if i == ram else 0,
+            )
+        )
+    others = [b for i, b in enumerate(out) if i != ram]
+    gpu = DeviceBytes(
+        weights_dense=sum(b.weights_dense for b in others),
+        weights_experts=sum(b.weights_experts for b in others),
+        kv=sum(b.kv for b in others),
+        rs=sum(b.rs for b in others),
+        compute=sum(b.compute for b in others),
+    )
+    on_devices = sum(
+        len(r) - min(st.host_layers, len(r))
+        for st, r in zip(spread.stages, ranges, strict=True)
+        if not targets[st.target].is_ram
+    )
+    return Usage(
+        gpu=gpu,
+        cpu=out[ram],
+        gpu_expert_layers=on_devices,
+        first_gpu_layer=spread.cpu_layers,
+        devices=tuple(out),
+    )

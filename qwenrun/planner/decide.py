@@ -29,23 +29,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwenrun import errors, hwprobe
-from qwenrun.engine.loadconfig import LoadConfig, Placement
+from qwenrun.engine.loadconfig import ExpertHome, LoadConfig, Placement
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.planner import explain, policy
-from qwenrun.planner.costs import Layout
+from qwenrun.planner.budget import Budget
+from qwenrun.planner.costs import Layout, Spread, Usage
 from qwenrun.planner.facts import ModelFacts
 from qwenrun.planner.measured import MeasuredPlacement, prefer_measured
 from qwenrun.planner.options import QuantOption
 from qwenrun.planner.result import DevicePlan, Plan
-from qwenrun.planner.search import (
-    MIN_CTX,
-    PREFERRED_MIN_CTX,
-    Budget,
-    Fit,
-    cannot_fit,
-    fit_option,
-)
-from qwenrun.planner.speed import cpu_bandwidth, gpu_bandwidth, predict
+from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Fit, cannot_fit, fit_option
+from qwenrun.planner.speed import Speed, cpu_bandwidth, gpu_bandwidth, predict
+from qwenrun.planner.spreadspeed import predict_spread
 from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
 
 if TYPE_CHECKING:
@@ -53,7 +48,18 @@ if TYPE_CHECKING:
 
 
 def _apply_wishes(hw: HardwareProfile, wishes: Wishes) -> HardwareProfile:
-    return hwprobe.with_memory(hw, gpu_bytes=wishes.gpu_mem_bytes, ram_bytes=wishes.ram_bytes)
+    return hwprobe.with_memory(
+        hw, gpu_bytes=wishes.gpu_mem_bytes, ram_bytes=wishes.ram_bytes, workers=wishes.workers
+    )
+
+
+def speed_of(
+    facts: ModelFacts, layout: Layout, use: Usage, hw: HardwareProfile, threads: int | None = None
+) -> Speed:
+    """The predicted speed of a placement: one GPU and the CPU, or a spread."""
+    if layout.spread is not None:
+        return predict_spread(facts, layout, hw, threads)
+    return predict(facts, layout, use, hw, layout.use_gpu and hw.has_gpu, threads)
 
 
 def plan(
@@ -83,6 +89,7 @@ def plan(
             named[i] = replace(opt.facts, name=name or _model_name(opt))
         return named[i]
 
+    threads = planned_threads(wishes, hw)
     # A context of PREFERRED_MIN_CTX or more comes before quality; below it, quality first.
     passes = (PREFERRED_MIN_CTX, MIN_CTX) if wishes.n_ctx is None else (MIN_CTX,)
     smallest = _hopeless(ordered, facts_of, budget, wishes)
@@ -95,16 +102,19 @@ def plan(
             if fitting and not policy.worth_trying(opt, fitting, wishes):
                 break
             facts = facts_of(i)
-            fit = fit_option(facts, budget, wishes, _repack_flags(hw), least)
+
+            def score(lay: Layout, use: Usage, facts: ModelFacts = facts) -> float:
+                return speed_of(facts, lay, use, hw, threads).decode_tok_s
+
+            fit = fit_option(facts, budget, wishes, _repack_flags(hw), least, score)
             if fit is None:
                 if not fitting:
                     rejected.append((opt, facts))
                 continue
-            decode = predict(facts, fit.layout, fit.use, hw, budget.has_gpu).decode_tok_s
+            decode = speed_of(facts, fit.layout, fit.use, hw, threads).decode_tok_s
             fitting.append(policy.Candidate(opt, facts, fit, decode))
         if fitting:
             chosen, why = policy.choose(fitting, wishes)
-            threads = planned_threads(wishes, hw)
             mmap = load_config(
                 chosen.facts, chosen.fit.layout, wishes, threads=threads, extra_bufts=hw.extra_bufts
             ).mmap_enabled()
@@ -195,15 +205,8 @@ def _make_plan(
     )
     gpu_bw = gpu_bandwidth(hw)
     cpu_bw, cpu_bw_note = cpu_bandwidth(hw)
-    sp = predict(facts, fit.layout, fit.use, hw, budget.has_gpu, load.n_threads)
-    gpu_dev = None
-    if layout.use_gpu:
-        gpu_dev = DevicePlan(
-            "gpu", " + ".join(budget.gpu_names), use.gpu, budget.gpu_capacity, budget.gpu_reserved
-        )
-    cpu_dev = DevicePlan(
-        "cpu", hw.cpu_model or "CPU", use.cpu, budget.ram_capacity, budget.ram_reserved
-    )
+    sp = speed_of(facts, fit.layout, fit.use, hw, load.n_threads)
+    devices = _devices(layout, use, budget, hw)
     gpu_expert_layers = use.gpu_expert_layers if layout.use_gpu else 0
     reasons = explain.reasons(
         opt, facts, fit, hw, budget, wishes, rejected, load, sp, (gpu_bw, cpu_bw, cpu_bw_note)
@@ -218,8 +221,7 @@ def _make_plan(
         files=opt.files,
         size_bytes=opt.total_bytes,
         load=load,
-        cpu=cpu_dev,
-        gpu=gpu_dev,
+        devices=devices,
         n_layer=facts.n_layer,
         gpu_expert_layers=gpu_expert_layers if facts.is_moe else 0,
         native_ctx=facts.ctx_native,
@@ -255,6 +257,50 @@ def _clamped(facts: ModelFacts, wishes: Wishes, hw: HardwareProfile) -> list[str
     return out
 
 
+def _devices(
+    layout: Layout, use: Usage, budget: Budget, hw: HardwareProfile
+) -> tuple[DevicePlan, ...]:
+    """The plan's devices: each target a spread fills (this machine's RAM always), or this
+    machine's GPU (when used) and its RAM."""
+    if layout.spread is not None:
+        return tuple(
+            DevicePlan(
+                t.kind,
+                hw.cpu_model or "CPU" if t.kind == "cpu" else t.name,
+                b,
+                t.capacity,
+                t.reserved,
+                endpoint=t.machine or None,
+                buffer=t.buffer,
+            )
+            for t, b in zip(budget.targets, use.devices, strict=True)
+            if b.used or t.kind == "cpu"
+        )
+    out = []
+    if layout.use_gpu and budget.has_gpu:
+        out.append(
+            DevicePlan(
+                "gpu",
+                " + ".join(budget.gpu_names),
+                use.gpu,
+                budget.gpu_capacity,
+                budget.gpu_reserved,
+                buffer="CUDA0",
+            )
+        )
+    out.append(
+        DevicePlan(
+            "cpu",
+            hw.cpu_model or "CPU",
+            use.cpu,
+            budget.ram_capacity,
+            budget.ram_reserved,
+            buffer="CPU",
+        )
+    )
+    return tuple(out)
+
+
 def planned_threads(wishes: Wishes, hw: HardwareProfile) -> int:
     """`--threads` (at most the machine's logical cores), else the physical cores: decoding
     is bound by memory, and hyper-threads only share a core's path to it."""
@@ -267,6 +313,11 @@ def load_config(
     facts: ModelFacts, layout: Layout, wishes: Wishes, *, threads: int, extra_bufts: bool
 ) -> LoadConfig:
     """The engine's `LoadConfig` for a searched `layout`, with the user's expert flags."""
+    if layout.spread is not None:
+        return replace(
+            _load_values(layout, threads, extra_bufts),
+            placement=spread_placement(facts, layout.spread),
+        )
     if not layout.use_gpu:
         # Everything runs on the CPU anyway; expert flags still go to llama.cpp as given, as
         # its own `--cpu-moe` / `--n-cpu-moe` would (they also turn memory-mapping off).
@@ -292,8 +343,11 @@ def load_config(
             else (),
             expert_cpu_tensors=layout.cpu_tensors,
         )
+    return replace(_load_values(layout, threads, extra_bufts), placement=placement)
+
+
+def _load_values(layout: Layout, threads: int, extra_bufts: bool) -> LoadConfig:
     return LoadConfig(
-        placement=placement,
         n_ctx=layout.n_ctx,
         kv_type=layout.kv_type,
         n_ubatch=layout.n_ubatch,
@@ -301,4 +355,32 @@ def load_config(
         n_threads=threads,
         extra_bufts=extra_bufts,
         use_mmap=layout.use_mmap,
+    )
+
+
+def spread_placement(facts: ModelFacts, spread: Spread) -> Placement:
+    """llama.cpp's placement of a spread: one block of layers per stage in order (the MTP
+    blocks it skips go with the last), each host's experts on its buffer type, and the
+    workers to register."""
+    targets = spread.targets
+    blocks: list[tuple[str, int]] = [("CPU", spread.cpu_layers)]
+    homes: dict[str, tuple[list[int], list[str]]] = {}
+    for k, st in enumerate(spread.stages):
+        count = st.count + (facts.n_layer_all - facts.n_layer if k == len(spread.stages) - 1 else 0)
+        blocks.append((targets[st.target].buffer, count))
+        if st.host is None:
+            continue
+        layers, tensors = homes.setdefault(targets[st.host].buffer, ([], []))
+        layers.extend(spread.host_range(k))
+        tensors.extend(st.host_tensors)
+    workers = tuple(dict.fromkeys(t.machine for t in targets if t.remote))
+    return Placement.layer_blocks(
+        facts.n_layer_all,
+        blocks,
+        rpc_workers=workers,
+        expert_homes=tuple(
+            ExpertHome(buffer, tuple(layers), tuple(tensors))
+            for buffer, (layers, tensors) in homes.items()
+            if layers or tensors
+        ),
     )

@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING
 
 from qwenrun import catalog, errors
 from qwenrun.engine.loadconfig import LoadConfig, layer_ranges
-from qwenrun.planner.costs import Layout, Usage, usage
+from qwenrun.planner.budget import Budget
+from qwenrun.planner.costs import Layout, Spread, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
-from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Budget, Fit
+from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Fit
 from qwenrun.planner.speed import PLAN_CONTEXT_TOKENS, PLAN_PROMPT_TOKENS, Speed
+from qwenrun.planner.spreadspeed import remote_splits
+from qwenrun.planner.targets import machine_label
 from qwenrun.units import GIB
 from qwenrun.units import gib as fmt_bytes
 
@@ -78,6 +81,21 @@ def reasons(
 
 def _machine_reason(hw: HardwareProfile, budget: Budget) -> str:
     ram = f"{fmt_bytes(budget.ram)} of RAM (after leaving the OS {fmt_bytes(budget.ram_reserved)})"
+    remote = [t for t in budget.targets if t.remote]
+    if remote or budget.n_gpus > 1:
+        here = [f"{fmt_bytes(t.budget)} on {t.name}" for t in budget.local_gpus]
+        text = "memory to plan with: " + ", ".join([*here, ram])
+        by_worker: dict[str, list[str]] = {}
+        for t in remote:
+            by_worker.setdefault(t.machine, []).append(
+                f"{fmt_bytes(t.budget)} of {'RAM' if t.is_ram else t.name.split(' of ')[0]}"
+            )
+        for w, parts in by_worker.items():
+            text += f"; {machine_label(w)}: {', '.join(parts)}"
+        if remote:
+            rtt = max(t.round_trip_s for t in remote)
+            text += f" (round trip {rtt * 1e3:.2f} ms)"
+        return text + " (GPUs after the CUDA context and a safety margin)"
     if budget.has_gpu:
         return (
             f"memory to plan with: {fmt_bytes(budget.gpu)} of VRAM (after "
@@ -92,6 +110,8 @@ def _machine_reason(hw: HardwareProfile, budget: Budget) -> str:
 def _placement_reasons(
     facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, hw: HardwareProfile
 ) -> list[str]:
+    if layout.spread is not None:
+        return _spread_reasons(facts, layout.spread)
     if not layout.use_gpu:
         out = ["all weights memory-mapped in RAM (n_gpu_layers 0)"]
         if budget.has_gpu:
@@ -126,9 +146,56 @@ def _placement_reasons(
         + " and the output layer on the GPU; the token embeddings stay on the CPU "
         "(llama.cpp always keeps the input layer there)"
     )
-    if budget.n_gpus > 1:
+    return out
+
+
+def _spread_reasons(facts: ModelFacts, spread: Spread) -> list[str]:
+    """Which device runs which layers, where each one's experts are, and why so."""
+    out = []
+    n = facts.n_layer
+    if spread.cpu_layers:
         out.append(
-            f"{budget.n_gpus} GPUs planned as one pool; llama.cpp splits layers by free memory"
+            f"{layer_ranges(range(spread.cpu_layers))} wholly on this machine's CPU "
+            "(llama.cpp keeps the layers it does not offload first)"
+        )
+    targets = spread.targets
+    for k, (st, r) in enumerate(zip(spread.stages, spread.ranges(), strict=True)):
+        t = targets[st.target]
+        where = f"{t.name}" + ("" if t.remote else " (this machine)")
+        text = f"{layer_ranges(r)} on {where}"
+        host_run = list(spread.host_range(k))
+        if st.host is not None and (host_run or st.host_tensors) and facts.is_moe:
+            host = targets[st.host]
+            home = "this machine's RAM" if not host.remote else f"the RAM of {host.where}"
+            parts = [f"the routed experts of {layer_ranges(host_run)}"] if host_run else []
+            if st.host_tensors:
+                parts.append(
+                    f"{len(st.host_tensors)} expert tensor(s) of layer {r.stop - len(host_run) - 1}"
+                )
+            text += f", with {' and '.join(parts)} in {home}"
+        elif t.is_ram:
+            text += " (its RAM: no GPU takes them)"
+        out.append(text)
+    last = targets[spread.stages[-1].target] if spread.stages else None
+    if last is not None:
+        out.append(f"the output layer with the last layers, on {last.name}")
+    machines = {t.machine for st in spread.stages for t in [targets[st.target]]}
+    if len(machines) > 1 or any(m for m in machines):
+        out.append(
+            "each machine runs one contiguous block of layers, so a token crosses the network "
+            "once per machine; experts stay on their own machine (a layer's experts on "
+            "another machine would cost two crossings per layer)"
+        )
+    gpus = [t for t in targets if t.kind == "gpu"]
+    if len(gpus) > 1:
+        out.append(
+            "this machine's GPUs share their layers in proportion to their free memory, "
+            "each keeping the experts it has room for (not one pool: each stays within "
+            "its own memory)"
+        )
+    if n and any(st.host is not None and st.host_layers for st in spread.stages):
+        out.append(
+            "the last layers of each GPU's block hand their experts to its machine's RAM first"
         )
     return out
 
@@ -178,6 +245,15 @@ def _speed_reason(
         "fixed costs per layer and per token; prefill of a "
         f"{PLAN_PROMPT_TOKENS}-token prompt ≈ {sp.prefill_tok_s:,.0f} tok/s"
     )
+    if layout.spread is not None:
+        splits = remote_splits(layout.spread)
+        if splits:
+            n = sum(k for _, k in splits)
+            rtt = max(t.round_trip_s for t, _ in splits)
+            parts.append(
+                f"(rough for several machines); {n} hand-off{'s' if n > 1 else ''} to workers per "
+                f"token, each a round trip ({rtt * 1e3:.2f} ms) and the worker's own work"
+            )
     return " ".join(parts)
 
 
@@ -199,18 +275,35 @@ def does_not_fit(
     ctx = wishes.n_ctx or min(facts.ctx_native or MIN_CTX, MIN_CTX)
     kv = (wishes.kv_type or "f16").lower()
     need = usage(facts, Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=False), hw.cpu_flags)
-    have = budget.ram + budget.gpu
+    have = budget.total
     machine = f"{fmt_bytes(budget.ram)} of RAM"
     if budget.has_gpu:
-        machine = f"{fmt_bytes(budget.gpu)} of VRAM + {machine} ({fmt_bytes(have)})"
+        machine = f"{fmt_bytes(budget.gpu)} of VRAM + {machine}"
+    remote = [t for t in budget.targets if t.remote]
+    if remote:
+        n = len({t.machine for t in remote})
+        machine += f" + {fmt_bytes(sum(t.budget for t in remote))} on {n} worker"
+        machine += "s" if n > 1 else ""
+    if budget.has_gpu or remote:
+        machine += f" ({fmt_bytes(have)})"
+    # --gpu-mem / --ram / --worker describe another machine: "this machine" would be untrue.
+    sizes = (
+        ("--gpu-mem", wishes.gpu_mem_bytes),
+        ("--ram", wishes.ram_bytes),
+        ("--worker", wishes.workers or None),
+    )
+    asked = [flag for flag, size in sizes if size is not None]
+    which = f"the machine you describe ({', '.join(asked)})" if asked else "this machine"
     message = (
         f"{facts.name} does not fit: its smallest option ({opt.name}, context {ctx:,}) needs "
-        f"about {fmt_bytes(need.cpu.used)} (weights {fmt_bytes(facts.weight_bytes)}); this "
-        f"machine can give {machine}"
+        f"about {fmt_bytes(need.cpu.used)} (weights {fmt_bytes(facts.weight_bytes)}); "
+        f"{which} can give {machine}"
     )
     if wishes.constraints():
         message += f" with {' '.join(wishes.constraints())}"
     alternatives = _alternatives(wishes, spec, facts, have, replan)
+    if need.cpu.used > have:
+        alternatives.append(_more_machines(need.cpu.used, budget))
     hint = (
         "try " + "; or ".join(alternatives)
         if alternatives
@@ -249,6 +342,17 @@ def _alternatives(
     if spec is not None:
         out.extend(_smaller_models(spec, smallest, have))
     return out
+
+
+def _more_machines(need: int, budget: Budget) -> str:
+    """How many machines like this one (workers lending their GPUs and RAM) would hold it."""
+    local = sum(t.budget for t in budget.targets if not t.remote) or 1
+    remote = sum(t.budget for t in budget.targets if t.remote)
+    more = max(1, -(-(need - local - remote) // local))
+    return (
+        f"{more} more machine{'s' if more > 1 else ''} like this one: run `qwenrun worker` "
+        "on each and give their HOST:PORTs to --rpc (README: several machines)"
+    )
 
 
 def _smaller_models(spec: ModelSpec, smallest: ModelFacts, have: int) -> list[str]:

@@ -17,9 +17,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import CpuMoeFrom, Layout, usage
 from qwenrun.planner.facts import ModelFacts
-from qwenrun.planner.search import Budget, Fit
+from qwenrun.planner.search import Fit
 from qwenrun.planner.wishes import Wishes
 
 # One run of each cannot tell a difference from noise: the spread of a single run is unknown.

@@ -17,11 +17,13 @@ from qwenrun.planner.costs import DeviceBytes, Layout
 
 @dataclass(frozen=True)
 class DevicePlan:
-    kind: str  # "gpu" | "cpu"
+    kind: str  # "gpu" (this machine's), "cpu" (this machine's RAM), "remote" (a worker's)
     name: str
     bytes: DeviceBytes
     capacity: int  # free VRAM / available RAM
     reserved: int  # CUDA context + margin / the OS's share
+    endpoint: str | None = None  # a worker's "host:port"
+    buffer: str = ""  # llama.cpp's name for it: CUDA0, CPU, RPC1[host:port]
 
     @property
     def budget(self) -> int:
@@ -30,8 +32,13 @@ class DevicePlan:
     def to_dict(self) -> dict[str, Any]:
         b = self.bytes
         return {
-            "device": self.kind,
             "name": self.name,
+            "kind": self.kind,
+            "endpoint": self.endpoint,
+            "buffer": self.buffer,
+            "capacity_bytes": self.capacity,
+            "planned_bytes": b.used,
+            "device": self.kind,
             "weights_dense": b.weights_dense,
             "weights_experts": b.weights_experts,
             "kv": b.kv,
@@ -52,8 +59,8 @@ class Plan:
     files: tuple[str, ...]
     size_bytes: int
     load: LoadConfig
-    cpu: DevicePlan
-    gpu: DevicePlan | None
+    # Every device that holds something, this machine's GPUs first, its RAM, then workers'.
+    devices: tuple[DevicePlan, ...]
     n_layer: int
     gpu_expert_layers: int  # trunk layers whose routed experts all sit on the GPU
     native_ctx: int
@@ -75,16 +82,55 @@ class Plan:
         return self.load.n_ctx
 
     @property
+    def cpu(self) -> DevicePlan:
+        """This machine's RAM."""
+        return next(d for d in self.devices if d.kind == "cpu")
+
+    @property
+    def gpu(self) -> DevicePlan | None:
+        """This machine's GPUs together (one card: that card), or None without one."""
+        gpus = [d for d in self.devices if d.kind == "gpu"]
+        if len(gpus) <= 1:
+            return gpus[0] if gpus else None
+        b = [g.bytes for g in gpus]
+        total = DeviceBytes(
+            weights_dense=sum(x.weights_dense for x in b),
+            weights_experts=sum(x.weights_experts for x in b),
+            kv=sum(x.kv for x in b),
+            rs=sum(x.rs for x in b),
+            compute=sum(x.compute for x in b),
+        )
+        names = " + ".join(g.name for g in gpus)
+        capacity = sum(g.capacity for g in gpus)
+        return DevicePlan("gpu", names, total, capacity, sum(g.reserved for g in gpus))
+
+    @property
+    def spread(self) -> bool:
+        """Several devices take layers."""
+        return self.layout is not None and self.layout.spread is not None
+
+    @property
     def cpu_expert_layers(self) -> int:
         return self.n_layer - self.gpu_expert_layers
 
     def predicted_buffers(self) -> dict[tuple[str, str], int]:
-        """Bytes per (kind, device) as llama.cpp's load log reports them ("model", "CPU")."""
+        """Bytes per (kind, device) as llama.cpp's load log reports them: ("model", "CPU"),
+        ("kv", "GPU") for this machine's GPUs together, ("compute", "127.0.0.1:50052") for a
+        worker's devices together."""
         out: dict[tuple[str, str], int] = {}
-        for dev, name in ((self.cpu, "CPU"), (self.gpu, "GPU")):
-            if dev is None:
-                continue
-            b = dev.bytes
+        groups: dict[str, list[DevicePlan]] = {}
+        for d in self.devices:
+            key = "CPU" if d.kind == "cpu" else "GPU" if d.kind == "gpu" else str(d.endpoint)
+            groups.setdefault(key, []).append(d)
+        for name, devs in groups.items():
+            b = DeviceBytes(
+                weights_dense=sum(d.bytes.weights_dense for d in devs),
+                weights_experts=sum(d.bytes.weights_experts for d in devs),
+                kv=sum(d.bytes.kv for d in devs),
+                rs=sum(d.bytes.rs for d in devs),
+                compute=sum(d.bytes.compute for d in devs),
+                output=sum(d.bytes.output for d in devs),
+            )
             model = b.weights + (self.repack_bytes if name == "CPU" else 0)
             for kind, n in (
                 ("model", model),
@@ -121,7 +167,7 @@ class Plan:
             "cpu_expert_layers": self.cpu_expert_layers,
             "override_patterns": [{"pattern": a, "buffer": b} for a, b in p.override_patterns()],
             "use_mmap": self.load.mmap_enabled(),
-            "devices": [d.to_dict() for d in (self.gpu, self.cpu) if d is not None],
+            "devices": [d.to_dict() for d in self.devices],
             "predicted": {
                 "decode_tok_s": round(self.decode_tok_s, 2),
                 "prefill_tok_s": round(self.prefill_tok_s, 1),

@@ -25,68 +25,20 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.planner import spread
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.spread import Score
 from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
-from qwenrun.units import GIB, MIB
 
 if TYPE_CHECKING:
-    from qwenrun.hwprobe import HardwareProfile
+    pass
 
 DEFAULT_CTX_CAP = 32768
 PREFERRED_MIN_CTX = 16384
 MIN_CTX = 4096
-CUDA_CONTEXT_BYTES = 512 * MIB
-GPU_MARGIN_BYTES = 1 * GIB
-OS_RESERVE_MIN_BYTES = 2 * GIB
-OS_RESERVE_FRACTION = 0.10
 N_UBATCH = LoadConfig().n_ubatch
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much of the machine a plan may use."""
-
-    gpu_capacity: int
-    gpu_reserved: int
-    ram_capacity: int
-    ram_reserved: int
-    n_gpus: int
-    gpu_names: tuple[str, ...] = ()
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.n_gpus > 0
-
-    @property
-    def gpu(self) -> int:
-        return max(0, self.gpu_capacity - self.gpu_reserved)
-
-    @property
-    def ram(self) -> int:
-        return max(0, self.ram_capacity - self.ram_reserved)
-
-    @classmethod
-    def from_hw(cls, hw: HardwareProfile) -> Budget:
-        gpus = hw.gpus if hw.has_gpu else ()
-        capacity = sum(g.free_bytes or max(0, g.total_bytes - g.used_bytes) for g in gpus)
-        available = hw.ram_available_bytes or hw.ram_total_bytes
-        return cls(
-            gpu_capacity=capacity,
-            gpu_reserved=len(gpus) * (CUDA_CONTEXT_BYTES + GPU_MARGIN_BYTES),
-            ram_capacity=min(hw.ram_total_bytes, available),
-            ram_reserved=os_reserve(hw.ram_total_bytes),
-            n_gpus=len(gpus),
-            gpu_names=tuple(g.name for g in gpus),
-        )
-
-    def fits(self, use: Usage) -> bool:
-        return use.gpu.used <= self.gpu and use.cpu.used <= self.ram
-
-
-def os_reserve(ram_total: int) -> int:
-    """RAM left to the OS and other programs on top of what they use now."""
-    return max(OS_RESERVE_MIN_BYTES, int(ram_total * OS_RESERVE_FRACTION))
 
 
 @dataclass(frozen=True)
@@ -217,9 +169,16 @@ def fit_option(
     wishes: Wishes,
     flags: frozenset[str],
     least_ctx: int = MIN_CTX,
+    score: Score | None = None,
 ) -> Fit | None:
+    """The largest context (down to `least_ctx`) with the fastest placement that fits.
+
+    With several devices (`budget.spread`) the placement is `spread.place_spread`'s, which
+    weighs its options by `score` (predicted decode tok/s)."""
     kv = (wishes.kv_type or "f16").lower()
-    use_gpu = budget.has_gpu and wishes.n_gpu_layers != 0
+    if budget.spread:
+        spread.refuse_fixed(wishes)
+    use_gpu = budget.spread or (budget.has_gpu and wishes.n_gpu_layers != 0)
     candidates = _ctx_candidates(facts, wishes, least_ctx)
     for i, ctx in enumerate(candidates):
         if cannot_fit(facts, ctx, kv, budget):
@@ -233,7 +192,12 @@ def fit_option(
         )
         if not use_gpu:
             base = replace(base, n_gpu_layers=0)
-        found = _place(facts, base, budget, wishes, flags)
+        if budget.spread:
+            found = spread.place_spread(
+                facts, base, budget, wishes, flags, score or (lambda _lay, _use: 0.0)
+            )
+        else:
+            found = _place(facts, base, budget, wishes, flags)
         if found is None:
             continue
         layout, use = found
@@ -252,7 +216,7 @@ def fit_option(
 def cannot_fit(facts: ModelFacts, ctx: int, kv: str, budget: Budget) -> bool:
     """A quick lower bound: weights and caches alone exceed VRAM and RAM together."""
     need = facts.weight_bytes + facts.kv_bytes(ctx, kv) + facts.rs_bytes
-    return need > budget.gpu + budget.ram
+    return need > budget.total
 
 
 def ctx_default_reason(facts: ModelFacts, n_ctx: int) -> str:
@@ -296,12 +260,20 @@ def _grow_ctx(
     facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
 ) -> tuple[Layout, Usage]:
     """With every expert on the GPU, double the context while everything still fits there."""
-    all_on_gpu = (
-        layout.use_gpu
-        and layout.n_cpu_moe == 0
-        and not layout.cpu_tensors
-        and layout.n_gpu_layers < 0
-    )
+    if layout.spread is not None:
+        all_on_gpu = layout.spread.cpu_layers == 0 and all(
+            st.host_layers == 0
+            and not st.host_tensors
+            and not layout.spread.targets[st.target].is_ram
+            for st in layout.spread.stages
+        )
+    else:
+        all_on_gpu = (
+            layout.use_gpu
+            and layout.n_cpu_moe == 0
+            and not layout.cpu_tensors
+            and layout.n_gpu_layers < 0
+        )
     native = facts.ctx_native
     while all_on_gpu and native and layout.n_ctx < native:
         bigger = replace(layout, n_ctx=min(native, layout.n_ctx * 2))

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING
 
 from qwenrun import catalog, errors, hwprobe
 from qwenrun.hwprobe import HardwareProfile
+from qwenrun.planner.budget import Budget
 from qwenrun.planner.decide import plan
 from qwenrun.planner.facts import ModelFacts
 from qwenrun.planner.measured import MeasuredPlacement
 from qwenrun.planner.options import QuantOption, quant_name_for
 from qwenrun.planner.result import Plan
-from qwenrun.planner.search import PREFERRED_MIN_CTX, Budget
+from qwenrun.planner.search import PREFERRED_MIN_CTX
 from qwenrun.planner.wishes import Wishes
 
 if TYPE_CHECKING:

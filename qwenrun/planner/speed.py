@@ -229,6 +229,13 @@ class SpeedParams:
     cpu_attn_gflops_per_thread: float = 10.4
     # guess: CPU-only prefill (cpu_flops is already a rough figure)
     cpu_flops_efficiency: float = 1.0
+    # --- several machines (llama.cpp's RPC backend) ---
+    # loopback, 2026-12-06 (benchmarks/rpc_handoff.py): each graph split on a worker costs
+    # about this beyond the wire's round trip (commands, copies, the worker's graph)
+    rpc_split_overhead_s: float = 150e-6
+    # guess: what a local network carries, GB/s (10 GbE); the logits of a last run on a
+    # worker cross it each token
+    network_gbs: float = 1.1
 
 
 DEFAULT = SpeedParams()

@@ -38,8 +38,13 @@ class Wishes:
     n_gpu_layers: int | None = None
     threads: int | None = None
     prefer: Prefer = "balanced"  # how to weigh quality against speed when choosing the quant
-    gpu_mem_bytes: int | None = None  # plan for a GPU of this size (0: no GPU)
+    # Plan for GPUs of these sizes, one each (`(0,)`: no GPU); None: this machine's.
+    gpu_mem_bytes: tuple[int, ...] | None = None
     ram_bytes: int | None = None  # plan for this much RAM
+    # `qwenrun worker`s ("host:port") whose devices this machine uses (`--rpc`).
+    rpc: tuple[str, ...] = ()
+    # Hypothetical workers for `qwenrun plan --worker`: (their GPUs' sizes, their RAM).
+    workers: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     def validate(self) -> None:
         """The one check of the user's settings; each message names the flag."""
@@ -71,9 +76,15 @@ class Wishes:
             raise errors.UsageError(
                 f"--prefer {self.prefer!r} is not a choice", hint="quality, balanced or speed"
             )
-        for flag, value in (("--gpu-mem", self.gpu_mem_bytes), ("--ram", self.ram_bytes)):
-            if value is not None and value < 0:
+        sizes = [("--gpu-mem", v) for v in self.gpu_mem_bytes or ()]
+        sizes += [("--ram", self.ram_bytes)] if self.ram_bytes is not None else []
+        for gpus, ram in self.workers:
+            sizes += [("--worker", v) for v in (*gpus, ram)]
+        for flag, value in sizes:
+            if value < 0:
                 raise errors.UsageError(f"{flag} cannot be negative")
+        if len(set(self.rpc)) != len(self.rpc):
+            raise errors.UsageError("--rpc names a worker twice", hint="list each host:port once")
 
     @property
     def placed_by_user(self) -> bool:

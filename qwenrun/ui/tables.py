@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qwenrun import errors, units
+from qwenrun.engine.loadconfig import layer_ranges
 from qwenrun.hub.refs import reference_for
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.offload import DevicePlan, Plan, clearly_faster
@@ -96,9 +97,12 @@ def _device_column(dev: DevicePlan) -> list[str]:
 def bytes_table(plan: Plan) -> Table:
     t = Table(title="Memory by device", title_justify="left")
     t.add_column("")
-    devices = [d for d in (plan.gpu, plan.cpu) if d is not None]
+    # One column per device (a spread lists each GPU and each worker's devices); one GPU is
+    # shown first, then this machine's RAM, as before.
+    devices = list(plan.devices) if plan.spread else [d for d in (plan.gpu, plan.cpu) if d]
     for d in devices:
-        t.add_column(f"{d.kind.upper()}: {d.name}", justify="right")
+        head = "RAM" if d.kind == "cpu" else "GPU" if d.kind == "gpu" else "WORKER"
+        t.add_column(f"{head}: {d.name}", justify="right")
     labels = [
         "weights (dense)",
         "weights (routed experts)",
@@ -140,9 +144,14 @@ def plan_summary(plan: Plan) -> Table:
 
 def placement_text(plan: Plan) -> str:
     p = plan.load.placement
+    if plan.spread:
+        return _spread_text(plan)
     if plan.gpu is None:
         return "all on the CPU"
-    ngl = "all layers" if p.n_gpu_layers < 0 else f"{p.n_gpu_layers} layers"
+    # llama.cpp takes any count (999: all); more than the model has is all of them.
+    ngl = f"{p.n_gpu_layers} layers"
+    if p.n_gpu_layers < 0 or (plan.n_layer and p.n_gpu_layers > plan.n_layer):
+        ngl = f"all {plan.n_layer} layers" if plan.n_layer else "all layers"
     if plan.n_layer and plan.gpu_expert_layers == plan.n_layer:
         experts = "every layer's experts on the GPU"
     else:
@@ -150,6 +159,26 @@ def placement_text(plan: Plan) -> str:
         if p.expert_cpu_tensors:
             experts += f" (one partly: {len(p.expert_cpu_tensors)} tensor(s))"
     return f"GPU: {ngl}; {experts}"
+
+
+def _spread_text(plan: Plan) -> str:
+    """`layers 0-29 on worker 10.0.0.2:50052, 30-59 on CUDA0; experts of 51 of 60 layers in
+    RAM`."""
+    layout = plan.layout
+    assert layout is not None and layout.spread is not None
+    spread = layout.spread
+    runs = []
+    if spread.cpu_layers:
+        runs.append(f"{layer_ranges(range(spread.cpu_layers))} on this CPU")
+    for st, r in zip(spread.stages, spread.ranges(), strict=True):
+        t = spread.targets[st.target]
+        where = t.where if t.remote else t.buffer
+        runs.append(f"{layer_ranges(r)} on {where}" + (f" {t.buffer}" if t.remote else ""))
+    hosted = sum(len(spread.host_range(k)) for k in range(len(spread.stages)))
+    text = "; ".join(runs)
+    if plan.n_layer and hosted:
+        text += f"; experts of {hosted} of {plan.n_layer} layers in RAM"
+    return text
 
 
 def plan_view(plan: Plan) -> RenderableType:
