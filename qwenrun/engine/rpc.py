@@ -41,7 +41,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,6 +298,15 @@ def harden_connections(endpoints: Iterable[str]) -> int:
 
 
 _abort_callback = None
+# What to do before the process ends for a lost worker (the REPL keeps its conversation):
+# each returns a few words for the hint, or None.
+_when_lost: list[Callable[[], str | None]] = []
+
+
+def when_lost(keep: Callable[[], str | None]) -> None:
+    """Call `keep` before the process ends because a worker was lost; its words (such as
+    where a conversation was saved) go into the one line's hint."""
+    _when_lost.append(keep)
 
 
 def _install_abort_hook() -> None:
@@ -323,6 +332,11 @@ def _on_abort(message: bytes | None) -> None:
         line, lost = abort_line((message or b"").decode("utf-8", "replace"), connected())
         if lost:
             code = LOST_EXIT_CODE
+            for keep in _when_lost:
+                with contextlib.suppress(Exception):
+                    note = keep()
+                    if note and line.endswith(")"):
+                        line = f"{line[:-1]}; {note})"
         with contextlib.suppress(Exception):
             sys.stdout.flush()  # what was answered so far stays answered
         os.write(2, (line + "\n").encode())
