@@ -17,6 +17,9 @@ over rounds). Separately, the round trip of one
 ggml-rpc command (`rpc.round_trips`: GET_ALIGNMENT, which the worker answers without work, on
 one connection after the HELLO): the floor of a hand-off, network and the worker's dispatch.
 The tiny model's compute is microseconds, so the hand-offs are nearly all of the difference.
+Beside each measured speed, the planner's prediction for the same placement (the speed model
+of `planner/spreadspeed.py` with the workers' measured round trip; "experts on A" is not a
+placement the planner makes, so it has none).
 
     python benchmarks/rpc_handoff.py [--rounds 9] [--tokens 128] [--calls 2000]
 """
@@ -65,6 +68,7 @@ def main() -> None:
     try:
         rtt = rpc.round_trips(a.endpoint, args.calls)
         configs = placements(a, b)
+        predicted = predictions(model, a, b, int(args.threads))
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         splits: dict[str, int] = {}
         texts: dict[str, str] = {}
@@ -88,7 +92,38 @@ def main() -> None:
         b.stop()
         shutil.rmtree(folder, ignore_errors=True)
     same = len(set(texts.values())) == 1
-    report(args, speeds, splits, rtt, same)
+    report(args, speeds, splits, rtt, same, predicted)
+
+
+def predictions(model: str, a: WorkerProcess, b: WorkerProcess, threads: int) -> dict[str, float]:
+    """The speed model's decode tok/s for the placements the planner can make."""
+    from dataclasses import replace
+
+    from qwenrun import hwprobe, machine
+    from qwenrun.hub.header import read_local
+    from qwenrun.planner import speed, spreadspeed
+    from qwenrun.planner.budget import Budget
+    from qwenrun.planner.costs import Layout, Spread, Stage, usage
+    from qwenrun.planner.facts import ModelFacts
+
+    facts = ModelFacts.from_info(read_local(model))
+    hw = hwprobe.probe()
+    hw = replace(hw, workers=machine.workers([a.endpoint, b.endpoint]))
+    targets = Budget.from_hw(hw).targets
+    ram = {t.machine: i for i, t in enumerate(targets) if t.is_ram}
+    params = speed.params_for(hw)
+    ctx = speed.PLAN_CONTEXT_TOKENS
+    one = Layout(n_ctx=1024, use_gpu=False, n_gpu_layers=0)
+    local = speed.predict(facts, one, usage(facts, one), hw, False, threads).decode_tok_s
+    out = {"local": local}
+    for name, stages in (
+        ("one worker", (Stage(ram[a.endpoint], 4),)),
+        ("two workers", (Stage(ram[a.endpoint], 2), Stage(ram[b.endpoint], 2))),
+    ):
+        lay = Layout(n_ctx=1024, spread=Spread(targets, 0, stages))
+        t = spreadspeed.decode_seconds(facts, lay, hw, params, ctx, threads)
+        out[name] = 1.0 / t
+    return out
 
 
 def report(
@@ -97,14 +132,15 @@ def report(
     splits: dict[str, int],
     rtt: list[float],
     same_text: bool,
+    predicted: dict[str, float],
 ) -> None:
     print()
     print(f"rounds {args.rounds}, {args.tokens} tokens per run, threads {args.threads}")
     print(
-        "| placement | tok/s: median (min-max) | ms/token | graph splits "
+        "| placement | tok/s: median (min-max) | predicted tok/s | ms/token | graph splits "
         "| ms per extra split: median (min-max) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name, values in speeds.items():
         med = statistics.median(values)
         extra = splits[name] - splits["local"]
@@ -115,9 +151,10 @@ def report(
             if extra > 0
         ]
         cost = f"{statistics.median(per):.3f} ({min(per):.3f}-{max(per):.3f})" if per else "—"
+        guess = f"{predicted[name]:.0f}" if name in predicted else "—"
         print(
-            f"| {name} | {med:.0f} ({min(values):.0f}-{max(values):.0f}) | {1000 / med:.3f} | "
-            f"{splits[name]} | {cost} |"
+            f"| {name} | {med:.0f} ({min(values):.0f}-{max(values):.0f}) | {guess} | "
+            f"{1000 / med:.3f} | {splits[name]} | {cost} |"
         )
     us = sorted(t * 1e6 for t in rtt)
     q = statistics.quantiles(us, n=10)
