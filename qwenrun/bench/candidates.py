@@ -5,8 +5,8 @@ Contract: pure. From the plan of a model on this machine (its `Layout`, the mode
 with a short label and its `LoadConfig`: with a GPU and routed experts in RAM, one CPU-expert
 layer more and one fewer, the other run of layers (first N ↔ last N), and a few thread counts
 (the physical cores; one fewer, for the CUDA driver's thread; the logical cores); with every
-expert on the GPU, thread counts only; on a CPU-only machine, thread counts and memory-mapped
-or loaded weights. Only placements that fit the budget are listed. Nothing is loaded here.
+expert on the GPU, or a plan over several devices, thread counts only; on a CPU-only machine,
+thread counts and memory-mapped or loaded weights. Only placements that fit the budget are listed. Nothing is loaded here.
 """
 
 from __future__ import annotations
@@ -50,18 +50,24 @@ class Candidate:
             "threads": self.load.n_threads,
             "use_mmap": self.load.mmap_enabled(),
             "extra_bufts": self.load.extra_bufts,
+            # Runs over several devices are kept and shown, but neither fit the one-GPU speed
+            # model nor stand for a one-GPU placement.
+            "spread": lay.spread is not None,
         }
 
 
 def _label(lay: Layout, facts: ModelFacts, threads: int, mmap: bool | None = None) -> str:
-    if not lay.use_gpu:
+    if lay.spread is not None:
+        machines = {lay.spread.targets[st.target].machine for st in lay.spread.stages}
+        where = f"spread over {len(lay.spread.stages)} devices on {len(machines)} machine(s)"
+    elif not lay.use_gpu:
         where = "CPU only"
     elif not facts.is_moe or (lay.n_cpu_moe == 0 and not lay.cpu_tensors):
         where = "all on GPU"
     else:
         part = f" +{len(lay.cpu_tensors)}t" if lay.cpu_tensors else ""
         where = f"{lay.cpu_moe_from} {lay.n_cpu_moe}{part} experts on CPU"
-    if lay.use_gpu and 0 <= lay.n_gpu_layers <= facts.n_layer:
+    if lay.spread is None and lay.use_gpu and 0 <= lay.n_gpu_layers <= facts.n_layer:
         where += f", {lay.n_gpu_layers} GPU layers"
     text = f"{where}, {threads} thread{'s' if threads != 1 else ''}"
     if mmap is not None:
@@ -100,6 +106,13 @@ def candidates(
 
     thread_counts = sorted({planned_threads, physical_cores, physical_cores - 1, logical_cores})
     thread_counts = [t for t in thread_counts if t >= 1]
+    if base.spread is not None:
+        # Several devices: the plan's own spread, with this machine's thread counts (its
+        # neighbours in the one-GPU terms below do not apply).
+        add(base, planned_threads)
+        for t in thread_counts:
+            add(base, t)
+        return out
     if not base.use_gpu:
         mmap = plan.load.mmap_enabled()
         add(base, planned_threads, mmap)

@@ -168,6 +168,8 @@ def measured(hw: HardwareProfile, path: Path) -> list[MeasuredPlacement]:
             continue
         if rec.get("error") or not rec.get("decode_tok_s"):
             continue
+        if (rec.get("placement") or {}).get("spread"):
+            continue
         place = {k: v for k, v in (rec.get("placement") or {}).items() if k != "label"}
         groups[json.dumps(place, sort_keys=True)].append(rec)
     out = []
@@ -205,6 +207,8 @@ def refit(hw: HardwareProfile) -> int:
     measurements = []
     for rec in records(key):
         if rec.get("error") or not rec.get("decode_tok_s"):
+            continue
+        if (rec.get("placement") or {}).get("spread"):
             continue
         model_path = str((rec.get("model") or {}).get("path", ""))
         if model_path not in facts_of:
