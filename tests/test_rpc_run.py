@@ -4,8 +4,10 @@ local CPU, planned and run by real `qwenrun` processes (issue 18's "done when").
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +93,45 @@ def test_an_unreachable_worker_is_one_line_within_seconds(tiny_models):
 def test_a_bad_worker_address_is_a_usage_error(tiny_models):
     line = error_line(run_qwenrun("plan", str(tiny_models("qwen3moe")), "--rpc", "nowhere"), 2)
     assert "worker address" in line
+
+
+def test_a_chat_that_loses_its_worker_keeps_the_conversation(tiny_models, tmp_path):
+    import subprocess
+
+    from qwenrun.testing.proc import child_env
+
+    worker = start_worker("--threads", "1")
+    model = str(tiny_models("qwen3moe", steer=2, n_layer=4))
+    env = child_env()
+    args = [sys.executable, "-m", "qwenrun", "chat", model, "--rpc", worker.endpoint]
+    args += ["--max-tokens", "8", "--ctx", "1024"]
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("Tell me about the sea\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # the first answer has come
+        worker.kill()
+        proc.stdin.write("And the lighthouse?\n")
+        proc.stdin.flush()
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        worker.stop()
+    assert proc.returncode == rpc.LOST_EXIT_CODE, err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert f"lost worker {worker.endpoint}" in line and "/load " in line
+    kept = Path(line.split("/load ", 1)[1].rstrip(")"))
+    saved = json.loads(kept.read_text())
+    users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
+    assert users == ["Tell me about the sea"]  # the answered turn; the lost one never was

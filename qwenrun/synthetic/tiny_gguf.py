@@ -1,9 +1,10 @@
 """Tiny random-weight GGUFs with real Qwen architectures, for tests and benchmarks.
 
 Contract: `write_model(dest_dir, arch, ...)` writes a GGUF (or a split set) that the pinned
-llama.cpp loads and runs: `qwen3` (dense), `qwen3moe`, and the hybrids `qwen3next` and
-`qwen35moe`, with Qwen's byte-level BPE layout and special tokens, and Qwen's real chat
-templates (see templates/README.md). Nothing here touches the network or qwenrun's
+llama.cpp loads and runs: `qwen3` (dense), `qwen3moe`, and the hybrids `qwen3next`,
+`qwen35moe` and `qwen4exp` (Qwen3.8-Flash-Next; its keys and tensors are in `qwen4exp.py`),
+with Qwen's byte-level BPE layout and special tokens, and Qwen's chat templates (see
+templates/README.md). Nothing here touches the network or qwenrun's
 internals; it only writes files with the `gguf` package.
 
 The recipe (shapes, required keys, pitfalls) is the one verified against llama.cpp at the
@@ -15,23 +16,26 @@ constant bias lane that no block reads or writes, and the output layer uses it t
 chosen tokens' logits far down. steer=1 bans the UTF-8 bytes 0x80-0xFF (completions are
 ASCII, `max_tokens` is honoured); steer=2 also bans the special tokens, so a completion
 always runs to `max_tokens`; steer=0 leaves the raw random model, which can emit endless
-UTF-8 lead bytes — the case the engine's `max_tokens` accounting must survive.
+UTF-8 lead bytes — the case the engine's `max_tokens` accounting must survive. `qwen4exp`
+has no plain norms; `qwen4exp.py` keeps the lane clean through its hyper-connections.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import gguf
 import numpy as np
 
+from qwenrun.synthetic import qwen4exp
 from qwenrun.synthetic.kquant import random_blocks
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 
-ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35moe")
-HYBRID_ARCHES = ("qwen3next", "qwen35moe")
+ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35moe", "qwen4exp")
+HYBRID_ARCHES = ("qwen3next", "qwen35moe", "qwen4exp")
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = {
@@ -39,6 +43,7 @@ DEFAULT_TEMPLATE = {
     "qwen3moe": "qwen3",
     "qwen3next": "qwen3",
     "qwen35moe": "qwen3.5",
+    "qwen4exp": "qwen3.8",
 }
 
 # Qwen's special tokens, in the order they get ids after the byte tokens and merges.
@@ -69,7 +74,7 @@ class Dims:
 
 
 def template_text(name: str) -> str:
-    """One of the bundled Qwen templates by name (`qwen3`, `qwen3.5`, `qwen3-coder`)."""
+    """One of the bundled templates by name (`qwen3`, `qwen3.5`, `qwen3-coder`, `qwen3.8`)."""
     return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
@@ -155,8 +160,9 @@ class _Weights:
 def add_tokenizer(writer: gguf.GGUFWriter, arch: str, vocab: Vocab, template: str) -> None:
     """Qwen's tokenizer keys: byte-level BPE, its specials, no BOS, `<|im_end|>` as EOS."""
     writer.add_tokenizer_model("gpt2")
-    # llama.cpp knows "qwen2" and "qwen35" pre-tokenizers; "qwen3" is rejected.
-    writer.add_tokenizer_pre("qwen35" if arch == "qwen35moe" else "qwen2")
+    # llama.cpp knows "qwen2" and "qwen35" pre-tokenizers; "qwen3" is rejected. Qwen3.8
+    # keeps Qwen3.5's tokenizer.
+    writer.add_tokenizer_pre("qwen35" if arch in ("qwen35moe", "qwen4exp") else "qwen2")
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(list(MERGES))
@@ -265,9 +271,9 @@ def _layer_tensors(arch: str, i: int, dims: Dims, w: _Weights) -> list[tuple[str
 
 
 def _global_tensors(
-    vocab: Vocab, dims: Dims, w: _Weights, steer: int, eos_bias: float
+    vocab: Vocab, n_embd: int, w: _Weights, steer: int, eos_bias: float
 ) -> list[tuple[str, np.ndarray]]:
-    E, V = dims.n_embd, vocab.size
+    E, V = n_embd, vocab.size
     embd = w.rng.normal(0.0, 0.02, size=(V, E)).astype(np.float32)
     output = w.rng.normal(0.0, 0.02, size=(V, E)).astype(np.float32)
     if steer:
@@ -296,7 +302,7 @@ def write_model(
     dtype: str = "f32",
     split: int = 1,
     name: str | None = None,
-    dims: Dims | None = None,
+    dims: Dims | qwen4exp.Qwen4ExpDims | None = None,
     context_length: int = 32768,
     chat_template: str | None = None,
     seed: int = 0,
@@ -312,10 +318,19 @@ def write_model(
     Q4_K blocks (`kquant`), the rest in f32: a K-quant model, the kind whose CPU kernels
     (repacked, AMX) differ from the float ones. Use dims with n_embd a multiple of 256.
     Steering needs float weights, so a q4_k model is unsteered (its text is random bytes).
+    `qwen4exp` takes its own `qwen4exp.Qwen4ExpDims` (the n-gram table's rows and type, QSA
+    on or off, ...); use ple_row=64 there for a K-quant model.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
-    dims = dims or Dims()
+    q4_dims: qwen4exp.Qwen4ExpDims | None = None
+    if arch == "qwen4exp":
+        if not isinstance(dims, qwen4exp.Qwen4ExpDims | None):
+            raise ValueError("qwen4exp's dims are a qwen4exp.Qwen4ExpDims")
+        q4_dims = dims or qwen4exp.Qwen4ExpDims()
+    elif isinstance(dims, qwen4exp.Qwen4ExpDims):
+        raise ValueError(f"{arch}'s dims are a tiny_gguf.Dims")
+    base = dims if isinstance(dims, Dims) else Dims()
     vocab = build_vocab(vocab_size)
     template = chat_template or DEFAULT_TEMPLATE[arch]
     if "{" not in template:
@@ -329,18 +344,35 @@ def write_model(
 
     quantize = dtype == "q4_k"
     w = _Weights(np.random.default_rng(seed), "f32" if quantize else dtype, steer)
-    tensors = _global_tensors(vocab, dims, w, steer, eos_bias)
-    for i in range(n_layer):
-        tensors += _layer_tensors(arch, i, dims, w)
+    tensors: list[tuple[str, np.ndarray | qwen4exp.NgramTable]] = []
+    if q4_dims is not None:
+        # No output_norm: the final hyper-connection mixer is the output norm.
+        embd = _global_tensors(vocab, q4_dims.n_embd, w, steer, eos_bias)
+        tensors += [(t, a) for t, a in embd if t != "output_norm.weight"]
+        tensors += qwen4exp.tensors(
+            n_layer, q4_dims, w.rng, w.dtype, steer, quantized=quantize, seed=seed
+        )
+    else:
+        tensors += _global_tensors(vocab, base.n_embd, w, steer, eos_bias)
+        for i in range(n_layer):
+            tensors += _layer_tensors(arch, i, base, w)
 
     per_shard = -(-len(tensors) // split) if split > 1 else 0
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=per_shard)
     writer.add_name(stem)
-    _add_hparams(writer, arch, n_layer, dims, context_length)
+    if q4_dims is not None:
+        eos = vocab.special_ids["<|endoftext|>"]  # Qwen's eos_token_id, which the hash resets on
+        qwen4exp.add_hparams(writer, n_layer, q4_dims, context_length, eos)
+    else:
+        _add_hparams(writer, arch, n_layer, base, context_length)
     add_tokenizer(writer, arch, vocab, template)
     bitgen = np.random.PCG64(seed)
     for tname, arr in tensors:
-        if quantize and arr.ndim >= 2 and arr.shape[-1] % 256 == 0:
+        if isinstance(arr, qwen4exp.NgramTable):
+            # Streamed: the writer reads only shape, dtype and nbytes, then calls tofile.
+            writer.add_tensor(tname, cast(np.ndarray, arr), raw_dtype=arr.raw_dtype)
+        elif quantize and arr.ndim >= 2 and arr.shape[-1] % 256 == 0 and "norm" not in tname:
+            # (qwen4exp's grouped-norm gammas are 2-D; norms stay float.)
             blocks = random_blocks(Q4_K, arr.size // 256, bitgen)
             byte_shape = (*arr.shape[:-1], arr.shape[-1] // 256 * blocks.shape[1])
             writer.add_tensor(tname, blocks.reshape(byte_shape), raw_dtype=Q4_K)
