@@ -38,8 +38,8 @@ import openai
 
 from qwenrun.engine.llama import Engine, SamplingParams
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.template import ChatTemplate
 from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, write_model
+from qwenrun.template import ChatTemplate
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse."}]
 SAMPLING = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0, seed=42)

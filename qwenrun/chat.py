@@ -3,9 +3,9 @@
 Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's
 own chat template (`template.ChatTemplate`, `enable_thinking` set per turn), picks the
 sampling preset for the turn's mode, and saves and loads JSON transcripts; thinking text is
-kept for the transcript but never sent back to the model (Qwen's guidance). Turns, settings
-and the transcript file format are `transcript.py`'s: a save is all or nothing and a load that
-fails changes nothing.
+kept for the transcript but never sent back to the model (Qwen's guidance). Turns and the
+transcript file format are `transcript.py`'s (a save is all or nothing and a load that fails
+changes nothing); the settings' names and ranges are the sampling table's (`sampling.py`).
 `stream_turn(engine, conv, text)` runs one turn and yields what happens as plain events
 (notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the
 shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL,
@@ -30,7 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from qwenrun import errors
+from qwenrun import errors, sampling
+from qwenrun import text as text_rule
 from qwenrun.engine.llama import GenStats, SamplingParams
 from qwenrun.template import (
     ChatTemplate,
@@ -44,7 +45,6 @@ from qwenrun.thinking import Answer, Thinking, ThinkingBudget, ThinkSplitter, pr
 from qwenrun.transcript import (
     TRANSCRIPT_FORMAT,
     Turn,
-    parse_setting,
     read_transcript,
     write_file_atomically,
 )
@@ -178,17 +178,25 @@ class Conversation:
         self.mode = mode
 
     def set_budget(self, budget: int | None) -> None:
-        if budget is not None and budget < 0:
-            raise errors.UsageError("a thinking budget must be 0 or more tokens")
+        if budget is not None:
+            budget = int(sampling.BY_KEY["budget"].check(budget))
         self.budget = budget
 
+    def budget_note(self) -> str | None:
+        """Why the thinking budget does nothing here, when it does not: said alike by
+        `/budget` and by `run`/`chat --budget`."""
+        if self.budget is None or self.profile.thinking != "direct":
+            return None
+        return f"{self.profile.name} never thinks: a thinking budget has no effect on it"
+
     def set(self, key: str, value: Any) -> None:
-        """One `/set` (or command-line) setting by its user-facing name, e.g. `top-p`."""
-        name, typed = parse_setting(key, value)
-        if name == "max_tokens":
-            self.max_tokens = int(typed)
-        else:
-            self.settings[name] = typed
+        """One `/set` (or command-line) setting by any of its names (`top-p`, `top_p`), its
+        value text or a number: checked by the sampling table (`sampling.read`)."""
+        setting, typed = sampling.read(key, value)
+        if setting.sampler:
+            self.settings[setting.field] = typed
+        else:  # the turn's own limit (max_tokens): an attribute of the conversation
+            setattr(self, setting.field, int(typed))
 
     def sampling(self, mode: Mode | None = None) -> SamplingParams:
         """The preset for the mode, with the user's settings on top."""
@@ -307,6 +315,8 @@ class Conversation:
         """
         loaded = read_transcript(path)
         notes: list[str] = []
+        if loaded.replaced:  # cleaned as it was read (`text.clean`): said once
+            notes.append(text_rule.notice(loaded.replaced, "the transcript"))
         if loaded.mode is not None and loaded.mode != self.mode:
             if self.profile.supports(loaded.mode):
                 self.mode = loaded.mode
@@ -471,6 +481,7 @@ class Reply:
         self._thinking: list[str] = []
         self._answer: list[str] = []
         self._raw: list[str] = []
+        self._costs: dict[str, int] = {}
 
     @property
     def answer(self) -> str:
@@ -492,11 +503,17 @@ class Reply:
     def thinking_tokens(self) -> int:
         return self._clock.tokens
 
+    def _cost(self, text: str) -> int:
+        """Tokens that forcing `text` takes: they count against max_tokens like any other."""
+        if text not in self._costs:
+            self._costs[text] = self.gen.forced_length(text)
+        return self._costs[text]
+
     def events(self) -> Iterator[ThinkingText | ThinkingDone | AnswerText]:
         gen, splitter, clock, budget = self.gen, self.splitter, self._clock, self.budget
         if self.opened:
             clock.start(0)
-            forced = budget.step(True, 0)
+            forced = budget.step(True, 0, generated=0, cost=self._cost)
             if forced:
                 gen.force_text(forced)
         for piece in gen:
@@ -508,7 +525,8 @@ class Reply:
             if clock.active and not splitter.in_thinking:
                 yield from self._end_thinking()
             if clock.active:
-                forced = budget.step(True, clock.spent(gen.n_generated))
+                n = gen.n_generated
+                forced = budget.step(True, clock.spent(n), generated=n, cost=self._cost)
                 if forced:
                     gen.force_text(forced)
         yield from self._dispatch(splitter.flush())
@@ -649,6 +667,9 @@ def one_shot(
 ) -> TurnResult:
     """`qwenrun run`: one turn, Ctrl-C stops the answer (what streamed stays printed) and
     then ends the program as an interrupt."""
+    note = conv.budget_note()
+    if note:
+        out.notice(note)
     cancel = threading.Event()
     with sigint_sets(cancel):
         result = run_turn(engine, conv, out, text, cancel=cancel)

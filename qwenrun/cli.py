@@ -3,18 +3,21 @@
 Contract: this module only wires things together: typer commands, each a few lines that
 call `launch`, `offload`, the hub or `doctor` and hand the result to `ui`. The options
 `run`, `chat` (and later `serve`) share are declared once (`LoadFlags`, `ChatFlags`,
-added to a command by `with_flags`). It never imports llama_cpp,
-huggingface_hub or pynvml at module level (so `qwenrun --help` starts fast); commands
-import what they need when they run. Every `QwenrunError` becomes one line on stderr
-("error: <message>" plus "hint: <hint>" when there is one; a declined question, `Declined`,
-its message alone) and the exit code from `EXIT_CODES`; `QWENRUN_DEBUG=1` shows the
-traceback instead. Nothing imports `cli`.
+added to a command by `with_flags`); the sampling options are generated from the one table of
+sampling settings (`sampling.SETTINGS`) and checked against its ranges before anything loads.
+It never imports llama_cpp, huggingface_hub or pynvml at module level (so `qwenrun --help`
+starts fast); commands import what they need when they run. Every `QwenrunError` becomes
+one line on stderr ("error: <message>" plus "hint: <hint>" when there is one; a declined
+question, `Declined`, its message alone) and the exit code from `EXIT_CODES`, and after
+`--json` also `{"error": {"message", "hint", "code"}}` on stdout; `QWENRUN_DEBUG=1` shows the
+traceback too. The standard streams are set up once first (`ui.stdio`). Nothing imports `cli`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import sys
 import traceback
 import typing
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import typer
 
-from qwenrun import __version__, config, errors
+from qwenrun import __version__, config, errors, sampling
+from qwenrun.ui import helptext, stdio
 
 if TYPE_CHECKING:
     from qwenrun.engine.llama import Engine
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from qwenrun.offload import Wishes
     from qwenrun.serve.client import RemoteModel
 
-app = typer.Typer(
+app = helptext.App(  # plain help at the terminal's width, the usual metavars
     name="qwenrun",
     help="Run quantized Qwen MoE models locally, with experts placed for speed.",
     no_args_is_help=True,
@@ -58,6 +62,7 @@ EXIT_CODES: dict[type[errors.QwenrunError], int] = {
     errors.DiskSpaceError: 5,
     errors.OfflineError: 5,
     errors.BackendError: 6,
+    errors.WorkerError: 7,  # also the status of a worker lost mid-answer (engine/rpc.py)
 }
 
 
@@ -90,7 +95,12 @@ def _fail(err: errors.QwenrunError) -> NoReturn:
         line += f" (hint: {err.hint})"
     # One line: a message with newlines in it would read as several errors.
     print(" ".join(line.split("\n")), file=sys.stderr)
-    sys.exit(exit_code_for(err))
+    code = exit_code_for(err)
+    if stdio.json_asked() and not isinstance(err, errors.OutputError):
+        # A script that asked for JSON reads the failure as JSON too (stdout; stderr as ever).
+        doc = {"error": {"message": err.message, "hint": err.hint, "code": code}}
+        stdio.write_last(json.dumps(doc) + "\n")  # ASCII: a path may hold any bytes
+    sys.exit(code)
 
 
 def main() -> None:
@@ -107,8 +117,13 @@ def main() -> None:
 
 
 def _main() -> None:
-    try:
-        app(standalone_mode=True)
+    stdio.setup()  # stdin keeps bytes that are not UTF-8 for text.clean; a stdout that fails
+    try:  # to write (a full disk) is one OutputError
+        try:
+            app(standalone_mode=True)
+        except SystemExit:
+            stdio.flush()  # the last output, while its failure can still be said in one line
+            raise
     except errors.QwenrunError as err:
         if config.debug_enabled():
             traceback.print_exc()
@@ -119,13 +134,6 @@ def _main() -> None:
 # The options `run`, `chat` (and `serve`) share, declared once
 
 
-# Also `plan`'s: one declaration each.
-_CTX = typer.Option(None, "--ctx", help="Context size in tokens (default: planned).")
-_KV_TYPE = typer.Option(None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0.")
-_N_CPU_MOE = typer.Option(
-    None, "--n-cpu-moe", help="Routed experts of the first N layers on the CPU."
-)
-_GPU_LAYERS = typer.Option(None, "--gpu-layers", help="Layers on the GPU (default: all).")
 # `run` and `chat`: a `qwenrun serve` to use instead of loading the model here.
 _SERVER = typer.Option(
     None,
@@ -133,34 +141,69 @@ _SERVER = typer.Option(
     envvar="QWENRUN_SERVER",
     help="Use the model of this qwenrun serve (URL, or $QWENRUN_SERVER) instead of loading it.",
 )
-_PREFER = typer.Option(
-    "balanced",
-    "--prefer",
-    help="Quant choice: quality (best that fits), balanced (default) or speed.",
-)
-_CPU_MOE_FROM = typer.Option(
-    None,
-    "--cpu-moe-from",
-    help="Which layers' experts go to the CPU: last (default, as llama.cpp's --fit) or first.",
-)
+
+
+@dataclass(frozen=True)
+class PlaceFlags:
+    """Where the model goes: the planner's constraints (`offload.Wishes`). `run`, `chat`,
+    `serve`, `bench` and `plan` take exactly these."""
+
+    ctx: int | None = typer.Option(None, "--ctx", help="Context size in tokens (default: planned).")
+    kv_type: str | None = typer.Option(
+        None, "--kv-type", help="KV cache type: f16 (default), q8_0, q4_0."
+    )
+    cpu_moe: bool = typer.Option(
+        False, "--cpu-moe", help="Every layer's routed experts on the CPU."
+    )
+    n_cpu_moe: int | None = typer.Option(
+        None, "--n-cpu-moe", help="Routed experts of the first N layers on the CPU."
+    )
+    cpu_moe_from: str | None = typer.Option(
+        None,
+        "--cpu-moe-from",
+        help="Which layers' experts go to the CPU: last (default, as llama.cpp's --fit) or first.",
+    )
+    gpu_layers: int | None = typer.Option(
+        None, "--gpu-layers", help="Layers on the GPU (default: all)."
+    )
+    prefer: str = typer.Option(
+        "balanced",
+        "--prefer",
+        help="Quant choice: quality (best that fits), balanced (default) or speed.",
+    )
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads (default: physical cores)."
+    )
+    rpc: str | None = typer.Option(
+        None,
+        "--rpc",
+        envvar="QWENRUN_RPC",
+        help="Also use these qwenrun workers' GPUs and RAM: HOST:PORT[,HOST:PORT…].",
+    )
+
+    def wishes(self, **more: Any) -> Wishes:
+        """The planner's `Wishes` from these flags (and a command's own, `more`)."""
+        from qwenrun.engine.rpc import parse_endpoints
+        from qwenrun.offload import Wishes
+
+        return Wishes(
+            rpc=parse_endpoints(self.rpc) if self.rpc else (),
+            n_ctx=self.ctx,
+            kv_type=self.kv_type,
+            cpu_moe=self.cpu_moe,
+            n_cpu_moe=self.n_cpu_moe,
+            cpu_moe_from=self.cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
+            n_gpu_layers=self.gpu_layers,
+            threads=self.threads,
+            prefer=self.prefer,  # type: ignore[arg-type]  # Wishes.validate checks
+            **more,
+        )
 
 
 @dataclass(frozen=True)
 class LoadFlags:
-    """How to load the model: the planner's constraints, and start-up behaviour."""
+    """How to start: what is shown and asked, and the prompt cache on disk."""
 
-    ctx: int | None = _CTX
-    kv_type: str | None = _KV_TYPE
-    cpu_moe: bool = typer.Option(
-        False, "--cpu-moe", help="Every layer's routed experts on the CPU."
-    )
-    n_cpu_moe: int | None = _N_CPU_MOE
-    cpu_moe_from: str | None = _CPU_MOE_FROM
-    gpu_layers: int | None = _GPU_LAYERS
-    prefer: str = _PREFER
-    threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads (default: physical cores)."
-    )
     verbose: bool = typer.Option(False, "--verbose", help="Stats and llama.cpp's log on stderr.")
     yes: bool = typer.Option(False, "--yes", "-y", help="Download a missing model without asking.")
     prompt_cache: str | None = typer.Option(
@@ -177,24 +220,21 @@ class LoadFlags:
             return promptcache.cap_from_env()
         return promptcache.parse_cap(self.prompt_cache, "--prompt-cache")
 
-    def wishes(self) -> Wishes:
-        from qwenrun.offload import Wishes
 
-        return Wishes(
-            n_ctx=self.ctx,
-            kv_type=self.kv_type,
-            cpu_moe=self.cpu_moe,
-            n_cpu_moe=self.n_cpu_moe,
-            cpu_moe_from=self.cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
-            n_gpu_layers=self.gpu_layers,
-            threads=self.threads,
-            prefer=self.prefer,  # type: ignore[arg-type]  # Wishes.validate checks
-        )
+def _sampling_options(cls: type) -> type:
+    """Give a flag group one option per row of the sampling table (`sampling.SETTINGS`):
+    `--KEY`, a number or None (not given), with the table's help. Applied before
+    `@dataclass`, so they are fields like the hand-written ones."""
+    for s in sampling.SETTINGS:
+        cls.__annotations__[s.attr] = f"{s.kind.__name__} | None"
+        setattr(cls, s.attr, typer.Option(None, s.flag, help=s.help))
+    return cls
 
 
 @dataclass(frozen=True)
+@_sampling_options
 class ChatFlags:
-    """How to talk: mode, thinking, system prompt, sampling."""
+    """How to talk: mode, thinking, system prompt; the sampling options come from the table."""
 
     think: bool | None = typer.Option(
         None, "--think/--no-think", help="Thinking or direct mode (default: the model's)."
@@ -204,50 +244,38 @@ class ChatFlags:
         "--show-thinking/--hide-thinking",
         help="Keep thinking on screen, not folded (piped: on stderr, never on stdout).",
     )
-    budget: int | None = typer.Option(None, "--budget", help="Stop thinking after N tokens.")
     system: str | None = typer.Option(None, "--system", help="The system prompt.")
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens.")
-    temp: float | None = typer.Option(
-        None, "--temp", help="Sampling temperature (default: Qwen's preset)."
-    )
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold.")
-    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the K most likely tokens.")
-    min_p: float | None = typer.Option(
-        None, "--min-p", help="Drop tokens below this share of the best."
-    )
-    presence_penalty: float | None = typer.Option(
-        None, "--presence-penalty", help="Penalise tokens already used."
-    )
-    seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+
+    def settings(self) -> dict[str, int | float]:
+        """The sampling table's options that were given, by field (`temperature`, `budget`),
+        each checked against the table's range before anything is loaded."""
+        given = {s: getattr(self, s.attr) for s in sampling.SETTINGS}
+        return {s.field: s.check(v, s.flag) for s, v in given.items() if v is not None}
 
     def validate(self) -> None:
-        if self.budget is not None and self.budget < 0:
-            raise errors.UsageError("--budget must be 0 or more tokens")
+        self.settings()
 
     def conversation(self) -> dict[str, Any]:
         """Keyword arguments for `chat.Conversation`: only what the user gave."""
-        given = {
-            "temperature": self.temp,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "presence_penalty": self.presence_penalty,
-            "seed": self.seed,
-            "max_tokens": self.max_tokens,
+        settings = self.settings()
+        # /set's settings go in `settings`; one with a command of its own (the thinking
+        # budget: /budget) is a keyword argument of its own.
+        own = {
+            s.field: settings.pop(s.field)
+            for s in sampling.SETTINGS
+            if s.command != "/set" and s.field in settings
         }
         mode: Literal["think", "direct"] | None = None
         if self.think is not None:
             mode = "think" if self.think else "direct"
-        return {
-            "system": self.system,
-            "mode": mode,
-            "budget": self.budget,
-            "settings": {k: v for k, v in given.items() if v is not None},
-        }
+        from qwenrun.ui.talk import given
+
+        system = given(self.system, "the system prompt") if self.system else None
+        return {"system": system, "mode": mode, **own, "settings": settings}
 
 
 # The keyword-only parameter of a command that receives each group.
-_GROUPS: dict[str, type] = {"load": LoadFlags, "talk": ChatFlags}
+_GROUPS: dict[str, type] = {"place": PlaceFlags, "load": LoadFlags, "talk": ChatFlags}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -290,35 +318,16 @@ def with_flags(fn: F) -> F:
 # run and chat
 
 
-def _read_prompt(prompt: str | None) -> str:
-    """Piped stdin, then the argument (as Ollama orders them).
-
-    The document first and the question last also means that asking another question about
-    the same piped document shares its whole prefix with the last run: the prompt cache then
-    loads the document's evaluation instead of redoing it.
-    """
-    piped = ""
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
-    parts = [p for p in (piped.strip(), prompt) if p]
-    if not parts:
-        raise errors.UsageError(
-            "no prompt given",
-            hint='pass one as an argument, or pipe it in: echo "hi" | qwenrun run MODEL',
-        )
-    return "\n\n".join(parts)
-
-
 def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def _start(model: str | None, load: LoadFlags) -> Started:
+def _start(model: str | None, place: PlaceFlags, load: LoadFlags) -> Started:
     """The one start-up of `run` and `chat`, with this terminal's questions and progress."""
     from qwenrun import launch
     from qwenrun.ui.progress import StartupHooks
 
-    wishes = load.wishes()
+    wishes = place.wishes()
     wishes.validate()  # before anything is probed, pulled or loaded
     prompt_cache = load.prompt_cache_bytes()
     # stdin may carry the prompt, so only a terminal on both ends can answer a question.
@@ -333,20 +342,22 @@ def run(
         ..., help="MODEL[:QUANT] (qwen3-30b-a3b:Q4_K_M), owner/repo:QUANT, or a .gguf file."
     ),
     prompt: str | None = typer.Argument(None, help="The prompt; piped stdin comes before it."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object with answer and stats."),
+    as_json: bool = stdio.json_option("One JSON object with answer and stats."),
     server: str | None = _SERVER,
     *,
+    place: PlaceFlags,
     load: LoadFlags,
     talk: ChatFlags,
 ) -> None:
     """Answer one prompt and exit: only the answer goes to stdout."""
     from qwenrun import chat
     from qwenrun.ui import console, render
+    from qwenrun.ui import talk as here
 
     talk.validate()
-    text = _read_prompt(prompt)
+    text = here.read_prompt(prompt)  # piped stdin, then the argument; cleaned
     if server:
-        remote = _connect(server, model, load)
+        remote = _connect(server, model, place, load)
         conv = remote.conversation(**talk.conversation())
         if load.verbose:
             console.show_startup(conv.profile.name, remote.describe())
@@ -358,21 +369,7 @@ def run(
         )
         chat.one_shot(remote, conv, text, out)
         return
-    started = _start(model, load)
-    engine = started.engine
-    try:
-        conv = chat.Conversation.for_engine(engine, notice=console.info, **talk.conversation())
-        if load.verbose:
-            console.show_startup(conv.profile.name, started.reasons)
-        out = render.make_renderer(
-            as_json=as_json,
-            show_thinking=talk.show_thinking,
-            show_stats=True if load.verbose else None,
-            extra={"placement": engine.placement.to_dict()},
-        )
-        chat.one_shot(engine, conv, text, out)
-    finally:
-        engine.close()
+    here.answer_once(_start(model, place, load), text, talk, as_json=as_json, verbose=load.verbose)
 
 
 @app.command("chat")
@@ -383,50 +380,40 @@ def chat_command(
     ),
     server: str | None = _SERVER,
     *,
+    place: PlaceFlags,
     load: LoadFlags,
     talk: ChatFlags,
 ) -> None:
     """Chat in the terminal: streamed answers, thinking or direct mode, /help for commands."""
-    from qwenrun import chat
     from qwenrun.ui import console, render, repl
+    from qwenrun.ui import talk as here
 
     talk.validate()
     if server:
-        remote = _connect(server, model, load)
+        remote = _connect(server, model, place, load)
         conv = remote.conversation(**talk.conversation())
-        console.show_startup(conv.profile.name, remote.describe())
+        lines, facts = remote.describe() if load.verbose else (), here.remote_facts(remote)
+        console.show_startup(conv.profile.name, lines, facts=facts)
         out = render.make_renderer(
             show_thinking=talk.show_thinking, show_stats=True if load.verbose else None
         )
         # The REPL asks its engine only for n_ctx and cached_tokens and hands it to
         # chat.run_turn, which lets a server's model (a chat.TurnServer) run the turn.
         raise typer.Exit(repl.repl(typing.cast("Engine", remote), conv, out))
-    started = _start(model, load)
-    engine = started.engine
-    try:
-        conv = chat.Conversation.for_engine(engine, notice=console.info, **talk.conversation())
-        console.show_startup(
-            conv.profile.name, [*started.reasons, f"context {engine.n_ctx:,} tokens"]
-        )
-        out = render.make_renderer(
-            show_thinking=talk.show_thinking, show_stats=True if load.verbose else None
-        )
-        code = repl.repl(engine, conv, out)
-    finally:
-        engine.close()
-    raise typer.Exit(code)
+    raise typer.Exit(here.chat_here(_start(model, place, load), talk, verbose=load.verbose))
 
 
-def _connect(server: str, model: str | None, load: LoadFlags) -> RemoteModel:
+def _connect(server: str, model: str | None, place: PlaceFlags, load: LoadFlags) -> RemoteModel:
     """`--server`: the server's model, after refusing what only a local load could honour."""
     from qwenrun.serve.client import RemoteModel
 
     # Each field's default is the typer option's default: anything else was given.
     local_only = [
         "--" + f.name.replace("_", "-")
-        for f in fields(LoadFlags)
+        for group in (place, load)
+        for f in fields(group)
         if f.name not in ("verbose", "yes")
-        and getattr(load, f.name) != getattr(f.default, "default", f.default)
+        and getattr(group, f.name) != getattr(f.default, "default", f.default)
     ]
     if local_only:
         raise errors.UsageError(
@@ -463,27 +450,40 @@ def serve_command(
         8, "--queue", help="Requests that may wait while one generates (more get 503)."
     ),
     *,
+    place: PlaceFlags,
     load: LoadFlags,
 ) -> None:
     """Keep the model loaded behind an OpenAI-compatible API: chat, tools, thinking."""
     import time
 
-    from qwenrun.serve import app as serve_app
     from qwenrun.serve import server as serve_server
+    from qwenrun.serve.enginethread import Worker
     from qwenrun.serve.runner import ServedModel
+    from qwenrun.serve.state import ServerState
     from qwenrun.ui import console
+    from qwenrun.ui.talk import plan_facts
 
     def log(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
     if queue < 0:
         raise errors.UsageError("--queue must be 0 or more")
-    load.wishes().validate()  # before the port is taken
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        # Refused, not taken as "no key": `--api-key "$KEY"` with KEY unset means a key was
+        # wanted, and serving without one (maybe beyond loopback) would be the silent
+        # opposite. Spaces around a key: HTTP strips them from the header, so none matches.
+        raise errors.UsageError(
+            "--api-key (or QWENRUN_API_KEY) is empty or has spaces around it: no client "
+            "could send that key",
+            hint="give the key clients must send, or leave --api-key out to serve without one",
+        )
+    place.wishes().validate()  # before the port is taken
+    model_id = serve_server.served_id(model)  # the API's name for it, from now on
     sock = serve_server.bind(host, port)
-    state = serve_app.ServerState(
-        model_id=model or "default",
-        worker=serve_app.Worker(queue, log=log),
-        api_key=api_key or None,
+    state = ServerState(
+        model_id=model_id,
+        worker=Worker(queue, log=log),
+        api_key=api_key,
         log=log,
     )
     srv = serve_server.Server(state, sock)
@@ -494,22 +494,18 @@ def serve_command(
             style="yellow",
         )
     with srv:
-        console.info(f"qwenrun serve: listening on {srv.url} (OpenAI API: {srv.url}/v1)")
-        started = _start(model, load)
-        served = ServedModel.from_engine(
-            started.engine,
-            serve_server.model_id_for(started.path, started.plan.quant),
-            started.reasons,
-        )
+        console.info(f"qwenrun serve: {srv.listening}")
+        started = _start(model, place, load)
+        served = ServedModel.from_engine(started.engine, model_id, started.reasons)
         try:  # from here on, Ctrl-C is the way to stop: not an interrupted command
             state.ready(served)
             console.show_startup(
                 served.profile.name,
                 [
-                    *started.reasons,
-                    f"context {served.engine.n_ctx:,} tokens",
+                    *(started.reasons if load.verbose else ()),
                     f"ready: {srv.url}/v1 serves it as {served.id} · Ctrl-C stops",
                 ],
+                facts=plan_facts(started.plan, served.engine.n_ctx),
             )
             srv.serve_forever()
         except KeyboardInterrupt:
@@ -525,7 +521,7 @@ def ps_command(
         envvar="QWENRUN_SERVER",
         help="The server to ask (URL, or $QWENRUN_SERVER; default http://127.0.0.1:8080).",
     ),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+    as_json: bool = stdio.json_option("One JSON object instead of text."),
 ) -> None:
     """Show what a qwenrun server has loaded (default: the one on this machine)."""
     import json
@@ -552,8 +548,9 @@ def bench_command(
     prompt: int = typer.Option(512, "--prompt", help="Prompt tokens evaluated per run."),
     gen: int = typer.Option(128, "--gen", help="Tokens decoded per run."),
     show: bool = typer.Option(False, "--show", help="List the results kept for this machine."),
-    as_json: bool = typer.Option(False, "--json", help="Every run as JSON."),
+    as_json: bool = stdio.json_option("Every run as JSON."),
     *,
+    place: PlaceFlags,
     load: LoadFlags,
 ) -> None:
     """Measure the planned placement and its neighbours on this machine; the plan learns."""
@@ -576,22 +573,55 @@ def bench_command(
     hooks = progress.StartupHooks(ask=not load.yes and _interactive())
     with progress.bench_progress() as on_progress:
         report = measure.measure(
-            model, load.wishes(), settings, hooks=hooks, on_progress=on_progress
+            model, place.wishes(), settings, hooks=hooks, on_progress=on_progress
         )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
     tables.show_bench_report(report)
-    console.info(
-        f"kept under {measure.store.runs_file()}; the speed model is now fitted to "
-        f"{report.calibrated_on} runs of this machine, and plans of this model prefer the "
-        "fastest measured placement that fits"
+    if report.not_kept:
+        console.info(f"not kept for later plans: {report.not_kept}", style="yellow")
+    else:
+        console.info(
+            f"kept under {measure.store.runs_file()}; the speed model is now fitted to "
+            f"{report.calibrated_on} runs of this machine"
+        )
+
+
+@app.command("worker")
+def worker_command(
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="IPv4 address to listen on (0.0.0.0: every interface; no authentication!).",
+    ),
+    port: int = typer.Option(50052, "--port", help="Port to listen on."),
+    cache: str | None = typer.Option(
+        None, "--cache", help="Folder that keeps sent weights (default: QWENRUN_HOME/rpc-cache)."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Keep no weights between loads."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads for the CPU's share (default: physical cores)."
+    ),
+) -> None:
+    """Serve this machine's GPUs and RAM to other qwenrun processes (llama.cpp RPC)."""
+    from pathlib import Path
+
+    from qwenrun import worker
+    from qwenrun.ui import console
+
+    folder = None if no_cache else Path(cache).expanduser() if cache else worker.default_cache_dir()
+    settings = worker.WorkerSettings(host=host, port=port, cache_dir=folder, threads=threads)
+    worker.serve(
+        settings,
+        out=lambda line: print(line, flush=True),
+        err=lambda line: console.info(line, style="yellow"),
     )
 
 
 @app.command("doctor")
 def doctor_command(
-    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+    as_json: bool = stdio.json_option("One JSON object instead of text."),
 ) -> None:
     """Check llama-cpp-python and the GPU, and say how to fix what is wrong."""
     import json
@@ -614,16 +644,17 @@ def doctor_command(
 
 @app.command("probe")
 def probe_command(
-    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of tables."),
+    as_json: bool = stdio.json_option("One JSON object instead of tables."),
     measure: bool = typer.Option(
         False, "--measure", help="Measure RAM bandwidth (about a second) and remember it."
     ),
 ) -> None:
     """Show this machine, and the best plan for each catalog model on it."""
-    from qwenrun import hwprobe, offload
+    from qwenrun import offload
+    from qwenrun.machine import machine
     from qwenrun.ui import console, tables
 
-    hw = hwprobe.probe(check_backend=True, measure=measure)
+    hw = machine(measure=measure)
     rows = tables.model_rows(offload.plan_catalog(hw))
     if as_json:
         print(tables.probe_json(hw, rows))
@@ -633,42 +664,49 @@ def probe_command(
     console.show(tables.models_table(rows))
 
 
+# A list option's default cannot be written in the signature (ruff B008 for lists).
+_WORKER = typer.Option(
+    None,
+    "--worker",
+    help="Plan with a worker machine too: its GPUs and RAM, GPU[,GPU…]/RAM (24GiB/128GiB).",
+)
+
+
 @app.command("plan")
+@with_flags
 def plan_command(
     model: str = typer.Argument(
         ..., help="MODEL[:QUANT] (qwen3-30b-a3b), owner/repo[:QUANT], or a local .gguf file."
     ),
     quant: str | None = typer.Option(None, "--quant", help="Plan this quant (default: best fit)."),
-    ctx: int | None = _CTX,
-    n_cpu_moe: int | None = _N_CPU_MOE,
-    cpu_moe_from: str | None = _CPU_MOE_FROM,
-    gpu_layers: int | None = _GPU_LAYERS,
-    kv_type: str | None = _KV_TYPE,
-    prefer: str = _PREFER,
     gpu_mem: str | None = typer.Option(
-        None, "--gpu-mem", help="Plan for a GPU with this much memory (24GiB; 0: no GPU)."
+        None,
+        "--gpu-mem",
+        help="Plan for GPUs with this much memory, one size each (24GiB,12GiB; 0: no GPU).",
     ),
+    worker: list[str] | None = _WORKER,
     ram: str | None = typer.Option(None, "--ram", help="Plan for this much RAM (64GiB)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of tables."),
+    as_json: bool = stdio.json_option("One JSON object instead of tables."),
+    *,
+    place: PlaceFlags,
 ) -> None:
     """One plan: quant, context, experts on CPU, bytes per device, speed, and why."""
-    from qwenrun import hwprobe, launch, offload, units
+    import functools
 
-    wishes = offload.Wishes(
+    from qwenrun import offload, units
+    from qwenrun.bench import store
+    from qwenrun.machine import machine
+
+    wishes = place.wishes(
         quant=quant,
-        n_ctx=ctx,
-        n_cpu_moe=n_cpu_moe,
-        cpu_moe_from=cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
-        n_gpu_layers=gpu_layers,
-        kv_type=kv_type,
-        prefer=prefer,  # type: ignore[arg-type]
-        gpu_mem_bytes=None if gpu_mem is None else units.parse_size(gpu_mem, "--gpu-mem"),
+        gpu_mem_bytes=None if gpu_mem is None else units.parse_sizes(gpu_mem, "--gpu-mem"),
+        workers=tuple(units.parse_worker(w, "--worker") for w in worker or ()),
         ram_bytes=None if ram is None else units.parse_size(ram, "--ram"),
     )
     wishes.validate()
     # A question about another GPU does not need to know whether this build can use one.
-    hw = hwprobe.probe(check_backend=wishes.gpu_mem_bytes is None)
-    plan = launch.plan_reference(model, wishes, hw)
+    hw = machine(backend=wishes.gpu_mem_bytes is None, rpc=wishes.rpc)
+    plan = offload.plan_reference(model, wishes, hw, functools.partial(store.measured, hw))
     if as_json:
         import json
 
@@ -691,8 +729,9 @@ def pull_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Download without asking."),
 ) -> None:
     """Download a model's GGUF files into the Hugging Face cache (resumable, verified)."""
-    from qwenrun import launch
+    from qwenrun import offload
     from qwenrun.hub import pull, refs
+    from qwenrun.machine import machine
     from qwenrun.ui import console, progress
 
     ref = refs.parse_ref(model)
@@ -707,7 +746,8 @@ def pull_command(
             ref,
             on_progress=on_progress,
             confirm=lambda t: progress.confirm_pull(t, ask=ask),
-            choose=launch.planner_chooser(),
+            # The machine is read only when there is a quant to choose.
+            choose=lambda ref, listing: offload.planner_chooser(machine())(ref, listing),
         )
     console.info(
         f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache"
@@ -718,7 +758,7 @@ def pull_command(
 
 @app.command("list")
 def list_command(
-    as_json: bool = typer.Option(False, "--json", help="A JSON array instead of a table."),
+    as_json: bool = stdio.json_option("A JSON array instead of a table."),
 ) -> None:
     """Show the GGUF models in the Hugging Face cache: complete or partial, verified or not."""
     import json
@@ -751,12 +791,7 @@ def rm_command(
         raise errors.UsageError(
             f"{model} is a local file, not a downloaded model", hint="delete it yourself"
         )
-    repos = {r.lower() for r in ref.repos}
-    matches = [
-        c
-        for c in cache.cached_quants()
-        if c.repo.lower() in repos and (ref.quant is None or c.quant.lower() == ref.quant.lower())
-    ]
+    matches = cache.matching(ref.repos, ref.quant)
     if not matches:
         raise errors.ModelNotFoundError(
             f"{ref} is not downloaded", hint="qwenrun list shows what is"
@@ -770,9 +805,7 @@ def rm_command(
             raise errors.UsageError(
                 f"not deleting {ref} without confirmation", hint="pass --yes to delete it"
             )
-        import click
-
-        if not click.confirm(f"Delete, freeing {freed}?", default=False, err=True):
+        if not typer.confirm(f"Delete, freeing {freed}?", default=False, err=True):
             raise typer.Exit(1)
     removal.execute()
     print(f"deleted {ref}: {freed} freed")

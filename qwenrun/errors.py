@@ -79,6 +79,18 @@ class OutOfMemoryError(BackendError):
     """A buffer did not fit in RAM or VRAM while loading or creating the context."""
 
 
+class WorkerError(QwenrunError):
+    """An RPC worker (`qwenrun worker`) that cannot be used: unreachable, busy with another
+    client, speaking another RPC protocol version, or a llama.cpp build without RPC."""
+
+
+class OutputError(QwenrunError):
+    """Standard output cannot be written: a full disk (`> /dev/full`), a closed stdout (`>&-`).
+
+    A reader that went away (`| head -c 1`) is not one: that ends quietly.
+    """
+
+
 class DownloadError(QwenrunError):
     """The hub could not deliver a file (network, server error, cut connection)."""
 

@@ -39,6 +39,8 @@ class Hooks(Protocol):
     def confirm_pull(self, target: PullTarget) -> bool: ...
     def pulling(self) -> AbstractContextManager[Callable[[PullProgress], None]]: ...
     def loading(self) -> AbstractContextManager[Callable[[float], None]]: ...
+    # Entered while the once-per-machine CPU kernel check runs (seconds, the first time).
+    def checking(self, text: str) -> AbstractContextManager[object]: ...
 
 
 class QuietHooks:
@@ -54,6 +56,9 @@ class QuietHooks:
         return _nothing()
 
     def loading(self) -> AbstractContextManager[Callable[[float], None]]:
+        return _nothing()
+
+    def checking(self, text: str) -> AbstractContextManager[object]:
         return _nothing()
 
 
@@ -87,7 +92,7 @@ def start(
     environment's or the default, see `engine.promptcache`)."""
     wishes.validate()
     # One reading of the machine serves the default model, the quant to pull and the plan.
-    hw = hw or machine()
+    hw = hw or machine(checking=hooks.checking, rpc=wishes.rpc)
     chosen: tuple[str, ...] = ()
     if model is None:
         model, chosen = offload.model_for_this_machine(hw, wishes)

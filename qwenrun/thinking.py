@@ -18,6 +18,7 @@ Qwen's formats, which this handles:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -200,28 +201,50 @@ class ThinkingBudget:
     """When to steer the model out of thinking.
 
     `limit` is the user's budget in thinking tokens (None: no budget). `max_tokens`, when the
-    caller caps the whole output, keeps a share for the answer: thinking that would eat the
-    last quarter of it (at most 1024 tokens) is closed, so the reply is never empty just
-    because thinking ran long. `step` returns the text to force once, then None.
+    caller caps the whole output, keeps a share for the answer: the last quarter of it (at
+    most 1024 tokens, at least 1) is never spent on thinking, and that includes the text
+    forced to close it. So thinking that would eat into that share is closed early enough for
+    the close to fit before it, and a budget's wrap-up sentence that would not fit there gives
+    way to the bare close: the reply is never empty just because thinking ran long. `step`
+    returns the text to force once, then None.
     """
 
     def __init__(self, limit: int | None = None, max_tokens: int | None = None) -> None:
         if limit is not None and limit < 0:
             raise ValueError("a thinking budget cannot be negative")
         self.limit = limit
-        self.reserve_at: int | None = None
+        self.reserve_at: int | None = None  # where the answer's share of the output begins
         if max_tokens is not None and max_tokens > 1:
             self.reserve_at = max_tokens - max(1, min(max_tokens // 4, 1024))
         self.fired = False
 
-    def step(self, in_thinking: bool, thinking_tokens: int) -> str | None:
-        """Call after each piece with the tokens spent in thinking so far."""
+    def step(
+        self,
+        in_thinking: bool,
+        thinking_tokens: int,
+        *,
+        generated: int | None = None,
+        cost: Callable[[str], int] | None = None,
+    ) -> str | None:
+        """Call after each piece with the tokens spent in thinking so far.
+
+        `generated` is every token of the output so far (what `max_tokens` counts; by default
+        `thinking_tokens`, as when the prompt opened the block), and `cost(text)` how many
+        tokens forcing `text` takes (by default nothing: then the close is assumed free).
+        """
         if self.fired or not in_thinking:
             return None
+        spent = thinking_tokens if generated is None else generated
+
+        def after(text: str) -> int:
+            """The tokens of output once `text` is forced."""
+            return spent + (cost(text) if cost is not None else 0)
+
         if self.limit is not None and thinking_tokens >= self.limit:
             self.fired = True
-            return BARE_CLOSE if self.limit == 0 else WRAP_UP
-        if self.reserve_at is not None and thinking_tokens >= self.reserve_at:
+            wrap_fits = self.reserve_at is None or after(WRAP_UP) <= self.reserve_at
+            return WRAP_UP if self.limit > 0 and wrap_fits else BARE_CLOSE
+        if self.reserve_at is not None and after(BARE_CLOSE) >= self.reserve_at:
             self.fired = True
             return BARE_CLOSE
         return None

@@ -1,45 +1,30 @@
 """A conversation as values and as a file: its turns, its settings, the JSON transcript.
 
 Contract: `Turn` is one exchange (the user's message, the answer, its thinking, the mode, cut
-or not). `parse_setting` is the one check of a sampling setting (`/set`, a command-line flag,
-a transcript), by any of its names, with its range; numbers in messages are written as people
-write them (`format_number`: 10,000,000, never 1e+07). `write_file_atomically` writes all of
+or not). A transcript's settings (its "settings" object and its "budget") are checked by the
+one sampling table (`sampling.SETTINGS`), under any of their names, with the same ranges as
+`/set`, the command line and the server. `write_file_atomically` writes all of
 a file or nothing (a temporary file renamed over it) and creates no folder; `read_transcript`
 checks a whole transcript before anything uses it, so a bad file changes nothing and the
-error names the message and field at fault. Every problem with a file is a one-line
-`UsageError`, never an OSError. Nothing here renders prompts or runs a model (`chat.py`).
+error names the message and field at fault; its texts pass `text.clean` (what is not valid
+Unicode, such as a JSON "\\ud800", becomes U+FFFD) and `Transcript.replaced` counts them.
+Every problem with a file is a one-line `UsageError`, never an OSError or a ValueError.
+Nothing here renders prompts or runs a model (`chat.py`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import stat
-from dataclasses import dataclass
-from decimal import Decimal
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qwenrun import errors
+from qwenrun import errors, sampling, text
+from qwenrun.atomic import write_atomic
 from qwenrun.template import Mode
 
 TRANSCRIPT_FORMAT = "qwenrun-transcript/1"
-
-# `/set` names → SamplingParams fields (max-tokens is the conversation's own).
-SETTINGS: dict[str, tuple[str, type]] = {
-    "temp": ("temperature", float),
-    "top-p": ("top_p", float),
-    "top-k": ("top_k", int),
-    "min-p": ("min_p", float),
-    "presence-penalty": ("presence_penalty", float),
-    "seed": ("seed", int),
-    "max-tokens": ("max_tokens", int),
-}
-
-# Field names (transcripts, keyword arguments) → the `/set` names.
-_SETTING_ALIASES = {field: key for key, (field, _kind) in SETTINGS.items()} | {
-    k.replace("-", "_"): k for k in SETTINGS
-}
 
 
 @dataclass
@@ -49,62 +34,6 @@ class Turn:
     thinking: str = ""
     mode: Mode = "direct"
     cut: bool = False
-
-
-# --------------------------------------------------------------------------------------
-# Settings, and numbers as people write them
-
-
-def format_number(value: float) -> str:
-    """10,000,000 for an int; 0.0, 5.0, 0.95 or 0.00001 for a float (never an exponent)."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return f"{int(value):,}"
-    if value != value or value in (float("inf"), float("-inf")):
-        return str(value)
-    # repr is the shortest text that reads back as this float; Decimal spells it out.
-    text = format(Decimal(repr(value)), ",f")
-    return text if "." in text else text + ".0"
-
-
-def parse_setting(key: str, value: Any) -> tuple[str, int | float]:
-    """A setting by any of its names (`top-p`, `top_p`) and a value (text or number) →
-    (its SamplingParams field or `max_tokens`, the value typed and checked against its range).
-    """
-    key = _SETTING_ALIASES.get(key, key)
-    if key not in SETTINGS:
-        raise errors.UsageError(f"unknown setting {key!r}", hint=f"one of: {', '.join(SETTINGS)}")
-    name, kind = SETTINGS[key]
-    # A whole-number setting given 2.5 (a transcript, a keyword argument) is refused, not cut.
-    fractional = isinstance(value, float) and not value.is_integer()
-    try:
-        if isinstance(value, bool) or (kind is int and fractional):
-            raise ValueError
-        typed: int | float = kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise errors.UsageError(
-            f"{key} needs a {'whole number' if kind is int else 'number'}, not {value!r}"
-        ) from None
-    _check_range(key, typed, value)
-    return name, typed
-
-
-def _check_range(key: str, value: float, given: Any) -> None:
-    limits: dict[str, tuple[float, float]] = {
-        "temp": (0.0, 5.0),
-        "top-p": (0.0, 1.0),
-        "top-k": (0, 1_000_000),
-        "min-p": (0.0, 1.0),
-        "presence-penalty": (-2.0, 2.0),
-        "max-tokens": (1, 10_000_000),
-        "seed": (0, 2**32 - 1),
-    }
-    lo, hi = limits[key]
-    if not lo <= value <= hi:
-        # The value as the user typed it; the limits as they are written above.
-        shown = given.strip() if isinstance(given, str) else format_number(value)
-        raise errors.UsageError(
-            f"{key} must be between {format_number(lo)} and {format_number(hi)}, not {shown}"
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -144,17 +73,11 @@ def write_file_atomically(path: Path, text: str) -> None:
         raise errors.UsageError(
             f"cannot save to {path}: it is not a regular file", hint="name a .json file"
         )
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if st is not None:
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))  # a replaced file keeps its permissions
-        os.replace(tmp, path)
+        # A replaced file keeps its permissions.
+        mode = stat.S_IMODE(st.st_mode) if st is not None else None
+        write_atomic(path, text, durable=True, mode=mode)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _save_error(path, exc) from None
 
 
@@ -184,6 +107,10 @@ def _save_error(path: Path, exc: OSError) -> errors.UsageError:
     hint = "the conversation is still here: save it somewhere else"
     if exc.errno == 28:  # ENOSPC
         hint = "free some disk space and save again, or save somewhere else"
+    if exc.filename is not None and Path(exc.filename) != path:
+        # The temporary file beside it failed (/proc, /sys): the file itself may well exist.
+        where = f"no new file can be made in {path.parent} ({_reason(exc)})"
+        return errors.UsageError(f"cannot save to {path}: {where}", hint=hint)
     return errors.UsageError(f"cannot save to {path}: {_reason(exc)}", hint=hint)
 
 
@@ -211,17 +138,21 @@ def _read_document(path: Path) -> Any:
             f"{path} is {st.st_size:,} bytes: too large to be a qwenrun transcript"
         )
     try:
-        text = path.read_text("utf-8")
+        content = path.read_text("utf-8")
     except UnicodeDecodeError:
         raise errors.UsageError(f"{path} is not a JSON transcript: it is not UTF-8 text") from None
     except OSError as exc:
         raise errors.UsageError(f"cannot read {path}: {_reason(exc)}") from None
     try:
-        return json.loads(text)
+        return json.loads(content)
     except json.JSONDecodeError as exc:
         raise errors.UsageError(f"{path} is not a JSON transcript: {exc}") from None
     except RecursionError:
         raise errors.UsageError(f"{path} is not a JSON transcript: nested too deeply") from None
+    except ValueError:  # Python's limit on the digits of an integer (4,300 by default)
+        raise errors.UsageError(
+            f"{path} is not a qwenrun transcript: it holds a number with too many digits"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -234,6 +165,7 @@ class Transcript:
     budget: int | None
     settings: dict[str, Any]
     max_tokens: int | None
+    replaced: int = 0  # code points that were not valid Unicode, now U+FFFD (`text.clean`)
 
 
 _ONE_ANSWER = "each user message must be followed by an answer"
@@ -281,10 +213,15 @@ def _parse(doc: Any, path: Path) -> Transcript:
     if mode not in (None, "think", "direct"):
         raise bad(f'"mode" should be "think" or "direct", not {mode!r}')
     budget = doc.get("budget")
-    if budget is not None and (
-        not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
-    ):
-        raise bad(f'"budget" should be a number of tokens (0 or more) or null, not {budget!r}')
+    if budget is not None:
+        limits = sampling.BY_KEY["budget"]
+        try:
+            budget = int(limits.check(budget))
+        except errors.UsageError:
+            raise bad(
+                f'"budget" should be a number of tokens ({limits.range_text()}) or null, '
+                f"not {budget!r}"
+            ) from None
     raw = doc.get("settings")
     if raw is not None and not isinstance(raw, dict):
         raise bad(f'"settings" should be an object such as {{"temperature": 0.6}}, not {raw!r}')
@@ -294,13 +231,13 @@ def _parse(doc: Any, path: Path) -> Transcript:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad(f"setting {key} should be a number, not {value!r}")
         try:
-            name, typed = parse_setting(key, value)
+            setting, typed = sampling.read(key, value)
         except errors.UsageError as err:
             raise bad(f'"settings": {err.message}', err.hint) from None
-        if name == "max_tokens":
-            max_tokens = int(typed)
+        if setting.sampler:
+            settings[setting.field] = typed
         else:
-            settings[name] = typed
+            max_tokens = int(typed)  # /set's one setting that is not the sampler's
     return Transcript(system or None, turns, mode, budget, settings, max_tokens)
 
 
@@ -318,6 +255,24 @@ def _answer_turn(question: str, msg: dict[str, Any], content: str, where: str) -
     return Turn(question, content, thinking=thinking, mode=mode, cut=cut)
 
 
+def _cleaned(found: Transcript) -> Transcript:
+    """`found` with every text through `text.clean`, and how many code points it replaced."""
+    count = 0
+
+    def clean(value: str) -> str:
+        nonlocal count
+        cleaned, n = text.clean(value)
+        count += n
+        return cleaned
+
+    turns = [
+        replace(t, user=clean(t.user), answer=clean(t.answer), thinking=clean(t.thinking))
+        for t in found.turns
+    ]
+    system = clean(found.system) if found.system else found.system
+    return replace(found, system=system, turns=turns, replaced=count)
+
+
 def read_transcript(path: Path) -> Transcript:
     """A transcript file, checked whole; a one-line UsageError says what is wrong where."""
-    return _parse(_read_document(path), path)
+    return _cleaned(_parse(_read_document(path), path))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from qwenrun.engine.crash import CpuCheck
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +41,22 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels(tmp_path_factory: pytest.TempPathFactory) -> CpuCheck:
+    """The verdict qwenrun itself goes by on this machine for llama.cpp's extra CPU buffer
+    types (`engine.crash.cpu_check`: on a CPU with AMX, a K-quant model really decoded in a
+    child process), found once per session in a throwaway home.
+
+    A test that loads a K-quant (or Q8_0) model in the pytest process loads it with
+    `extra_bufts=cpu_kernels.extra_bufts`: where the AMX kernels die by SIGILL, a load with
+    them on would take the whole test run down at the first decode.
+    """
+    from qwenrun import hwprobe
+    from qwenrun.engine import crash
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWENRUN_HOME", str(tmp_path_factory.mktemp("cpu-check-home")))
+        hw = hwprobe.probe()
+        return crash.cpu_check(hw.cpu_model, hw.cpu_flags)

@@ -97,6 +97,24 @@ def test_probe_measure_remembers_the_bandwidth():
     assert again["cpu_bandwidth_gbs"] == first["cpu_bandwidth_gbs"]
 
 
+@pytest.mark.slow
+def test_probe_measure_shows_the_bandwidth_when_the_home_cannot_keep_it(tmp_path):
+    # QWENRUN_HOME is a regular file: nothing can be stored under it, the measurement is
+    # still shown, and one note says why it was not kept (issue 19).
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    proc = run_qwenrun("probe", "--measure", env={"QWENRUN_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    bandwidth = next(ln for ln in proc.stdout.splitlines() if "RAM bandwidth" in ln)
+    assert "(measured)" in bandwidth
+    # One note, in the table (wrapped to the pipe's 80 columns): why it was not kept.
+    shown = " ".join(proc.stdout.split())
+    assert shown.count("not kept") == 1
+    assert "measured RAM bandwidth not kept for later runs:" in shown
+    assert "cannot be written" in shown
+
+
 # --------------------------------------------------------------------------------------
 # plan, catalog models (offline estimates)
 

@@ -18,8 +18,12 @@ from qwenrun.hwprobe import GPUInfo, HardwareProfile
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_CMD = (
-    'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-    "llama-cpp-python==0.3.36"
+    'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on" pip install --force-reinstall --no-cache-dir '
+    "--no-binary llama-cpp-python llama-cpp-python==0.3.36"
+)
+CPU_CMD = (
+    'CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-cache-dir '
+    "--no-binary llama-cpp-python llama-cpp-python==0.3.36"
 )
 
 RTX_4090 = GPUInfo(
@@ -118,7 +122,7 @@ def test_missing_llama_cpp_python_is_an_error_with_the_right_install():
     assert "not installed" in _finding(with_gpu, "llama-cpp-python").text
 
     cpu_only = doctor.diagnose(machine(), None, None, pinned="0.3.36")
-    assert cpu_only.fix == "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36"
+    assert cpu_only.fix == CPU_CMD
 
 
 def test_a_version_other_than_the_pin_is_a_warning():
@@ -156,7 +160,7 @@ def test_cuda_warning_only_when_a_gpu_sits_unused():
     warning = doctor.cuda_warning(machine(RTX_4090), False)
     assert warning is not None
     assert "RTX 4090" in warning
-    assert 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in warning
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on" pip install' in warning
     assert "\n" not in warning
     assert doctor.cuda_warning(machine(RTX_4090), True) is None
     assert doctor.cuda_warning(machine(RTX_4090), None) is None
@@ -220,7 +224,7 @@ def test_doctor_command_reports_this_machine(this_machine):
     if not offload:
         assert "CPU-only build" in out
     if hw.gpus and not offload:
-        assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in out
+        assert "-DGGML_CUDA=on -DGGML_RPC=on" in out
     else:
         assert "To fix it" not in out
 
@@ -234,6 +238,34 @@ def test_doctor_json_on_this_machine(this_machine):
     assert [g["name"] for g in doc["gpus"]] == [g.name for g in hw.gpus]
     assert doc["llama_cpp_python"]["installed"] == doctor.installed_llama_version()
     assert doc["ok"] is True
+    assert doc["rpc"] is native_rpc()
+
+
+def native_rpc() -> bool:
+    from qwenrun.engine import native
+
+    return native.supports_rpc()
+
+
+def test_a_build_without_rpc_gets_the_rebuild_that_adds_it():
+    # No GPU: the CPU rebuild with RPC; nothing is wrong, so the level stays ok.
+    d = doctor.diagnose(machine(), "0.3.36", False, pinned="0.3.36", rpc=False)
+    rpc = _finding(d, "rpc")
+    assert "without the RPC backend" in rpc.text and "qwenrun worker" in rpc.text
+    assert d.level == "ok" and d.fix == rpc.fix == CPU_CMD
+    assert json.loads(json.dumps(d.as_dict()))["rpc"] is False
+    # A CUDA build without RPC: the rebuild keeps CUDA.
+    cuda = doctor.diagnose(machine(H100), "0.3.36", True, pinned="0.3.36", rpc=False)
+    assert cuda.fix == CUDA_CMD
+    # A CPU-only build under a GPU: one command fixes both.
+    both = doctor.diagnose(machine(RTX_4090), "0.3.36", False, pinned="0.3.36", rpc=False)
+    assert both.fix == CUDA_CMD and _finding(both, "rpc").fix == CUDA_CMD
+
+
+def test_a_build_with_rpc_says_so_and_needs_nothing():
+    d = doctor.diagnose(machine(), "0.3.36", False, pinned="0.3.36", rpc=True)
+    assert "has the RPC backend" in _finding(d, "rpc").text
+    assert d.fix is None
 
 
 def test_what_the_probe_could_not_tell_is_shown_but_not_judged():

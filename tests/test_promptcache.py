@@ -19,8 +19,8 @@ from qwenrun import chat, config, errors
 from qwenrun.engine import promptcache
 from qwenrun.engine.llama import Engine, GenStats, SamplingParams
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.testing.proc import error_line, run_qwenrun
 from qwenrun.synthetic.tiny_gguf import ARCHES, HYBRID_ARCHES
+from qwenrun.testing.proc import error_line, run_qwenrun
 
 # About 1,300 tokens in the tiny vocabulary (a byte or so per token): over MIN_TOKENS.
 _rng = random.Random(7)
@@ -349,6 +349,31 @@ def test_a_second_run_with_the_same_piped_document_evaluates_only_the_question(m
     assert second["reused_tokens"] + second["eval_prompt_tokens"] == second["prompt_tokens"]
     assert len(cache_files()) == 1
     assert list(promptcache.folder().glob("*.tmp")) == []
+
+
+@pytest.mark.slow
+def test_a_link_out_of_the_folder_or_a_fifo_is_passed_over_unopened(models, tmp_path):
+    model = models["qwen3moe"]
+    run_json(model, "What is it about?")
+    (entry,) = cache_files()
+    # The entry moved out of the folder, a link to it left in its place: not followed.
+    outside = tmp_path / "elsewhere.qwrc"
+    entry.rename(outside)
+    entry.symlink_to(outside)
+    linked = run_json(model, "Who wrote it?")
+    assert linked["reused_tokens"] == 0
+    assert outside.read_bytes()[:8] == promptcache.MAGIC  # left whole
+    # A FIFO under the first entry's very name, alone in the folder: its open would wait
+    # for a writer, forever.
+    for path in cache_files():
+        path.unlink()
+    os.mkfifo(entry)
+    proc = run_qwenrun(
+        "run", str(model), "What is it about?", "--json", "--no-think", "--max-tokens", "4",
+        "--seed", "1", "--ctx", "2048", stdin=f"{DOC}\n", timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["stats"]["reused_tokens"] == 0
 
 
 def test_run_with_the_cache_off_writes_nothing(models):

@@ -8,11 +8,13 @@ on a hypothetical machine.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -132,6 +134,43 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model, tmp_path):
     first, second = (m for m in doc["messages"] if m["role"] == "assistant")
     assert first.get("cut") is True and first["content"]
     assert "cut" not in second
+
+
+@pytest.mark.slow
+def test_ctrl_c_as_the_answer_starts_stops_it_on_a_terminal_that_ignores_cursor_queries(
+    model, tmp_path
+):
+    # No PROMPT_TOOLKIT_NO_CPR: a pty answers no cursor-position request, as many terminals
+    # do not. prompt_toolkit used to hold such a terminal raw for a second after Enter, so a
+    # Ctrl-C typed as the answer started was a key, not a signal: the answer ran on and the
+    # Ctrl-C surfaced at the next prompt as "Use /exit…".
+    seen = io.StringIO()
+    args = ["chat", str(model), "--seed", "1", "--max-tokens", "20000", "--ctx", "32768"]
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwenrun", *args],
+        env=child_env({"TERM": "xterm"}),
+        cwd=str(tmp_path),
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        dimensions=(40, 120),
+    )
+    child.logfile_read = seen
+    try:
+        child.expect_exact(PROMPT)
+        for question in ("tell me everything", "and everything else"):
+            child.sendline(question)
+            child.expect_exact("\x1b[?2004l")  # the line is sent: prompt_toolkit is done
+            time.sleep(0.3)  # well inside the second it used to keep the keyboard
+            child.sendintr()
+            child.expect_exact("[stopped]", timeout=20)
+            child.expect_exact(PROMPT)
+        child.sendeof()
+        assert finish(child) == 0
+    finally:
+        child.terminate(force=True)
+    assert "Use /exit" not in seen.getvalue()
+    assert "cursor position requests" not in seen.getvalue()  # prompt_toolkit's warning
 
 
 def test_multi_line_input_with_alt_enter_and_triple_quotes(model, tmp_path):

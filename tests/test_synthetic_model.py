@@ -3,7 +3,9 @@
 The plan (names, ggml shapes, types, bytes) is checked against catalog.md's numbers for
 Qwen3-30B-A3B and Qwen3.5-35B-A3B at Q4_K_M; the blocks against gguf's own dequantizers;
 a written file (one block with the full per-layer shapes) against GGUFReader, and then
-loaded and run by the real llama.cpp.
+loaded and run by the real llama.cpp. Those files are K-quants: every load here goes by
+qwenrun's own CPU kernel check (the `cpu_kernels` fixture), because on a CPU whose AMX
+kernels die by SIGILL a load with the extra buffer types on would end the whole test run.
 """
 
 from __future__ import annotations
@@ -247,32 +249,77 @@ def test_written_experts_dequantize_across_chunk_boundaries(one_layer_30b):
     assert 0.012 < float(w.std()) < 0.024
 
 
-def test_llama_cpp_runs_the_full_shape_layer_with_finite_logits(one_layer_30b):
-    from llama_cpp import Llama
+def _logits(path: Path, text: bytes, steps: int, *, extra_bufts: bool) -> tuple[np.ndarray, int]:
+    """llama.cpp's logits for every token of `text`, then for `steps` greedy tokens after it,
+    and the prompt's length. Through the C API because llama-cpp-python's `Llama` cannot turn
+    the extra CPU buffer types off."""
+    import llama_cpp as lc
 
-    path, _, _ = one_layer_30b
-    llm = Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    lc.llama_backend_init()
+    mparams = lc.llama_model_default_params()
+    mparams.use_extra_bufts = extra_bufts
+    model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+    assert model, "llama.cpp did not load the file"
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = 64
+    cparams.n_threads = cparams.n_threads_batch = 2
+    ctx = lc.llama_init_from_model(model, cparams)
     try:
-        tokens = llm.tokenize(b"<|im_start|>user\nhello there<|im_end|>", special=True)
-        llm.eval(tokens)
-        for _ in range(4):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        logits = np.asarray(llm.scores[: llm.n_tokens])
+        vocab = lc.llama_model_get_vocab(model)
+        n_vocab = lc.llama_vocab_n_tokens(vocab)
+        ids = (lc.llama_token * 64)()
+        n = lc.llama_tokenize(vocab, text, len(text), ids, 64, False, True)
+        assert 0 < n < 64
+        batch = lc.llama_batch_init(n, 0, 1)
+        try:
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = ids[i], i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, True
+            batch.n_tokens = n
+            assert lc.llama_decode(ctx, batch) == 0
+        finally:
+            lc.llama_batch_free(batch)
+
+        def row(i: int) -> np.ndarray:
+            return np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+
+        rows = [row(i) for i in range(n)]
+        one = (lc.llama_token * 1)()
+        for _ in range(steps):
+            one[0] = int(np.argmax(rows[-1]))
+            assert lc.llama_decode(ctx, lc.llama_batch_get_one(one, 1)) == 0
+            rows.append(row(-1))
     finally:
-        llm.close()
-    assert logits.shape == (len(tokens) + 4, 1024)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return np.stack(rows), n
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_full_shape_layer_with_finite_logits(one_layer_30b, cpu_kernels):
+    path, _, _ = one_layer_30b
+    text = b"<|im_start|>user\nhello there<|im_end|>"
+    logits, n = _logits(path, text, 4, extra_bufts=cpu_kernels.extra_bufts)
+    assert logits.shape == (n + 4, 1024)
     assert np.isfinite(logits).all()
     # Real, varied outputs: not all zero, not one constant row.
     assert float(logits.std(axis=1).min()) > 0.1
     assert float(np.abs(logits).max()) < 100
 
 
-def test_qwenrun_engine_places_the_real_expert_tensors_on_cpu(one_layer_30b):
+@pytest.mark.slow
+def test_qwenrun_engine_places_the_real_expert_tensors_on_cpu(one_layer_30b, cpu_kernels):
     from qwenrun.engine.llama import Engine, SamplingParams
     from qwenrun.engine.loadconfig import LoadConfig, Placement
 
     path, _, _ = one_layer_30b
-    config = LoadConfig(n_ctx=128, n_batch=64, n_threads=2, placement=Placement(cpu_moe_all=True))
+    config = LoadConfig(
+        n_ctx=128,
+        n_batch=64,
+        n_threads=2,
+        placement=Placement(cpu_moe_all=True),
+        extra_bufts=cpu_kernels.extra_bufts,
+    )
     with Engine.load(path, config) as engine:
         overridden = {name for name, _buft in engine.placement.overridden_tensors}
         gen = engine.generate(engine.tokenize("hello"), SamplingParams(seed=1), max_tokens=4)
@@ -283,20 +330,14 @@ def test_qwenrun_engine_places_the_real_expert_tensors_on_cpu(one_layer_30b):
     assert math.isfinite(gen.stats.decode_tok_s)
 
 
-def test_qwen35_hybrid_file_loads_and_runs(tmp_path):
+@pytest.mark.slow
+def test_qwen35_hybrid_file_loads_and_runs(tmp_path, cpu_kernels):
     # Four blocks (3 Gated DeltaNet + 1 attention) with the real per-layer shapes except
     # the expert count, which is cut to 8 to keep the file at ~150 MB.
     shape = sm.resolve_shape("qwen3.5-35b-a3b", layers=4, vocab_size=1024, experts=8)
     path = sm.write_model(tmp_path / "q35.gguf", shape, seed=2)
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-    try:
-        tokens = llm.tokenize(b"<|im_start|>user\nhi<|im_end|>", special=True)
-        llm.eval(tokens)
-        logits = np.asarray(llm.scores[: llm.n_tokens])
-    finally:
-        llm.close()
+    text = b"<|im_start|>user\nhi<|im_end|>"
+    logits, _ = _logits(path, text, 0, extra_bufts=cpu_kernels.extra_bufts)
     assert np.isfinite(logits).all()
     assert float(logits.std(axis=1).min()) > 0.1
 

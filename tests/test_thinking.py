@@ -208,6 +208,20 @@ def test_user_budget_below_the_cap_wins():
     assert budget.step(True, 10) == WRAP_UP
 
 
+def test_the_close_is_forced_early_enough_to_end_before_the_answers_quarter():
+    # A close of 4 tokens under a cap of 100: forced at 71, it ends at 75, where the answer's
+    # 25 tokens begin. `generated` counts the whole output (a model that wrote <think> first).
+    budget = ThinkingBudget(max_tokens=100)
+    assert budget.step(True, 60, generated=70, cost=lambda _text: 4) is None
+    assert budget.step(True, 61, generated=71, cost=lambda _text: 4) == BARE_CLOSE
+
+
+def test_a_wrap_up_that_would_not_end_before_the_answers_quarter_is_a_bare_close():
+    cost = {WRAP_UP: 50, BARE_CLOSE: 3}.__getitem__
+    assert ThinkingBudget(limit=10, max_tokens=100).step(True, 10, cost=cost) == WRAP_UP
+    assert ThinkingBudget(limit=30, max_tokens=100).step(True, 30, cost=cost) == BARE_CLOSE
+
+
 def test_negative_budget_is_refused():
     with pytest.raises(ValueError):
         ThinkingBudget(limit=-1)

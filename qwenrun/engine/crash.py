@@ -7,19 +7,25 @@ Contract, two parts:
   kernels). On some machines (seen: an Intel Xeon VM whose /proc/cpuinfo lists amx_tile) the
   AMX kernels die with SIGILL on the first prompt of any K-quant model, in a worker thread,
   without a word. So when the CPU reports AMX, the first load runs a probe in a child process
-  (`python -m qwenrun.engine.crash probe`): a tiny generated Q4_K model is loaded with the
-  extra buffer types on and decodes a few tokens. A clean exit means they work; death by a
-  signal means they do not, and qwenrun then loads with `use_extra_bufts = false` (plain
-  kernels: slower CPU matmuls, no repacked copies). The verdict is remembered in
-  `QWENRUN_HOME/cpu-check.json`, keyed by CPU model, its SIMD flags and the llama.cpp library
-  (path, size, mtime), so a rebuilt llama.cpp is checked again. `QWENRUN_EXTRA_BUFFERS=0`
-  (or `1`) overrides the check. A CPU without AMX is not probed: its verdict is "unchecked".
+  (`python -m qwenrun.engine.crash probe FOLDER`): a tiny generated Q4_K model, written into a
+  folder the parent makes in the system's temporary folder and removes afterwards whatever
+  became of the child, is loaded with the extra buffer types on and decodes a few tokens. A
+  clean exit means they work; death by a signal means they do not, and qwenrun then loads with
+  `use_extra_bufts = false` (plain kernels: slower CPU matmuls, no repacked copies). The
+  verdict is remembered in `QWENRUN_HOME/cpu-check.json`, keyed by CPU model, its SIMD flags
+  and the llama.cpp library (path, size, mtime), so a rebuilt llama.cpp is checked again. The
+  check needs no writable home: where the verdict cannot be kept, it still decides for this
+  process, says so (`CpuCheck.not_kept`), and runs again at the next start.
+  `QWENRUN_EXTRA_BUFFERS=0` (or `1`) overrides the check. A CPU without AMX is not probed
+  (verdict "no-amx"); a probe that cannot tell (a timeout, a broken install) gives
+  "unchecked", with the reason, and is not remembered.
 - `supervise(main)`: on Linux, the command runs in a forked child while the parent waits.
   When the child dies by a signal (SIGILL, SIGSEGV, SIGBUS, SIGABRT, a SIGKILL from the OOM
   killer), the parent prints one line saying what happened and what to try, and exits
   128 + the signal's number as a shell would. Signals sent to the parent by another process
   are forwarded to the child; those the terminal sends (Ctrl-C) reach the child directly, so
-  the parent ignores them (it tells the two apart by `si_code`).
+  the parent ignores them (it tells the two apart by `si_code`). An abort while the child used
+  RPC workers is said as a lost worker (`engine/rpcrecord.py`: `death_line`).
 
 Nothing here plans or prints besides that one line.
 """
@@ -36,27 +42,43 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NoReturn
 
 from qwenrun import config
+from qwenrun.atomic import write_atomic
 
 AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"})
 # The flags that decide which kernels llama.cpp's native build compiles for this CPU.
 KERNEL_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"})
 PROBE_TIMEOUT_S = 180.0
 ENV_OVERRIDE = "QWENRUN_EXTRA_BUFFERS"
+# What the probe's temporary folder is called (in the system's temporary folder).
+PROBE_PREFIX = "qwenrun-cpu-check-"
 
-Status = Literal["ok", "crashed", "unchecked", "forced-on", "forced-off"]
+Status = Literal["ok", "crashed", "unchecked", "no-amx", "forced-on", "forced-off"]
+
+# What `checking` is told while the probe runs (the start-up shows it on a terminal); the
+# second where the home cannot keep the verdict, so that every start checks again.
+CHECKING = "Checking llama.cpp's CPU kernels on this machine (once, a few seconds)…"
+CHECKING_AGAIN = (
+    "Checking llama.cpp's CPU kernels on this machine (a few seconds, at every start while {why})…"
+)
 
 
 @dataclass(frozen=True)
 class CpuCheck:
-    """Whether llama.cpp's extra CPU buffer types may be used on this machine, and why."""
+    """Whether llama.cpp's extra CPU buffer types may be used on this machine, and why.
+
+    `not_kept` says why a verdict just found could not be remembered (an unwritable home):
+    it holds for this process, and the next start checks again.
+    """
 
     status: Status
     detail: str = ""
+    not_kept: str = ""
 
     @property
     def extra_bufts(self) -> bool:
@@ -64,6 +86,13 @@ class CpuCheck:
 
     def describe(self) -> str:
         """One line for the plan's reasons and `qwenrun doctor`."""
+        return self._verdict() + (
+            f" (not remembered: {self.not_kept}, so it is checked again next time)"
+            if self.not_kept
+            else ""
+        )
+
+    def _verdict(self) -> str:
         if self.status == "crashed":
             return (
                 "llama.cpp's extra CPU buffer types are off: their AMX kernels crash on this "
@@ -79,6 +108,11 @@ class CpuCheck:
             return f"llama.cpp's extra CPU buffer types are on ({ENV_OVERRIDE}=1), unchecked"
         if self.status == "ok":
             return f"llama.cpp's AMX kernels checked on this CPU: they work ({self.detail})"
+        if self.status == "unchecked":
+            return (
+                f"llama.cpp's AMX kernels could not be checked ({self.detail}), so they stay "
+                f"on; if qwenrun crashes on an illegal instruction, set {ENV_OVERRIDE}=0"
+            )
         return "llama.cpp's CPU kernels: no AMX on this CPU, nothing to check"
 
 
@@ -116,21 +150,43 @@ def _read_store() -> dict[str, dict[str, str]]:
     try:
         data = json.loads(_store().read_text("utf-8"))
     except (OSError, ValueError):
-        return {}  # missing, unreadable or half-written: check again
+        return {}  # missing, unreadable, half-written, or the home is no folder: check again
     return data if isinstance(data, dict) else {}
 
 
-def remember(key: str, check: CpuCheck) -> None:
-    """Keep a verdict for this machine and build (best effort: a read-only home only means
-    checking again next time)."""
+def _unwritable(folder: Path, exc: OSError) -> str:
+    """Why `folder` cannot take a file, naming a file that stands where a folder should be."""
+    for above in (folder, *folder.parents):
+        if above.exists():
+            if not above.is_dir():
+                return f"{above} is a file, not a folder"
+            break
+    return f"{folder} cannot be written ({(exc.strerror or type(exc).__name__).lower()})"
+
+
+def _store_problem() -> str | None:
+    """Why a verdict could not be kept in the home, found before the probe runs (None: it
+    can). Creating a file is the only test that holds for root and read-only mounts alike."""
+    folder = _store().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return _unwritable(folder, exc)
+    return None
+
+
+def remember(key: str, check: CpuCheck) -> str | None:
+    """Keep a verdict for this machine and build; returns why it could not be kept (an
+    unwritable home only means checking again next time), or None."""
     data = _read_store()
     data[key] = {"status": check.status, "detail": check.detail}
-    path = _store()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), "utf-8")
-        os.replace(tmp, path)
+    try:
+        write_atomic(_store(), json.dumps(data, indent=1))
+    except OSError as exc:
+        return _unwritable(_store().parent, exc)
+    return None
 
 
 def recalled(key: str) -> CpuCheck | None:
@@ -145,11 +201,15 @@ def cpu_check(
     cpu_flags: frozenset[str],
     *,
     probe: Callable[[], CpuCheck | None] | None = None,
+    checking: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> CpuCheck:
     """The verdict for this CPU and llama.cpp build: remembered, or probed once (AMX only).
 
-    `probe` runs the check (default: the child process); it returns None when it could not
-    tell (a timeout, a probe that could not start), and then nothing is remembered.
+    `probe` runs the check (default: `run_probe`, a child process); a result of None or
+    "unchecked" (a timeout, a probe that could not start) is not remembered. `checking(text)`
+    is entered while the probe runs, so a start-up can say why it waits. The check needs no
+    writable home: when the verdict cannot be kept there, it still decides for this process
+    and says so in `not_kept`.
     """
     forced = os.environ.get(ENV_OVERRIDE, "").strip().lower()
     if forced in ("0", "off", "no", "false"):
@@ -161,54 +221,73 @@ def cpu_check(
     if known is not None:
         return known
     if not cpu_flags & AMX_FLAGS:
-        return CpuCheck("unchecked")
-    found = (probe or run_probe)()
+        return CpuCheck("no-amx")
+    problem = _store_problem()
+    text = CHECKING_AGAIN.format(why=problem) if problem else CHECKING
+    with checking(text) if checking is not None else contextlib.nullcontext():
+        found = (probe or run_probe)()
     if found is None:
         return CpuCheck("unchecked", "the check could not finish")
-    remember(key, found)
-    return found
+    if found.status == "unchecked":
+        return found
+    problem = problem or remember(key, found)
+    return replace(found, not_kept=problem) if problem else found
 
 
-def run_probe(
-    command: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S
-) -> CpuCheck | None:
-    """Run the probe child (or `command`); ok on a clean exit, crashed on death by a signal."""
+def run_probe(command: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> CpuCheck:
+    """Run the probe child (or `command`) and judge how it ended: "ok" on a clean exit,
+    "crashed" on death by a signal, "unchecked" (with the reason) otherwise.
+
+    The child gets, as its last argument, a new folder in the system's temporary folder for
+    its test model; this parent removes that folder whatever happened to the child (a child
+    killed by a signal cleans up nothing itself).
+    """
     argv = command or [sys.executable, "-m", "qwenrun.engine.crash", "probe"]
     try:
+        folder = tempfile.mkdtemp(prefix=PROBE_PREFIX)
+    except OSError as exc:
+        return CpuCheck("unchecked", f"no temporary folder for its test model: {exc}")
+    try:
         done = subprocess.run(
-            argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+            [*argv, folder],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    except subprocess.TimeoutExpired:
+        return CpuCheck("unchecked", f"the check did not finish in {timeout:.0f} s")
+    except OSError as exc:
+        return CpuCheck("unchecked", f"the check could not start: {exc}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if done.returncode < 0:
         return CpuCheck("crashed", f"the check died with {_signal_name(-done.returncode)}")
     if done.returncode == 0:
         return CpuCheck("ok", "a K-quant model decoded with them")
-    return None  # it failed for another reason (a broken install): `doctor` says more
+    # Another failure (a broken install): its last words say more.
+    said = [ln for ln in done.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    why = f": {said[-1].strip()[:200]}" if said else ""
+    return CpuCheck("unchecked", f"the check exited with status {done.returncode}{why}")
 
 
-def _probe_main() -> int:
-    """The child: a tiny Q4_K model, loaded with the extra buffer types, decodes 4 tokens."""
+def _probe_main(folder: Path) -> int:
+    """The child: a tiny Q4_K model, written into `folder` (the parent's, which the parent
+    removes), loaded with the extra buffer types, decodes 4 tokens."""
     from qwenrun.engine.llama import Engine, SamplingParams
     from qwenrun.engine.loadconfig import LoadConfig
     from qwenrun.synthetic.tiny_gguf import Dims, write_model
 
-    # The model goes into qwenrun's own folder (nothing is written elsewhere), then away.
-    root = config.qwenrun_home()
-    root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="cpu-check-", dir=root))
-    try:
-        dims = Dims(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
-        path = write_model(folder, "qwen3", n_layer=2, dtype="q4_k", steer=0, dims=dims)
-        with Engine.load(path, LoadConfig(n_ctx=256, extra_bufts=True)) as engine:
-            gen = engine.generate(
-                engine.tokenize("The check of the CPU kernels"),
-                SamplingParams(temperature=0.0),
-                max_tokens=4,
-            )
-            gen.text()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    dims = Dims(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
+    path = write_model(folder, "qwen3", n_layer=2, dtype="q4_k", steer=0, dims=dims)
+    # The prompt cache would write into the home: this load has nothing to keep.
+    with Engine.load(path, LoadConfig(n_ctx=256, extra_bufts=True, prompt_cache=0)) as engine:
+        gen = engine.generate(
+            engine.tokenize("The check of the CPU kernels"),
+            SamplingParams(temperature=0.0),
+            max_tokens=4,
+        )
+        gen.text()
     return 0
 
 
@@ -269,6 +348,14 @@ def describe_death(signum: int) -> str:
     return f"error: {what} (hint: {hint})"
 
 
+def _death_line(pid: int, signum: int) -> str:
+    """`describe_death`, or, when the child was using RPC workers and aborted, a line that
+    says which worker no longer answers (engine/rpcrecord.py keeps the child's record of them)."""
+    from qwenrun.engine import rpcrecord
+
+    return rpcrecord.death_line(pid, signum) or describe_death(signum)
+
+
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM if the supervising parent is killed (never orphaned)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -316,14 +403,17 @@ def _wait(pid: int, watched: set[int]) -> NoReturn:
             continue  # stopped or continued (Ctrl-Z, fg): the child is still there
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
+            line = _death_line(pid, signum)
             if signum not in _QUIET:
-                sys.stderr.write(describe_death(signum) + "\n")
+                sys.stderr.write(line + "\n")
                 sys.stderr.flush()
             os._exit(128 + signum)
         os._exit(os.waitstatus_to_exitcode(status))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["probe"]:
-        sys.exit(_probe_main())
-    sys.exit(f"usage: python -m {__spec__.name if __spec__ else 'qwenrun.engine.crash'} probe")
+    if len(sys.argv) == 3 and sys.argv[1] == "probe":
+        sys.exit(_probe_main(Path(sys.argv[2])))
+    sys.exit(
+        f"usage: python -m {__spec__.name if __spec__ else 'qwenrun.engine.crash'} probe FOLDER"
+    )

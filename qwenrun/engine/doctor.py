@@ -1,13 +1,17 @@
-"""`qwenrun doctor`: can this machine's llama.cpp use its GPU, and if not, how to fix that.
+"""`qwenrun doctor`: can this machine's llama.cpp use its GPU (and workers), and how to fix that.
 
-Contract: `diagnose(hw, llama_version, gpu_offload)` is pure. From a `HardwareProfile` value,
-the installed llama-cpp-python version and whether its llama.cpp can offload to a GPU, it
-builds a `Diagnosis`: findings at levels ok / warn / error, in words, and the one shell
-command that fixes the worst of them. `cuda_warning(hw, gpu_offload)` is the line `run` and
-`chat` print (once) when an NVIDIA GPU sits unused under a CPU-only build. `collect()` is the
-only function here that reads the machine, through `hwprobe.probe()`, the installed
-distributions' metadata and `engine.native.supports_gpu_offload()` (the one call that loads
-llama.cpp). Nothing here prints.
+Contract: `diagnose(hw, llama_version, gpu_offload, rpc=...)` is pure. From a
+`HardwareProfile` value, the installed llama-cpp-python version, whether its llama.cpp can
+offload to a GPU and whether it has the RPC backend (workers), it builds a `Diagnosis`:
+findings at levels ok / warn / error, in words, and the one shell command that fixes the worst
+of them. Every rebuild command asks for RPC too, and for CUDA where an NVIDIA GPU is present,
+and defeats pip's wheel cache (which would hand back the old build of the same version).
+`cuda_warning(hw, gpu_offload)` is the line `run` and `chat` print (once) when an NVIDIA GPU
+sits unused under a CPU-only build. `collect()` is the only function here that reads the
+machine, through `hwprobe.probe()`, the installed distributions' metadata and
+`engine.native` (`supports_gpu_offload()`, `supports_rpc()`: the calls that load llama.cpp)
+and `engine.crash.cpu_check` (the check of llama.cpp's CPU kernels, whose verdict `diagnose`
+takes as `kernels=`). Nothing here prints.
 
 The llama-cpp-python version in the fix commands is the one qwenrun's own metadata pins
 (pyproject.toml is the single source of truth; the engine's ctypes layouts are those of that
@@ -16,12 +20,21 @@ release). In a source checkout without metadata it falls back to the installed v
 
 from __future__ import annotations
 
-import functools
-import re
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
+from qwenrun.engine import crash
+from qwenrun.engine.crash import AMX_FLAGS, CpuCheck
+
+# The install commands live apart (the RPC client needs them too); doctor's names stay.
+from qwenrun.engine.rebuild import (
+    LLAMA_DIST,
+    cpu_install_command,
+    cuda_install_command,
+    installed_llama_version,
+    pinned_llama_version,
+    rpc_install_command,
+)
 from qwenrun.units import GIB
 
 if TYPE_CHECKING:
@@ -29,48 +42,6 @@ if TYPE_CHECKING:
 
 Level = Literal["ok", "warn", "error"]
 _SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "error": 2}
-
-LLAMA_DIST = "llama-cpp-python"
-# "llama-cpp-python==0.3.36" (PEP 503 spellings of the name included; markers ignored).
-_PIN_RE = re.compile(r"^\s*llama[-_.]cpp[-_.]python\s*==\s*([^\s;,]+)", re.IGNORECASE)
-
-
-@functools.cache
-def pinned_llama_version() -> str | None:
-    """The llama-cpp-python version qwenrun's installed metadata pins, if it can be read."""
-    try:
-        requirements = metadata.requires("qwenrun") or []
-    except metadata.PackageNotFoundError:
-        return None  # running from a source tree that was never installed
-    for req in requirements:
-        match = _PIN_RE.match(req)
-        if match:
-            return match.group(1)
-    return None
-
-
-def installed_llama_version() -> str | None:
-    """The installed llama-cpp-python's version, read without importing it."""
-    try:
-        return metadata.version(LLAMA_DIST)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _spec(version: str | None) -> str:
-    return f"{LLAMA_DIST}=={version}" if version else LLAMA_DIST
-
-
-def cuda_install_command(version: str | None) -> str:
-    """The command that rebuilds llama-cpp-python with llama.cpp's CUDA backend."""
-    return 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir ' + _spec(
-        version
-    )
-
-
-def cpu_install_command(version: str | None) -> str:
-    return "pip install --force-reinstall --no-cache-dir " + _spec(version)
-
 
 # --------------------------------------------------------------------------------------
 # Values
@@ -91,6 +62,7 @@ class Diagnosis:
     gpu_offload: bool | None
     gpus: tuple[GPUInfo, ...]
     findings: tuple[Finding, ...]
+    rpc: bool | None = None  # built with llama.cpp's RPC backend; None = not asked
 
     @property
     def level(self) -> Level:
@@ -115,6 +87,7 @@ class Diagnosis:
             "level": self.level,
             "llama_cpp_python": {"installed": self.llama_version, "pinned": self.pinned_version},
             "gpu_offload": self.gpu_offload,
+            "rpc": self.rpc,
             "gpus": [asdict(g) for g in self.gpus],
             "findings": [asdict(f) for f in self.findings],
             "fix": self.fix,
@@ -132,23 +105,29 @@ def diagnose(
     *,
     pinned: str | None = None,
     offload_error: str | None = None,
+    rpc: bool | None = None,
+    kernels: CpuCheck | None = None,
 ) -> Diagnosis:
     """What is right and wrong with this machine's setup for qwenrun.
 
     `pinned` defaults to the version qwenrun's metadata pins. `offload_error` says why
     `gpu_offload` could not be checked (llama.cpp's library did not load), when it is None.
+    `rpc`: whether the build has llama.cpp's RPC backend (None: not asked, not reported).
+    `kernels`: the verdict of the check of llama.cpp's CPU kernels (`engine.crash`), None when
+    it was not made.
     """
     pin = pinned or pinned_llama_version()
     findings = [
         _llama_finding(hw, llama_version, pin),
         *_offload_findings(hw, llama_version, gpu_offload, pin, offload_error),
+        *_rpc_findings(hw, llama_version, gpu_offload, pin, rpc),
         *_gpu_findings(hw),
         _host_finding(hw),
-        *_kernel_findings(hw),
+        _kernel_finding(hw, kernels, llama_version),
         # What the probe could not tell (e.g. an unmeasured RAM bandwidth): said, not judged.
         *(Finding("ok", "probe", f"note: {note}") for note in hw.notes),
     ]
-    return Diagnosis(llama_version, pin, gpu_offload, tuple(hw.gpus), tuple(findings))
+    return Diagnosis(llama_version, pin, gpu_offload, tuple(hw.gpus), tuple(findings), rpc)
 
 
 def cuda_warning(hw: HardwareProfile, gpu_offload: bool | None) -> str | None:
@@ -226,6 +205,38 @@ def _offload_findings(
     return [Finding("ok", topic, "llama.cpp is a CPU-only build, and there is no GPU to use")]
 
 
+def _rpc_findings(
+    hw: HardwareProfile,
+    version: str | None,
+    gpu_offload: bool | None,
+    pin: str | None,
+    rpc: bool | None,
+) -> list[Finding]:
+    if version is None or rpc is None:
+        return []
+    if rpc:
+        return [
+            Finding(
+                "ok",
+                "rpc",
+                "llama.cpp has the RPC backend: `qwenrun worker` and --rpc can use other "
+                "machines' GPUs and RAM",
+            )
+        ]
+    # Not an error: one machine needs no RPC. The rebuild keeps a GPU build a GPU build (and
+    # makes a CPU-only build with a GPU present a CUDA one, as the offload finding asks).
+    cuda = bool(gpu_offload) or bool(hw.gpus)
+    return [
+        Finding(
+            "ok",
+            "rpc",
+            "llama.cpp is built without the RPC backend, which `qwenrun worker` and --rpc "
+            "(other machines' GPUs and RAM) need",
+            rpc_install_command(pin or version, cuda=cuda),
+        )
+    ]
+
+
 def _gpu_findings(hw: HardwareProfile) -> list[Finding]:
     if not hw.gpus:
         return [Finding("ok", "gpu", "no NVIDIA GPU found (NVML): models run on the CPU")]
@@ -253,12 +264,30 @@ def _host_finding(hw: HardwareProfile) -> Finding:
     )
 
 
-def _kernel_findings(hw: HardwareProfile) -> list[Finding]:
-    """The once-per-machine check of llama.cpp's CPU kernels (engine/crash.py), when made."""
-    if hw.cpu_kernels is None:
-        return []
-    # Off is not an error: qwenrun runs, with the plain (slower) kernels. It is worth a look.
-    return [Finding("ok" if hw.extra_bufts else "warn", "cpu-kernels", hw.cpu_kernels)]
+# How much each verdict of the CPU kernel check is worth a look. Off is not an error: qwenrun
+# runs, with the plain (slower) kernels; AMX kernels nobody could check may still crash.
+_KERNEL_LEVEL: dict[str, Level] = {
+    "ok": "ok",
+    "no-amx": "ok",
+    "forced-on": "ok",
+    "crashed": "warn",
+    "forced-off": "warn",
+    "unchecked": "warn",
+}
+
+
+def _kernel_finding(
+    hw: HardwareProfile, kernels: CpuCheck | None, llama_version: str | None
+) -> Finding:
+    """The check of llama.cpp's CPU kernels (engine/crash.py) in words that are true for this
+    CPU: a CPU that lists AMX is never said to have none."""
+    topic = "cpu-kernels"
+    if kernels is not None:
+        return Finding(_KERNEL_LEVEL[kernels.status], topic, kernels.describe())
+    if not hw.cpu_flags & AMX_FLAGS:
+        return Finding("ok", topic, "llama.cpp's CPU kernels: no AMX on this CPU, nothing to check")
+    why = "llama-cpp-python is not installed" if llama_version is None else "not asked"
+    return Finding("ok", topic, f"llama.cpp's AMX kernels: not checked ({why})")
 
 
 # --------------------------------------------------------------------------------------
@@ -278,10 +307,13 @@ def collect() -> Diagnosis:
     from qwenrun import hwprobe
 
     version = installed_llama_version()
-    # With llama.cpp installed, also check its CPU kernels (on AMX CPUs: once, in a child).
     hw = hwprobe.probe(check_backend=version is not None)
+    # With llama.cpp installed, also check its CPU kernels (on AMX CPUs: once, in a child;
+    # again on each call where the home cannot keep the verdict).
+    kernels = crash.cpu_check(hw.cpu_model, hw.cpu_flags) if version else None
     offload, error = _check_offload() if version else (None, None)
-    return diagnose(hw, version, offload, offload_error=error)
+    rpc = _check_rpc() if version and error is None else None
+    return diagnose(hw, version, offload, offload_error=error, rpc=rpc, kernels=kernels)
 
 
 def _check_offload() -> tuple[bool | None, str | None]:
@@ -293,3 +325,12 @@ def _check_offload() -> tuple[bool | None, str | None]:
         # A broken install (a missing or mismatched libllama) is exactly what doctor is
         # for: report it as a finding instead of failing.
         return None, f"{type(err).__name__}: {err}"
+
+
+def _check_rpc() -> bool | None:
+    from qwenrun.engine import native
+
+    try:
+        return native.supports_rpc()
+    except (ImportError, OSError, RuntimeError):
+        return None  # the offload check already reports a library that does not load

@@ -16,7 +16,9 @@ llama.cpp build (llama-cpp-python's version, the library's size and mtime, the C
 it runs with), and the context settings that change the state's layout or numbers (KV type,
 flash attention as requested, GPU or CPU). llama.cpp itself accepts a state of other weights
 with the same shapes, or with a flipped byte, silently; so a file whose key, lengths or
-checksums do not match is treated as foreign or damaged: ignored, and removed.
+checksums do not match is treated as foreign or damaged: ignored, and removed. Only regular
+files of the folder itself are entries: a FIFO (whose open would wait forever), a device or a
+symbolic link (which may point out of the folder) is passed over unopened and left alone.
 
 File names are `<key hash>-<hash of the first BUCKET_TOKENS tokens>-<hash of all tokens>.qwrc`,
 so a lookup reads only the headers of entries of this model and settings that begin like the
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
-import re
+import stat
 import struct
 import sys
 import threading
@@ -45,6 +48,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from qwenrun import config, errors, units
+from qwenrun.atomic import write_atomic
+from qwenrun.hub import names
 
 MAGIC = b"QWRNPC01"
 FORMAT = 1
@@ -64,7 +69,6 @@ BUCKET_TOKENS = 256
 _HEADER_MAX = 1 << 20
 _TOKENS_MAX = 1 << 24
 _STALE_TMP_S = 3600.0
-_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 _MIB = 1 << 20
 
 
@@ -108,7 +112,7 @@ def model_identity(path: Path) -> str:
     shard (the header and metadata; tensor data that differs with the weights). Cheap, and
     independent of the path, so a copied or re-linked file still matches."""
     h = hashlib.sha256()
-    for shard in _shards(path):
+    for shard in names.local_shards(path):
         size = shard.stat().st_size
         h.update(f"{size};".encode())
         with shard.open("rb") as f:
@@ -118,13 +122,6 @@ def model_identity(path: Path) -> str:
                 h.update(f.read(_MIB))
     return h.hexdigest()
 
-
-def _shards(path: Path) -> list[Path]:
-    m = _SHARD_RE.match(path.name)
-    if not m:
-        return [path]
-    n = int(m.group("n"))
-    return [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
 
 def build_identity(lc: Any) -> str:
@@ -233,6 +230,26 @@ class _Bad(Exception):
     """An entry file that is not what its header says: foreign, truncated or damaged."""
 
 
+def _open_regular(path: Path) -> io.BufferedReader | None:
+    """`path` opened for reading when it is a regular file of the folder itself; None for
+    anything else, unopened: a FIFO would block the open until a writer came (forever), a
+    device or socket is no entry, and a symbolic link may point out of the folder. Asked of
+    the name first (lstat), then of what was opened (no links followed, no waiting, fstat),
+    so a file swapped in between does not slip through."""
+    if not stat.S_ISREG(path.lstat().st_mode):
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _check(ok: bool) -> None:
     if not ok:
         raise _Bad
@@ -297,9 +314,13 @@ class PromptCache:
         return out
 
     def _read_entry(self, path: Path) -> Entry | None:
-        """The header and tokens of an entry; a file that fails any check is removed."""
+        """The header and tokens of an entry; a file that fails any check is removed; what is
+        no regular file of this folder (a FIFO, a link) is passed over and left alone."""
         try:
-            with path.open("rb") as f:
+            f = _open_regular(path)
+            if f is None:
+                return None
+            with f:
                 return _parse_entry(path, f, os.fstat(f.fileno()).st_size, self.key)
         except FileNotFoundError:
             return None  # evicted by another process meanwhile
@@ -310,7 +331,10 @@ class PromptCache:
     def read(self, entry: Entry, section: Section) -> bytearray | None:
         """A section's bytes, checked against its sha256 (a damaged entry is removed)."""
         try:
-            with entry.path.open("rb") as f:
+            f = _open_regular(entry.path)
+            if f is None:
+                return None  # replaced by something else since it was read: not ours
+            with f:
                 f.seek(section.offset)
                 data = bytearray(section.length)
                 got = f.readinto(data)
@@ -385,21 +409,12 @@ class PromptCache:
         head = json.dumps(header, sort_keys=True).encode()
         bucket = _digest(_token_bytes(snap.tokens[:BUCKET_TOKENS]))[:16]
         name = f"{self.key_hash}-{bucket}-{_digest(tokens)[:16]}{SUFFIX}"
-        tmp = self.root / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        first = MAGIC + struct.pack("<I", len(head)) + head + tokens
+        chunks: list[bytes | bytearray] = [first, *(b for _, _, b in blobs)]
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(head)) + head + tokens)
-                for _, _, blob in blobs:
-                    f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / name)
+            write_atomic(self.root / name, chunks, durable=True)
         except OSError:
-            # A full disk or a read-only home: no entry, and the answer goes on.
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return
+            return  # a full disk or a read-only home: no entry, and the answer goes on
         with self._lock:
             self.saved += 1
         self.evict()
@@ -415,9 +430,11 @@ class PromptCache:
             return
         for path in listing:
             try:
-                st = path.stat()
+                st = path.lstat()
             except OSError:
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # a link, a FIFO, a folder: not an entry, and not ours to remove
             if path.name.endswith(".tmp"):
                 if now - st.st_mtime > _STALE_TMP_S:
                     with contextlib.suppress(OSError):
@@ -441,8 +458,10 @@ class PromptCache:
         with contextlib.suppress(OSError):
             for path in self.root.glob(f"*{SUFFIX}"):
                 with contextlib.suppress(OSError):
-                    used += path.stat().st_size
-                    entries += 1
+                    st = path.lstat()
+                    if stat.S_ISREG(st.st_mode):
+                        used += st.st_size
+                        entries += 1
         return DiskReport(
             self.root, self.cap, entries, used, self.loaded_tokens, self.saved, self.removed_bad
         )

@@ -39,8 +39,20 @@ def _truthy(value: str | None) -> bool:
 
 
 def hub_endpoint() -> str:
-    """`HF_ENDPOINT`, read now (huggingface_hub itself reads it once, at import)."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    """`HF_ENDPOINT`, read now (huggingface_hub itself reads it once, at import); one that is
+    not an http(s) URL is a UsageError that says so (not a failed connection to retry)."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    parts = urlsplit(endpoint)
+    try:
+        parts.port  # noqa: B018  # raises on a port out of range
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.UsageError(
+            f"HF_ENDPOINT={endpoint!r} is not a URL",
+            hint=f"set it to the hub's address, such as {DEFAULT_ENDPOINT}, or unset it",
+        )
+    return endpoint
 
 
 def offline() -> bool:

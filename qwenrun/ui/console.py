@@ -57,10 +57,15 @@ def info(text: str, *, style: str = "dim") -> None:
     console().print(Text(text, style=style))
 
 
-def show_startup(model: str, lines: Iterable[str]) -> None:
-    """What was chosen and why: the model, then one dim line per reason."""
+def show_startup(model: str, lines: Iterable[str] = (), *, facts: Iterable[str] = ()) -> None:
+    """The start of chat and serve (and of a verbose run): `qwenrun · MODEL · fact · …` on one
+    line (quant, where the experts are, speed, context), then one dim line each of `lines`
+    (the plan's reasons, which callers give only with --verbose; serve's ready line)."""
     con = console()
-    con.print(Text.assemble(("qwenrun", "bold cyan"), " · ", (model, "bold")))
+    head = Text.assemble(("qwenrun", "bold cyan"), " · ", (model, "bold"))
+    for fact in facts:
+        head.append(f" · {fact}")
+    con.print(head)
     for line in lines:
         con.print(Text(f"  {line}", style="dim"))
 

@@ -6,20 +6,27 @@ file elsewhere); `pull_progress` draws nothing until the downloader reports work
 downloader reports only real work (bytes moving, or a cached file hashed for the first
 time: "verifying"), so a model already there and verified shows no bar. `confirm_pull` says
 on stderr what will be fetched and its size, before the first byte, and, when asked to,
-asks. `StartupHooks` bundles them for `launch.start`, which prints nothing itself. Whether a
-model is already downloaded is decided by the downloader (`PullTarget.cached`), not here.
+asks. `check_status` is a spinner on a terminal while the once-per-machine CPU kernel check
+runs (seconds of silence otherwise). `StartupHooks` bundles them for `launch.start`, which
+prints nothing itself. Whether a model is already downloaded is decided by the downloader
+(`PullTarget.cached`), not here. `bench_progress` shows each bench run's speeds as it
+finishes and an estimate of the time left.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
+
+from rich.text import Text
 
 from qwenrun import units
 from qwenrun.ui.console import console, info
 
 if TYPE_CHECKING:
+    from qwenrun.bench.runner import Run
     from qwenrun.hub.listing import PullTarget
     from qwenrun.hub.transfer import PullProgress
 
@@ -135,14 +142,52 @@ class StartupHooks:
     def loading(self) -> AbstractContextManager[Callable[[float], None]]:
         return load_progress()
 
+    def checking(self, text: str) -> AbstractContextManager[object]:
+        return check_status(text)
+
 
 @contextmanager
-def bench_progress() -> Iterator[Callable[[int, int, str], None]]:
-    """`qwenrun bench`: a bar over every run on a terminal; a line per run elsewhere."""
+def check_status(text: str) -> Iterator[None]:
+    """A spinner with `text` on a terminal stderr while the CPU kernel check runs (gone once
+    it is done); nothing elsewhere: a script's stderr gets no progress chatter."""
     con = console()
     if not con.is_terminal:
+        yield
+        return
+    with con.status(text, spinner="dots"):
+        yield
 
-        def line(done: int, total: int, what: str) -> None:
+
+def _time_left(elapsed: float, done: int, total: int) -> str:
+    """`about 3 min left`: the runs so far took about as long as the ones to come will."""
+    seconds = elapsed / done * (total - done)
+    if seconds < 90:
+        return f"about {max(seconds, 1):.0f} s left"
+    return f"about {seconds / 60:.0f} min left"
+
+
+def _bench_result(last: Run) -> str:
+    if not last.ok:
+        return f"failed: {last.error}"
+    return f"decode {last.decode_tok_s:.1f} tok/s, prefill {last.prefill_tok_s:,.0f} tok/s"
+
+
+@contextmanager
+def bench_progress() -> Iterator[Callable[[int, int, str, Run | None], None]]:
+    """`qwenrun bench`: each run's speeds as it finishes, and an estimate of the time left
+    (from the runs so far); a bar over every run on a terminal, plain lines elsewhere."""
+    con = console()
+    started = time.monotonic()
+    running = [""]  # what the run in progress measures
+
+    def left(done: int, total: int) -> str:
+        return _time_left(time.monotonic() - started, done, total) if done < total else ""
+
+    if not con.is_terminal:
+
+        def line(done: int, total: int, what: str, last: Run | None) -> None:
+            if last is not None:  # under its "run N/M: …" line
+                info("  " + " · ".join(filter(None, (_bench_result(last), left(done, total)))))
             if done < total:
                 info(f"run {done + 1}/{total}: {what}")
 
@@ -154,13 +199,19 @@ def bench_progress() -> Iterator[Callable[[int, int, str], None]]:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[left]}"),
         console=con,
         transient=True,
     )
-    task = progress.add_task("bench", total=None)
+    task = progress.add_task("bench", total=None, left="")
     with progress:
 
-        def update(done: int, total: int, what: str) -> None:
-            progress.update(task, total=total, completed=done, description=what)
+        def update(done: int, total: int, what: str, last: Run | None) -> None:
+            if last is not None:  # kept above the bar
+                result = f"run {done}/{total} · {running[0]} · {_bench_result(last)}"
+                progress.console.print(Text(result, style="dim"))
+            running[0] = what
+            eta = left(done, total) if last is not None else ""
+            progress.update(task, total=total, completed=done, description=what, left=eta)
 
         yield update

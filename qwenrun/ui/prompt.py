@@ -6,7 +6,9 @@ Alt+Enter for a new line and Ollama's triple-quote blocks; from a pipe each line
 and triple-quote blocks still work. Ctrl-C raises `KeyboardInterrupt`, Ctrl-D (or the end of
 the input) `EOFError`. History that cannot be kept (its folder is a file, or not writable)
 never stops the chat: the session keeps it in memory, and `take_notices()` says once why it
-is off. What the commands do is `ui/repl.py`'s business.
+is off. The session never asks the terminal where its cursor is (CPR): a terminal that does
+not answer would otherwise hold the keyboard in raw mode after Enter and swallow a Ctrl-C
+meant for the answer. What the commands do is `ui/repl.py`'s business.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qwenrun import sampling
+
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
 
-SET_KEYS = ("temp", "top-p", "top-k", "min-p", "presence-penalty", "max-tokens", "seed")
+SET_KEYS = tuple(s.key for s in sampling.SET_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -156,14 +160,22 @@ class ChatPrompt:
     @staticmethod
     def _make_session(commands: Sequence[SlashCommand], history: Any) -> PromptSession[str]:
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.output import create_output
+        from prompt_toolkit.output.vt100 import Vt100_Output
 
         # With the answers going to a file (`qwenrun chat M > out.txt`), the prompt is drawn
         # on the terminal through stderr, so the file gets answers only.
-        output = None
-        if not sys.stdout.isatty() and sys.stderr.isatty():
-            from prompt_toolkit.output import create_output
-
-            output = create_output(stdout=sys.stderr)
+        screen = sys.stderr if not sys.stdout.isatty() and sys.stderr.isatty() else sys.stdout
+        output = create_output(stdout=screen)
+        if isinstance(output, Vt100_Output):
+            # No cursor-position requests (CPR). After each Enter prompt_toolkit keeps the
+            # terminal raw until the answer to its last request arrives, up to a second;
+            # a terminal that never answers (many do not) thus swallows a Ctrl-C typed just
+            # as the answer starts (a key then, not a signal: it surfaced at the next prompt
+            # as "Use /exit…" while the answer ran on), delays every answer by that second
+            # and prints a warning. What CPR buys, the rows left below the cursor, this
+            # one-line prompt does not need.
+            output.enable_cpr = False
         return PromptSession(
             output=output,
             history=history,

@@ -2,8 +2,10 @@
 
 Contract: `repl(engine, conv, out)` runs until /exit, /bye or Ctrl-D and returns the exit
 status. Every command and every turn leaves the session alive: a `QwenrunError` is reported
-in one line and the loop goes on. Turns go through `chat.run_turn`; Ctrl-C during an answer
-cancels it (`chat.sigint_sets`), at the prompt it says how to leave. `/save` and `/load`
+in one line and the loop goes on. Each line read passes `text.clean` (bytes that were not
+UTF-8 become U+FFFD, said once); a command that takes nothing refuses what follows it.
+Turns go through `chat.run_turn`; Ctrl-C during an answer cancels it (`chat.sigint_sets`),
+at the prompt it says how to leave. `/save` and `/load`
 go through the conversation's transcript functions (a failed one changes nothing). `/stats`
 shows the last answer's numbers, the context the conversation takes (the next prompt before
 the message, whatever the engine's cache still holds), the sampling in force, how many
@@ -18,10 +20,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from qwenrun import config, errors, units
+from qwenrun import config, errors, sampling, units
 from qwenrun.chat import Conversation, Renderer, TurnResult, run_turn, sigint_sets
 from qwenrun.engine.llama import CacheReport, Engine, GenStats, SamplingParams
-from qwenrun.transcript import format_number
+from qwenrun.text import clean, notice
 from qwenrun.ui.console import info
 from qwenrun.ui.prompt import ChatPrompt, SlashCommand
 
@@ -30,9 +32,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("/nothink", "", "direct mode: answer without thinking"),
     SlashCommand("/budget", "N|off", "stop thinking after N tokens (off: no limit)"),
     SlashCommand("/system", "TEXT|none", "set the system prompt (alone: show it)"),
-    SlashCommand(
-        "/set", "KEY VALUE", "temp, top-p, top-k, min-p, presence-penalty, max-tokens, seed"
-    ),
+    SlashCommand("/set", "KEY VALUE", ", ".join(s.key for s in sampling.SET_SETTINGS)),
     SlashCommand("/clear", "", "forget the conversation (the system prompt stays)"),
     SlashCommand("/save", "FILE", "write the conversation to a JSON transcript"),
     SlashCommand("/load", "FILE", "restore a conversation from a JSON transcript"),
@@ -41,6 +41,10 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("/exit", "", "leave (also /bye or Ctrl-D)"),
     SlashCommand("/bye", "", "leave"),
 )
+
+# Commands that take nothing after them (their aliases too): anything there is refused,
+# so that `/think extra` does not look as if "extra" did something.
+_BARE = {c.name for c in COMMANDS if not c.args} | {"/?", "/quit"}
 
 HELP_KEYS = (
     'Enter sends · Alt+Enter (or Esc, Enter) adds a line · a message starting with """ '
@@ -88,6 +92,9 @@ class Repl:
                 continue
             except EOFError:
                 return 0
+            text, replaced = clean(text)  # bytes that were not UTF-8: �, said once
+            if replaced:
+                self.say(notice(replaced, "the message"))
             if not text.strip():
                 continue
             is_command = text.lstrip().startswith("/") and "\n" not in text.strip()
@@ -146,6 +153,9 @@ class Repl:
         }.get(name.lower())
         if handler is None:
             raise errors.UsageError(f"unknown command {name}", hint="/help lists the commands")
+        if arg and name.lower() in _BARE:
+            hint = "/budget N sets the thinking budget" if name.lower() == "/think" else None
+            raise errors.UsageError(f"{name} takes nothing after it, not {arg!r}", hint=hint)
         handler(arg)
 
     def _think(self, _arg: str) -> None:
@@ -162,16 +172,14 @@ class Repl:
             self.say("Thinking budget off.")
             return
         try:
-            n = int(arg)
+            int(arg)
         except ValueError:
             raise errors.UsageError(
                 f"/budget needs a number of tokens or off, not {arg!r}"
             ) from None
+        n = int(sampling.BY_KEY["budget"].parse(arg, "/budget"))  # its range, from the table
         self.conv.set_budget(n)
-        if self.conv.profile.thinking == "direct":
-            self.say(f"Budget set, but {self.conv.profile.name} never thinks.")
-        else:
-            self.say(f"Thinking stops after {n} tokens.")
+        self.say(self.conv.budget_note() or f"Thinking stops after {n} tokens.")
 
     def _system(self, arg: str) -> None:
         if not arg:
@@ -292,7 +300,8 @@ _REUSED_FROM = {
 
 def _describe_reuse(s: GenStats) -> str:
     where = _REUSED_FROM.get(s.reused_from, s.reused_from)
-    return f"{s.reused_tokens:,} of {s.prompt_tokens:,} prompt tokens {where}"
+    took = f" in {s.reuse_ms / 1000:.2f} s" if s.reused_from == "disk" else ""
+    return f"{s.reused_tokens:,} of {s.prompt_tokens:,} prompt tokens {where}{took}"
 
 
 def _cache_lines(r: CacheReport) -> list[str]:
@@ -321,17 +330,14 @@ def _cache_lines(r: CacheReport) -> list[str]:
     return lines
 
 
-def _describe_sampling(s: SamplingParams) -> str:
-    num = format_number
-    text = (
-        f"temp {num(s.temperature)} · top-p {num(s.top_p)} · top-k {num(s.top_k)}"
-        f" · min-p {num(s.min_p)}"
-    )
-    if s.presence_penalty:
-        text += f" · presence-penalty {num(s.presence_penalty)}"
-    if s.seed is not None:
-        text += f" · seed {num(s.seed)}"
-    return text
+def _describe_sampling(params: SamplingParams) -> str:
+    """Every sampler setting in force, in the table's order; the quiet ones only when set."""
+    parts = []
+    for s in sampling.SAMPLER_SETTINGS:
+        value = getattr(params, s.field)
+        if not (s.quiet_at_default and value == s.default):
+            parts.append(f"{s.key} {s.show(value)}")
+    return " · ".join(parts)
 
 
 def _describe_stats(s: GenStats) -> str:
@@ -362,4 +368,7 @@ def repl(
         f"{conv.profile.name} {conv.profile.describe_modes()}. "
         f"Mode: {loop.mode_label()}. /help for commands, Ctrl-D to leave."
     )
+    note = conv.budget_note()  # --budget on a model that never thinks: as /budget says
+    if note:
+        info(note)
     return loop.run()
