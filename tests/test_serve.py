@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -30,9 +30,10 @@ from qwenrun import chat
 from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.serve import client as remote_client
-from qwenrun.serve.app import DEFAULT_MAX_BODY, ServerState, Worker
+from qwenrun.serve.enginethread import Worker
 from qwenrun.serve.runner import AnswerRouter, ServedModel, StopMatcher
 from qwenrun.serve.server import Server, bind, is_loopback
+from qwenrun.serve.state import DEFAULT_MAX_BODY, ServerState
 from qwenrun.thinking import Answer, Thinking
 from qwenrun.ui import render
 
@@ -445,19 +446,25 @@ def test_tool_choice_none_renders_no_tools(caller):
     assert rendered[0][1]["tools"] is None
 
 
-def test_a_tool_call_written_inside_thinking_ends_the_thinking():
-    """Qwen3.5 sometimes opens `<tool_call>` before `</think>`: it is the answer's."""
+def test_a_tool_call_written_inside_thinking_is_decided_by_what_follows():
+    """Qwen3.5 sometimes opens `<tool_call>` before `</think>`: a draft if `</think>` follows
+    (issue 20), the answer's if the text ends there (tests/test_answer_router.py has the rest)."""
     opened: list[str] = []
     router = AnswerRouter(opened=True, divert_tool_calls=True, on_answer=lambda: opened.append("x"))
     pieces = ["Let me check the", " weather.\n<tool", "_call>\n<function=f>\n", "</function>"]
-    pieces += ["\n</tool_call>\n</think>\n\nDone."]
+    pieces += ["\n</tool_call>"]
     events = [e for p in pieces for e in router.feed(p)] + router.flush()
     thinking = "".join(e.text for e in events if isinstance(e, Thinking))
     answer = "".join(e.text for e in events if isinstance(e, Answer))
     assert thinking == "Let me check the weather."
-    assert answer.startswith("<tool_call>\n<function=f>") and answer.endswith("Done.")
-    assert "</think>" not in answer
+    assert answer.startswith("\n<tool_call>\n<function=f>") and answer.endswith("</tool_call>")
     assert opened == []  # no call opening is forced into a call the model already writes
+    # Followed by `</think>`, the same call was a draft: thinking, and no call.
+    router = AnswerRouter(opened=True, divert_tool_calls=True)
+    events = [e for p in [*pieces, "\n</think>\n\nDone."] for e in router.feed(p)]
+    events += router.flush()
+    assert "<tool_call>" in "".join(e.text for e in events if isinstance(e, Thinking))
+    assert "".join(e.text for e in events if isinstance(e, Answer)) == "Done."
     # Without tools, the same text is thinking.
     plain = AnswerRouter(opened=True, divert_tool_calls=False)
     events = [e for p in pieces for e in plain.feed(p)] + plain.flush()
@@ -767,3 +774,214 @@ def test_the_repl_runs_unchanged_on_a_server(qwen3):
     assert [t.mode for t in conv.turns] == ["direct", "think"]
     stats = "\n".join(said)
     assert "of 1,024 tokens" in stats and "2 turns" in stats
+
+
+# ---- text that is not valid Unicode, bodies nested too deeply (issue 19)
+
+
+@pytest.mark.slow
+def test_text_that_is_not_unicode_becomes_the_replacement_character_and_is_logged(qwen3):
+    # JSON's "\ud800" escape decodes to a lone surrogate, which the tokenizer cannot encode;
+    # raw bytes that are not UTF-8 are the same case. The rule (qwenrun.text): each becomes
+    # U+FFFD, and the request's log line says how many.
+    chat_body = rb'{"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 2}'
+    text_body = b'{"prompt": "caf\xe9 \\udfff", "max_tokens": 2}'
+    headers = {"content-type": "application/json"}
+    before = len(qwen3.logs)
+    with qwen3.http() as http:
+        reply = http.post("/v1/chat/completions", content=chat_body, headers=headers)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        completion = http.post("/v1/completions", content=text_body, headers=headers)
+        assert completion.status_code == 200, completion.text
+        # The prompt the engine saw is the cleaned text: U+FFFD where each bad one was.
+        usage = completion.json()["usage"]["prompt_tokens"]
+        tokens = http.post("/tokenize", content=rb'{"content": "caf\udcff \ud800"}').json()
+        cleaned = http.post("/tokenize", json={"content": "caf\ufffd \ufffd"}).json()
+    assert tokens["tokens"] == cleaned["tokens"]
+    assert usage == len(cleaned["tokens"])
+
+    def posted() -> list[str]:  # a log line is written once its answer has gone out
+        found = [ln for ln in qwen3.logs[before:] if " POST " in ln]
+        return found if len(found) == 4 else []
+
+    lines = wait_for(posted)
+    chat_line = next(ln for ln in lines if "/v1/chat/completions 200" in ln)
+    text_line = next(ln for ln in lines if "/v1/completions 200" in ln)
+    tokenized = [ln for ln in lines if "/tokenize 200" in ln]
+    assert "1 byte of the request was not UTF-8 (each is now \ufffd)" in chat_line
+    assert "2 bytes of the request were not UTF-8" in text_line
+    assert sorted("not UTF-8" in ln for ln in tokenized) == [False, True]
+    assert not any("Traceback" in ln for ln in qwen3.logs[before:])
+
+
+@pytest.mark.slow
+def test_the_engine_tokenizes_text_that_slipped_through_as_the_rule_says(qwen3):
+    # The last guard: whatever reaches the tokenizer with a lone surrogate is read by the
+    # same rule (U+FFFD), instead of `encode` raising inside the engine's thread.
+    engine = qwen3.served.engine
+    assert engine.tokenize("caf\udce9 \ud800") == engine.tokenize("caf\ufffd \ufffd")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,  # deeper than Python's JSON decoder can recurse
+        # Decodable, but deeper than any real request (here a tool's schema): refused before
+        # the template's and the tool-call code's own recursion could fail on it.
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+        b'"function": {"name": "f", "parameters": {"type": "object", "properties": {"a": '
+        + b'{"a": ' * 600
+        + b"{}"
+        + b"}" * 600
+        + b"}}}}]}",
+        b'{"messages": [{"role": "user", "content": "x"}], "seed": 1' + b"0" * 5000 + b"}",
+    ],
+    ids=["decoder-depth", "request-depth", "huge-number"],
+)
+def test_bodies_nested_too_deeply_or_with_huge_numbers_are_400(qwen3, body):
+    before = len(qwen3.logs)
+    with qwen3.http() as http:
+        resp = http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        err = error_of(resp, 400)
+    assert "nests" in err["message"] or "not valid JSON" in err["message"]
+    # The log line is written once the answer has gone out.
+    wait_for(lambda: [ln for ln in qwen3.logs[before:] if "POST /v1/chat/completions 400" in ln])
+    assert not any("Traceback" in ln for ln in qwen3.logs[before:])
+
+
+def test_a_bug_in_a_handler_is_a_500_logged_once_with_its_status(capsys):
+    # A state the card cannot be read from stands in for any bug in a handler's own code
+    # (one on the engine's thread is `test_an_internal_failure_is_500_without_a_traceback`).
+    logs: list[str] = []
+    state = ServerState("tiny", Worker(2, log=logs.append), log=logs.append)
+    state.status, state.model = "ready", cast(ServedModel, object())
+    with Server(state, bind("127.0.0.1", 0)) as server, httpx.Client(base_url=server.url) as http:
+        err = error_of(http.get("/v1/models"), 500)
+        wait_for(lambda: [ln for ln in logs if "GET /v1/models 500" in ln])
+        state.model = None  # no engine to close
+    assert err["message"] == "internal error: see the server's log"
+    assert sum("Traceback" in ln for ln in logs) == 1
+    assert "Traceback" not in capsys.readouterr().err  # not a second time, by uvicorn
+
+
+# ---- a server that stops mid-answer (issue 19)
+
+
+@contextmanager
+def stoppable(path: Path) -> Iterator[tuple[Server, list[str]]]:
+    """A server the test stops itself, as Ctrl-C or SIGTERM stop `qwenrun serve`."""
+    engine = Engine.load(path, LoadConfig(n_ctx=16384, n_threads=1, prompt_cache=0))
+    logs: list[str] = []
+    state = ServerState("tiny", Worker(8, log=logs.append), log=logs.append)
+    state.ready(ServedModel.from_engine(engine, "tiny"))
+    server = Server(state, bind("127.0.0.1", 0))
+    server.start()
+    try:
+        yield server, logs
+    finally:
+        server.stop()
+
+
+def busy(server: Server) -> bool:
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+        return bool(http.get("/v1/models").json()["data"][0]["qwenrun"]["busy"])
+
+
+@pytest.mark.slow
+def test_a_stopping_server_ends_a_stream_with_an_error_the_openai_client_raises(tiny_models):
+    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, logs):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        got: dict[str, Any] = {"chunks": 0}
+
+        def read() -> None:  # read as it comes, as a client does, until the stream ends
+            stream = client.chat.completions.create(
+                model="tiny", messages=USER, max_tokens=15000, stream=True
+            )
+            try:
+                for chunk in stream:
+                    got["chunks"] += 1
+                    got["finish"] = chunk.choices[0].finish_reason if chunk.choices else None
+            except openai.APIError as exc:
+                got["error"] = exc
+
+        def wait() -> None:  # queued behind it when the server stops: refused, same code
+            body = {"prompt": "hi", "max_tokens": 100, "stream": True}
+            with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+                got["waiting"] = http.post("/v1/completions", json=body)
+
+        reader, waiter = threading.Thread(target=read), threading.Thread(target=wait)
+        reader.start()
+        wait_for(lambda: ["generating"] if got["chunks"] > 1 else [])
+        waiter.start()
+        wait_for(lambda: ["waiting"] if server.state.worker.waiting else [])
+        server.stop()
+        reader.join(TIMEOUT)
+        waiter.join(TIMEOUT)
+    error = got["error"]
+    assert isinstance(error, openai.APIError) and got["finish"] is None
+    assert error.body["code"] == "server_stopping"  # type: ignore[index]
+    assert "before the answer was complete" in error.message
+    assert error_of(got["waiting"], 503)["code"] == "server_stopping"
+    cut = [ln for ln in logs if "POST /v1/chat/completions 200" in ln]
+    assert len(cut) == 1 and "cut off: the server is stopping" in cut[0]
+    assert any("POST /v1/completions 503" in ln for ln in logs)
+
+
+@pytest.mark.slow
+def test_a_stopping_server_cuts_a_text_stream_without_done(tiny_models):
+    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, logs):
+        body = {"prompt": "hi", "max_tokens": 15000, "stream": True}
+        with (
+            httpx.Client(base_url=server.url, timeout=TIMEOUT) as http,
+            http.stream("POST", "/v1/completions", json=body) as resp,
+        ):
+            events = resp.iter_lines()
+            assert next(e for e in events if e).startswith("data: {")
+            stopper = threading.Thread(target=server.stop)
+            stopper.start()
+            rest = [e for e in events if e]
+        stopper.join(TIMEOUT)  # the server has stopped: every request has its log line
+    assert "data: [DONE]" not in rest
+    last = json.loads(rest[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "server_stopping"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in rest[:-1]]
+    assert not any(c["finish_reason"] for chunk in chunks for c in chunk["choices"])
+    assert any("POST /v1/completions 200" in ln and "cut off" in ln for ln in logs)
+
+
+@pytest.mark.slow
+def test_a_stopping_server_answers_a_whole_request_in_flight_with_503(tiny_models):
+    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, logs):
+        result: dict[str, httpx.Response] = {}
+        body = {"messages": USER, "max_tokens": 15000}
+
+        def ask() -> None:
+            with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+                result["r"] = http.post("/v1/chat/completions", json=body)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        wait_for(lambda: ["busy"] if busy(server) else [])
+        server.stop()
+        asking.join(TIMEOUT)
+    err = error_of(result["r"], 503)
+    assert err["code"] == "server_stopping" and "before the answer was complete" in err["message"]
+    line = next(ln for ln in logs if "POST /v1/chat/completions" in ln)
+    assert " 503 " in line and "→" in line and "cut off: the server is stopping" in line
+
+
+def test_a_model_argument_matches_the_file_a_server_chose():
+    # A server started without MODEL serves as `default`, one started with a reference
+    # without a quant as that reference; `run MODEL --server` still names it by what it
+    # loaded: the hub repo of its cache folder and the quant in the file's name.
+    path = "/hf/hub/models--unsloth--Qwen3-30B-A3B-GGUF/snapshots/0/Qwen3-30B-A3B-UD-Q4_K_XL.gguf"
+    same = remote_client._same_model
+    assert same("qwen3-30b-a3b", "default", path)
+    assert same("qwen3-30b-a3b:UD-Q4_K_XL", "default", path)
+    assert same("qwen3-30b-a3b:UD-Q4_K_XL", "qwen3-30b-a3b", path)
+    assert not same("qwen3-30b-a3b:Q8_0", "qwen3-30b-a3b", path)
+    assert not same("qwen3.5-35b-a3b", "default", path)

@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +149,125 @@ def test_ctrl_c_stops_the_server_cleanly(tiny_models, tmp_path):
     assert serve.stop() == 0
     assert "stopped" in serve.lines[-2]
     assert not any("Traceback" in line for line in serve.lines)
+
+
+# ---- a server that stops mid-answer, and the server's own words (issue 19)
+
+
+def _card(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/v1/models", timeout=TIMEOUT) as resp:
+        return dict(json.load(resp)["data"][0])
+
+
+def _until(found: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not found():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _run_in_background(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwenrun", "run", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+
+
+@pytest.mark.slow
+def test_run_says_in_one_line_that_the_server_stopped_mid_answer(tiny_models, tmp_path):
+    model = tiny_models("qwen3moe", steer=2)  # never stops by itself
+    serve = ServeProcess(
+        str(model), "--port", "0", "--ctx", "16384", "--threads", "1", home=tmp_path
+    )
+    try:
+        url = serve.wait_for(r"listening on (http://\S+)").group(1)
+        serve.wait_for(r"ready: ")
+        asked = (model.stem, "a long answer", "--server", url, "--max-tokens", "15000")
+        answering = _run_in_background(*asked)
+        _until(lambda: _card(url)["qwenrun"]["busy"])
+        waiting = _run_in_background(*asked, "--json")
+        _until(lambda: _card(url)["qwenrun"]["waiting"] == 1)
+        serve.proc.send_signal(signal.SIGTERM)  # a service manager's stop
+        assert serve.proc.wait(TIMEOUT) == 0
+        out, err = answering.communicate(timeout=TIMEOUT)
+        json_out, _ = waiting.communicate(timeout=TIMEOUT)
+    finally:
+        serve.stop()
+    # Exit 6 (BackendError), as for no server at all: not 130, which would say the user
+    # pressed Ctrl-C; what had come stays printed, and one line says the answer is cut.
+    fake = subprocess.CompletedProcess(asked, answering.returncode, out, err)
+    assert "stopped before the answer was complete" in error_line(fake, 6)
+    assert out.strip()
+    # --json: one object on stdout all the same, the error with its exit code.
+    assert waiting.returncode == 6
+    doc = json.loads(json_out)
+    assert doc["error"]["code"] == 6 and "stopping" in doc["error"]["message"]
+    # The server wrote a line for each: the cut answer and the request it did not start.
+    serve.wait_for(r"POST /v1/chat/completions 200 .* cut off: the server is stopping")
+    serve.wait_for(r"POST /v1/chat/completions 503 ")
+    assert not any("Traceback" in line for line in serve.lines)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+@pytest.mark.slow
+def test_serve_refuses_a_port_out_of_range(tiny_models, port):
+    # Before: 70000 listened on 4464 (the socket layer wraps it), -1 said "Servname not
+    # supported for ai_socktype".
+    proc = run_qwenrun("serve", str(tiny_models("qwen3moe", steer=1)), "--port", port, timeout=60)
+    line = error_line(proc, 2)
+    assert f"--port {port}" in line and "65535" in line
+
+
+@pytest.mark.slow
+def test_serve_refuses_an_empty_api_key(tiny_models):
+    # `--api-key "$KEY"` with KEY unset: a key was meant, so no silent keyless server.
+    model = str(tiny_models("qwen3moe", steer=1))
+    proc = run_qwenrun("serve", model, "--port", "0", "--api-key", "", timeout=60)
+    assert "--api-key" in error_line(proc, 2)
+
+
+@pytest.mark.slow
+def test_serve_on_every_interface_says_where_it_listens(tiny_models, tmp_path):
+    model = str(tiny_models("qwen3moe", steer=1))
+    serve = ServeProcess(
+        model, "--host", "0.0.0.0", "--port", "0", "--api-key", "s3cret", home=tmp_path
+    )
+    try:
+        found = serve.wait_for(
+            r"listening on http://0\.0\.0\.0:(\d+), every interface "
+            r"\(OpenAI API: http://127\.0\.0\.1:(\d+)/v1 here"
+        )
+        assert found.group(1) == found.group(2)
+        serve.wait_for(r"ready: ")
+        with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/health") as resp:
+            assert json.load(resp)["status"] == "ready"
+    finally:
+        serve.stop()
+
+
+@pytest.mark.slow
+def test_the_model_id_is_the_same_while_loading_and_once_ready(tiny_models, tmp_path):
+    model = tiny_models("qwen3moe", steer=1)
+    serve = ServeProcess(str(model), "--port", "0", "--ctx", "1024", home=tmp_path)
+    seen: list[tuple[str, str]] = []
+    try:
+        url = serve.wait_for(r"listening on (http://\S+)").group(1)
+        # From the first answer on: the start-up (machine, plan, load) takes a moment.
+        while not seen or seen[-1][0] != "ready":
+            card = _card(url)
+            seen.append((card["qwenrun"]["status"], card["id"]))
+    finally:
+        serve.stop()
+    assert seen[0][0] == "loading"  # caught while it loads
+    assert {model_id for _, model_id in seen} == {model.stem}
+
+
+def test_ps_without_a_server_says_how_to_start_one():
+    proc = run_qwenrun("ps", "--server", "http://127.0.0.1:9")
+    line = error_line(proc, 6)
+    assert "no qwenrun server" in line and "qwenrun serve" in line
+    assert "leave --server out" not in line  # that is `run`'s and `chat`'s way, not ps's

@@ -3,7 +3,8 @@
 Contract: `RemoteModel.connect(url)` asks a server what it runs (`GET /v1/models`, waiting
 while it loads) and is then a `chat.TurnServer`: `chat.stream_turn(remote, conv, text)`
 sends the conversation as one OpenAI chat completion (streamed, with the conversation's
-mode as `chat_template_kwargs.enable_thinking`, its budget, sampling settings and token cap)
+mode as `chat_template_kwargs.enable_thinking`, its reasoning effort as `reasoning_effort`,
+its budget, sampling settings and token cap)
 and yields the events a local turn yields: `ThinkingText`, `ThinkingDone`, `AnswerText`,
 `TurnDone` with a `TurnResult` whose stats come from the server's usage and timings (the
 time to first token is measured here: what the user waited). So the renderers and the REPL
@@ -13,8 +14,11 @@ server's template and presets. `list_models(url)` is `qwenrun ps`.
 Only the standard library's `http.client` is used (no extra dependency for a client). A
 server that is busy or loading is waited for; a missing one, a refused key, a bad request
 and a context overflow become the `QwenrunError` a local run would raise, so exit codes are
-the same. Ctrl-C (the turn's `cancel`) closes the connection at once, which makes the
-server stop generating.
+the same. A server that stops mid-answer (its error event `server_stopping`, or a stream
+that ends with neither a finish reason nor `[DONE]`) is a `BackendError` that says so, as a
+server that is not there is: the answer is incomplete, and only the user's own Ctrl-C makes
+a turn "cancelled". Ctrl-C (the turn's `cancel`) closes the connection at once, which makes
+the server stop generating.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from qwenrun import errors
+from qwenrun import errors, sampling
 from qwenrun.chat import (
     AnswerText,
     Conversation,
@@ -52,12 +56,12 @@ if TYPE_CHECKING:
     from qwenrun.catalog import ThinkingKind
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# What to do about a server that is not there: `run`/`chat --server` can do without one.
+RUN_HINT = "start one: qwenrun serve MODEL (or leave --server out to load the model here)"
+PS_HINT = "start one with qwenrun serve MODEL, or name yours with --server URL"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 3600.0  # a long prompt on a slow machine: minutes before the first byte
 WAIT_FOR_SERVER_S = 900.0  # how long a client waits for a server that loads or is busy
-
-# Conversation settings → request fields (the server applies the mode's preset under them).
-_SETTINGS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "seed")
 
 
 def api_key_from_env() -> str | None:
@@ -132,6 +136,7 @@ def _request(
     *,
     api_key: str | None = None,
     timeout: float = READ_TIMEOUT_S,
+    hint: str = RUN_HINT,
 ) -> _Response:
     headers = {"Accept": "application/json"}
     data = None
@@ -151,8 +156,7 @@ def _request(
         conn.close()
         reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc)
         raise errors.BackendError(
-            f"no qwenrun server at {where.url}: {reason}",
-            hint="start one: qwenrun serve MODEL (or leave --server out to load the model here)",
+            f"no qwenrun server at {where.url}: {reason}", hint=hint
         ) from None
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
@@ -176,6 +180,11 @@ def _raise_for(where: Endpoint, status: int, doc: Any) -> None:
         )
     if status in (400, 413, 422):
         raise errors.UsageError(message)
+    if code == "server_stopping":  # a request it did not start, or a whole answer it cut
+        said = message.removeprefix("the server ")  # "is stopping; …", "stopped before …"
+        raise errors.BackendError(
+            f"the server at {where.url} {said}", hint="ask again once it is back"
+        )
     if status == 404:
         raise errors.BackendError(
             f"{where.url} does not look like a qwenrun server: {message}",
@@ -218,10 +227,14 @@ def _call(
         _raise_for(where, resp.status, doc)
 
 
-def list_models(url: str, *, api_key: str | None = None) -> list[dict[str, Any]]:
-    """What a server runs (`GET /v1/models`), without waiting for it to finish loading."""
+def list_models(
+    url: str, *, api_key: str | None = None, hint: str = PS_HINT
+) -> list[dict[str, Any]]:
+    """What a server runs (`GET /v1/models`), without waiting for it to finish loading.
+    `hint` is what to do when no server is there (`qwenrun ps`'s by default)."""
     where = Endpoint.parse(url)
-    resp = _request(where, "GET", "/v1/models", api_key=api_key or api_key_from_env())
+    key = api_key or api_key_from_env()
+    resp = _request(where, "GET", "/v1/models", api_key=key, hint=hint)
     doc = resp.json()
     if resp.status >= 400:
         _raise_for(where, resp.status, doc)
@@ -237,6 +250,7 @@ class _Stream:
 
     resp: _Response
     items: queue.Queue[Any] = field(default_factory=queue.Queue)
+    done: bool = False  # the server's `[DONE]` came: the stream ended as it should
 
     def start(self) -> None:
         threading.Thread(target=self._read, name="qwenrun-sse", daemon=True).start()
@@ -249,6 +263,7 @@ class _Stream:
                     continue  # blank separators, comments, event names
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
+                    self.done = True
                     break
                 self.items.put(json.loads(payload))
         except Exception as exc:  # a cut connection or a broken event: the turn's to report
@@ -274,7 +289,7 @@ class RemoteModel:
         key = api_key or api_key_from_env()
         deadline = time.monotonic() + WAIT_FOR_SERVER_S
         while True:
-            models = list_models(where.url, api_key=key)
+            models = list_models(where.url, api_key=key, hint=RUN_HINT)
             if not models:
                 raise errors.BackendError(f"the server at {where.url} serves no model")
             card = models[0]
@@ -346,13 +361,7 @@ class RemoteModel:
 
     def profile(self) -> ModelProfile:
         presets = {
-            mode: SamplingParams(
-                temperature=float(p.get("temperature", 0.7)),
-                top_p=float(p.get("top_p", 0.8)),
-                top_k=int(p.get("top_k", 20)),
-                min_p=float(p.get("min_p", 0.0)),
-                presence_penalty=float(p.get("presence_penalty", 0.0)),
-            )
+            mode: _preset(p)
             for mode, p in (self.info.get("presets") or {}).items()
             if isinstance(p, Mapping)
         }
@@ -424,13 +433,14 @@ class RemoteModel:
             "stream_options": {"include_usage": True},
             "chat_template_kwargs": {"enable_thinking": conv.enable_thinking},
         }
-        for name in _SETTINGS:
-            if conv.settings.get(name) is not None:
-                body[name] = conv.settings[name]
-        if conv.max_tokens is not None:
-            body["max_tokens"] = conv.max_tokens
-        if conv.budget is not None:
-            body["thinking_budget"] = conv.budget
+        if conv.effort:
+            body["reasoning_effort"] = conv.effort
+        # Each setting under its first request field in the table; the server applies the
+        # mode's preset under the sampler's.
+        given = {**conv.settings, "max_tokens": conv.max_tokens, "budget": conv.budget}
+        for s in sampling.SETTINGS:
+            if given.get(s.field) is not None:
+                body[s.server[0]] = given[s.field]
         return body
 
     def _read_turn(
@@ -463,12 +473,16 @@ class RemoteModel:
                     continue
                 if item is None:
                     break
+                if isinstance(item, http.client.IncompleteRead | ConnectionError):
+                    raise self._stopped()  # the connection closed mid-answer
                 if isinstance(item, Exception):
                     raise errors.BackendError(f"the server at {self.url} cut the answer: {item}")
                 if cancel is not None and cancel.is_set():
                     break
                 if "error" in item and "choices" not in item:
                     err = item["error"] if isinstance(item["error"], dict) else {}
+                    if err.get("code") == "server_stopping":
+                        raise self._stopped()
                     raise errors.BackendError(
                         f"the server failed mid-answer: {err.get('message', item['error'])}"
                     )
@@ -510,6 +524,10 @@ class RemoteModel:
             yield ThinkingDone(*thinking_done)
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
+        elif finish == "cancelled" and not stream.done:
+            # Neither a finish reason nor `[DONE]`, and not the user's Ctrl-C: the server went
+            # away mid-answer (killed, or one that does not say so): not a whole answer.
+            raise self._stopped()
         if finish == "tool_calls":
             finish = "stop"
         stats = _stats(usage, timings, (t_first - t0) * 1000 if t_first else 0.0)
@@ -528,6 +546,24 @@ class RemoteModel:
         if finish != "cancelled" or answer or thinking:
             conv.add_turn(Turn(text, result.answer, result.thinking, mode, cut=result.cut))
         yield TurnDone(result)
+
+    def _stopped(self) -> errors.BackendError:
+        return errors.BackendError(
+            f"the server at {self.url} stopped before the answer was complete",
+            hint="ask again once it is back",
+        )
+
+
+def _preset(doc: Mapping[str, Any]) -> SamplingParams:
+    """A mode's preset as the server's `/v1/models` card gives it: the sampler settings of
+    the table it names (a server of another version may name fewer, or others)."""
+    given: dict[str, Any] = {}
+    for s in sampling.SAMPLER_SETTINGS:
+        try:
+            given[s.field] = s.check(doc[s.field])
+        except (KeyError, errors.UsageError):
+            continue  # not there, or not a value this client takes: the engine's default
+    return SamplingParams(**given)
 
 
 def _stats(usage: Mapping[str, Any], timings: Mapping[str, Any], ttft_ms: float) -> GenStats | None:
@@ -552,7 +588,11 @@ def _stats(usage: Mapping[str, Any], timings: Mapping[str, Any], ttft_ms: float)
 
 def _same_model(asked: str, served_id: str, served_path: str) -> bool:
     """Whether a model argument names the served model: its id (with or without the quant),
-    its catalog name or alias, or its file."""
+    its catalog name or alias, or its file. The id is what the server was started with
+    (`default`, or a reference without a quant, when it chose), so the file it loaded
+    counts too: the hub repo of its Hugging Face cache folder, the quant in its name."""
+    from qwenrun.hub import names
+
     text = asked.strip()
     if text.lower() == served_id.lower():
         return True
@@ -562,6 +602,7 @@ def _same_model(asked: str, served_id: str, served_path: str) -> bool:
     served_base, _, served_quant = served_id.rpartition(":")
     if not served_base:
         served_base, served_quant = served_id, ""
+    served_quant = served_quant or names.parse_quant(Path(served_path).name) or ""
     quant_ok = not quant or quant.lower() == served_quant.lower()
     if base.lower() == served_base.lower():
         return quant_ok
@@ -571,5 +612,14 @@ def _same_model(asked: str, served_id: str, served_path: str) -> bool:
         ref = refs.parse_ref(base)
     except errors.QwenrunError:
         return False
-    names = {ref.name.lower(), *(r.lower() for r in ref.repos)}
-    return served_base.lower() in names and quant_ok
+    known = {ref.name.lower(), *(r.lower() for r in ref.repos)}
+    served = {served_base.lower(), _cache_repo(served_path).lower()}
+    return bool(known & served) and quant_ok
+
+
+def _cache_repo(path: str) -> str:
+    """The hub repo of a file in the Hugging Face cache (`models--owner--repo`), else ""."""
+    for part in Path(path).parts:
+        if part.startswith("models--"):
+            return part[len("models--") :].replace("--", "/", 1)
+    return ""

@@ -1,12 +1,18 @@
 """OpenAI's wire format: requests read into plain values, responses and errors written back.
 
-Contract: pure (no I/O, no engine). `parse_chat(body)` and `parse_completion(body)` turn a
-decoded JSON body into a `ChatRequest` / `CompletionRequest`, or raise `RequestError` (a 400,
-with the parameter at fault) for anything the server cannot honour as asked: a bad type or
-range, `n` other than 1, images, logprobs, a structured-output `response_format`. Unknown
-fields are ignored, as OpenAI-compatible servers do. Messages come out in the form Qwen's
-templates render: text content, assistant `tool_calls` with mapping arguments
-(`toolcalls.history_tool_calls`), `reasoning_content` kept when a client sends it back.
+Contract: pure (no I/O, no engine). `parse_chat(body)`, `parse_completion(body)` and
+`parse_tokenize(body)` turn a decoded JSON body into a `ChatRequest`, `CompletionRequest` or
+`TokenizeRequest`, or raise `RequestError` (a 400, with the parameter at fault) for anything the
+server cannot honour as asked: a bad type or range (sampling settings, token limit and thinking
+budget are checked by the one sampling table, `sampling.SETTINGS`, as the command line and
+`/set` check them), `n` other than 1, images, logprobs, a structured-output `response_format`.
+Unknown fields are ignored, as OpenAI-compatible servers do. Messages come out in the form
+Qwen's templates render: text content, assistant `tool_calls` with mapping arguments
+(`toolcalls.history_tool_calls`), `reasoning_content` kept when a client sends it back. Every
+request is read through `_object`, the one seam: each string in the body (values and keys, at
+any depth) goes through `text.clean`, the project's rule for text that is not valid Unicode (a
+lone surrogate, such as JSON's `"\\ud800"`, becomes U+FFFD), and the count comes back on the
+request as `replaced` for its log line; a body nested deeper than `MAX_DEPTH` is refused.
 `error_body` is OpenAI's error shape; the chunk and response builders are the shapes the
 `openai` client reads, with `reasoning_content` and `reasoning` (the same text: vLLM and
 some clients read one, llama.cpp and others the other) and llama-server's `timings`.
@@ -19,25 +25,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qwenrun import errors, sampling, text
 from qwenrun.serve.toolcalls import history_tool_calls
 
-# Request fields → SamplingParams fields, with the range each accepts.
-_SAMPLING: dict[str, tuple[str, type, float, float]] = {
-    "temperature": ("temperature", float, 0.0, 2.0),
-    "top_p": ("top_p", float, 0.0, 1.0),
-    "top_k": ("top_k", int, 0, 1_000_000),
-    "min_p": ("min_p", float, 0.0, 1.0),
-    "presence_penalty": ("presence_penalty", float, -2.0, 2.0),
-    "repeat_penalty": ("repeat_penalty", float, 0.0, 10.0),  # llama-server's name
-    "seed": ("seed", int, -(2**63), 2**63 - 1),
-}
-# The reasoning budget's names: Qwen's own API says thinking_budget, llama.cpp reasoning_budget.
-_BUDGET_FIELDS = ("thinking_budget", "reasoning_budget")
-# Template variables a request may not set: the server sets them itself.
+# Template variables a request may not set: the server sets them itself (reasoning_effort
+# once checked against the template).
 _RESERVED_TEMPLATE_VARS = frozenset(
-    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "enable_thinking"}
+    {
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "enable_thinking",
+        "reasoning_effort",
+    }
 )
 MAX_STOP = 4  # as OpenAI
+# How deeply a request may nest objects and arrays. A real one nests a handful of levels (a
+# tool's JSON schema a dozen or so). Near Python's recursion limit (1,000 frames), the JSON
+# decoder, the template's `tojson` and the tool-call code would fail inside the server: the
+# limit keeps well clear of that, and refuses such a body as a 400 instead.
+MAX_DEPTH = 512
 
 
 class RequestError(Exception):
@@ -63,10 +72,14 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     enable_thinking: bool | None = None  # None: the model's default mode
+    # `reasoning_effort` (top level, as OpenAI's; or in chat_template_kwargs): checked against
+    # what the model's template takes when the request runs (`runner`); None: its default
+    reasoning_effort: str | None = None
     budget: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice = "auto"
     template_vars: dict[str, Any] = field(default_factory=dict)
+    replaced: int = 0  # code points that were not valid Unicode, now U+FFFD (`text.clean`)
 
     @property
     def use_tools(self) -> bool:
@@ -84,6 +97,15 @@ class CompletionRequest:
     max_tokens: int = 16  # OpenAI's default for completions
     stop: tuple[str, ...] = ()
     echo: bool = False
+    replaced: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """llama-server's `POST /tokenize`: `{"content": TEXT}`."""
+
+    content: str
+    replaced: int = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -91,7 +113,7 @@ class CompletionRequest:
 
 
 def parse_chat(body: Any) -> ChatRequest:
-    doc = _object(body)
+    doc, replaced = _object(body)
     messages = _messages(doc.get("messages"))
     tools = _tools(doc.get("tools"))
     tool_choice = _tool_choice(doc.get("tool_choice"), tools)
@@ -106,10 +128,9 @@ def parse_chat(body: Any) -> ChatRequest:
             "chat_template_kwargs.enable_thinking must be true or false",
             "chat_template_kwargs.enable_thinking",
         )
-    budget = None
-    for name in _BUDGET_FIELDS:
-        if doc.get(name) is not None:
-            budget = _int(doc[name], name, 0, 10_000_000)
+    effort = doc.get("reasoning_effort", kwargs.get("reasoning_effort"))
+    if effort is not None and not isinstance(effort, str):
+        raise RequestError("reasoning_effort must be a string", "reasoning_effort")
     _unsupported(doc)
     return ChatRequest(
         messages=messages,
@@ -117,20 +138,22 @@ def parse_chat(body: Any) -> ChatRequest:
         stream=_bool(doc.get("stream", False), "stream"),
         include_usage=_include_usage(doc),
         sampling=_sampling(doc),
-        max_tokens=_max_tokens(doc),
+        max_tokens=_limit(doc, "max-tokens"),
         stop=_stop(doc.get("stop")),
         enable_thinking=thinking,
-        budget=budget,
+        reasoning_effort=effort,
+        budget=_limit(doc, "budget"),
         tools=tools,
         tool_choice=tool_choice,
         template_vars={
             str(k): v for k, v in kwargs.items() if str(k) not in _RESERVED_TEMPLATE_VARS
         },
+        replaced=replaced,
     )
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    doc = _object(body)
+    doc, replaced = _object(body)
     prompt = doc.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -147,7 +170,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     if doc.get("best_of") not in (None, 1):
         raise RequestError("best_of must be 1: one completion per request", "best_of")
     _unsupported(doc)
-    max_tokens = _max_tokens(doc)
+    max_tokens = _limit(doc, "max-tokens")
     return CompletionRequest(
         prompt=prompt,
         model=_str(doc.get("model", ""), "model"),
@@ -157,13 +180,58 @@ def parse_completion(body: Any) -> CompletionRequest:
         max_tokens=16 if max_tokens is None else max_tokens,
         stop=_stop(doc.get("stop")),
         echo=_bool(doc.get("echo", False), "echo"),
+        replaced=replaced,
     )
 
 
-def _object(body: Any) -> dict[str, Any]:
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    doc, replaced = _object(body)
+    content = doc.get("content")
+    if not isinstance(content, str):
+        raise RequestError("content must be a string", "content")
+    return TokenizeRequest(content, replaced)
+
+
+def _object(body: Any) -> tuple[dict[str, Any], int]:
+    """The request body as read: a JSON object, its text cleaned (see the module docstring),
+    and how many code points were replaced."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    return body
+    return body, _clean_strings(body)
+
+
+def _clean_strings(body: dict[str, Any]) -> int:
+    """Pass every string of a decoded JSON body, keys included, through `text.clean`, in
+    place (the body is the request's own, fresh from the decoder); return the count
+    replaced. A loop with a stack, not recursion: the depth is what is being checked."""
+    replaced = 0
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RequestError(
+                f"the request body nests objects and arrays more than {MAX_DEPTH} levels deep"
+            )
+        if isinstance(node, dict):
+            if not all(key.isascii() for key in node):
+                pairs = list(node.items())
+                node.clear()
+                for key, value in pairs:
+                    key, n = text.clean(key)
+                    replaced += n
+                    node[key] = value
+            slots: list[tuple[Any, Any]] = list(node.items())
+        else:
+            slots = list(enumerate(node))
+        for slot, value in slots:
+            if isinstance(value, str):
+                value, n = text.clean(value)
+                if n:
+                    replaced += n
+                    node[slot] = value
+            elif isinstance(value, dict | list):
+                stack.append((value, depth + 1))
+    return replaced
 
 
 def _unsupported(doc: Mapping[str, Any]) -> None:
@@ -299,24 +367,29 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> ToolChoice:
     )
 
 
-def _sampling(doc: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, (name, kind, lo, hi) in _SAMPLING.items():
+def _setting(doc: Mapping[str, Any], setting: sampling.Setting) -> int | float | None:
+    """A setting of the sampling table from the first of its request fields that is given,
+    checked by the table (the same type and range as `/set` and the command line)."""
+    for key in setting.server:
         value = doc.get(key)
-        if value is None:
-            continue
-        if kind is int:
-            out[name] = _int(value, key, int(lo), int(hi))
-        else:
-            out[name] = _float(value, key, lo, hi)
-    return out
-
-
-def _max_tokens(doc: Mapping[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        if doc.get(key) is not None:
-            return _int(doc[key], key, 1, 10_000_000)
+        if value is not None:
+            try:
+                return setting.check(value, key)
+            except errors.UsageError as err:
+                raise RequestError(err.message, key) from None
     return None
+
+
+def _sampling(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler's settings the request gives, by `SamplingParams` field."""
+    given = {s.field: _setting(doc, s) for s in sampling.SAMPLER_SETTINGS}
+    return {field: value for field, value in given.items() if value is not None}
+
+
+def _limit(doc: Mapping[str, Any], key: str) -> int | None:
+    """A token limit of the table's (`max-tokens`, `budget`) as the request gives it."""
+    value = _setting(doc, sampling.BY_KEY[key])
+    return None if value is None else int(value)
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -339,24 +412,6 @@ def _include_usage(doc: Mapping[str, Any]) -> bool:
     if not isinstance(options, Mapping):
         raise RequestError("stream_options must be an object", "stream_options")
     return bool(options.get("include_usage"))
-
-
-def _int(value: Any, param: str, lo: int, hi: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RequestError(f"{param} must be an integer", param)
-    if not lo <= value <= hi:
-        raise RequestError(f"{param} must be between {lo} and {hi}, not {value}", param)
-    return value
-
-
-def _float(value: Any, param: str, lo: float, hi: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise RequestError(f"{param} must be a number", param)
-    if not lo <= value <= hi:
-        raise RequestError(f"{param} must be between {lo:g} and {hi:g}, not {value:g}", param)
-    return float(value)
 
 
 def _bool(value: Any, param: str) -> bool:

@@ -5,20 +5,28 @@ through the model's own chat template with `enable_thinking` as asked, tokenizes
 the exact ids of the previous request's prompt and answer when the new prompt starts with
 them), generates through `chat.Reply` (the same thinking splitter, budget and clock as a
 terminal turn) and hands `emit` plain events: `Accepted` once the prompt fits, then
-`ThinkingText`, `ThinkingDone`, `AnswerText` (chat's events) and `ToolCallOut` as the model
-writes, and `Finished` with the finish reason, usage and timings. `run_completion` does the
-same for a raw prompt. Request problems raise `RequestError` or a `QwenrunError` before
-`Accepted`; nothing here knows HTTP. The engine is used from one thread at a time (the
-caller's worker).
+`ThinkingText`, `ThinkingDone`, `AnswerText` (chat's events) and `ToolCallDelta` as the model
+writes, and `Finished` with the finish reason, usage, timings and the whole calls.
+`run_completion` does the same for a raw prompt. Request problems raise `RequestError` or a
+`QwenrunError` before `Accepted`; nothing here knows HTTP. The engine is used from one thread
+at a time (the caller's worker).
 
 Qwen specifics handled here:
 
 - thinking mode per request: the template's `enable_thinking`; a thinking-only model asked
   not to think gets a zero budget (it answers at once), a direct-only one simply answers;
-- tool calls: parsed from the answer by `toolcalls.ToolCallParser` with the request's tool
-  schemas; a call is emitted once complete, so a malformed one is only ever text;
-  Qwen3.5 sometimes opens `<tool_call>` before closing `<think>`: with tools in play, that
-  ends the thinking there and the call is parsed as part of the answer;
+- `reasoning_effort` per request (Qwen3.8-Flash-Next's xhigh, medium, low): passed to the
+  template when it takes that value, a 400 naming the choices when not, or that the model
+  has no such setting;
+- tool calls: parsed from the answer by `toolcalls.ToolCallParser` with the request's tools
+  and sent as `ToolCallDelta`s as the model writes them (id and name first, then argument
+  pieces); `Finished.tool_calls` lists the calls that completed. A call the model did not
+  finish (cut by max_tokens) is never listed and its streamed arguments never form JSON; its
+  text comes as content. When the model's end-of-generation or a `stop` string ends the
+  answer inside a call that is whole, it is still a call (finish reason `tool_calls`);
+- a `<tool_call>` written inside thinking (Qwen3.5 does this) is routed by
+  `answer_router.AnswerRouter`: a draft when `</think>` or more thinking follows it, the
+  answer's when the text ends without `</think>`;
 - `tool_choice` required or a named function: the call's opening is forced into the
   generation where the answer begins (after `</think>`), in the model's own format;
 - `stop` strings apply to the answer (not to the thinking), and end the generation.
@@ -33,21 +41,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from qwenrun import errors
+from qwenrun import errors, sampling
 from qwenrun.chat import AnswerText, Conversation, Reply, ThinkingDone, ThinkingText, TokenReuse
 from qwenrun.engine.llama import GenStats, SamplingParams
 from qwenrun.serve import protocol
+from qwenrun.serve.answer_router import AnswerRouter
 from qwenrun.serve.protocol import ChatRequest, CompletionRequest, RequestError
-from qwenrun.serve.toolcalls import CallDone, ToolCallParser
+from qwenrun.serve.toolcalls import CallArguments, CallDone, CallStarted, ToolCallParser
 from qwenrun.serve.toolcalls import Content as CallText
-from qwenrun.thinking import (
-    CLOSE_TAG,
-    Answer,
-    Thinking,
-    ThinkingBudget,
-    ThinkSplitter,
-    prompt_opens_thinking,
-)
+from qwenrun.template import check_effort
+from qwenrun.thinking import CLOSE_TAG, ThinkingBudget, prompt_opens_thinking
 
 if TYPE_CHECKING:
     from qwenrun.engine.llama import Engine
@@ -110,11 +113,9 @@ class ServedModel:
             "thinking": self.profile.thinking,
             "presets": {
                 mode: {
-                    "temperature": p.temperature,
-                    "top_p": p.top_p,
-                    "top_k": p.top_k,
-                    "min_p": p.min_p,
-                    "presence_penalty": p.presence_penalty,
+                    s.field: getattr(p, s.field)
+                    for s in sampling.SAMPLER_SETTINGS
+                    if getattr(p, s.field) is not None  # a preset has no seed
                 }
                 for mode, p in self.profile.presets.items()
             },
@@ -152,8 +153,23 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call as the model writes it: the first piece of a call has its id and
+    name (and maybe no arguments), the later ones only argument text. A call's pieces join to
+    its JSON arguments, which are valid JSON only once its last piece came (a call the model
+    did not finish never looks whole)."""
+
+    index: int  # the call's index in the stream (0, 1, …)
+    arguments: str
+    id: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class ToolCallOut:
-    index: int  # among the calls sent (0, 1, …)
+    """A whole call, as `Finished.tool_calls` lists it."""
+
+    index: int
     id: str
     name: str
     arguments: str
@@ -171,7 +187,7 @@ class Finished:
 
 # The thinking and answer events are chat's own (`chat.ThinkingText`, `ThinkingDone`,
 # `AnswerText`): a server's reply is a terminal turn's reply.
-Output = Accepted | ThinkingText | ThinkingDone | AnswerText | ToolCallOut | Finished
+Output = Accepted | ThinkingText | ThinkingDone | AnswerText | ToolCallDelta | Finished
 Emit = Callable[[Output], None]
 
 
@@ -206,82 +222,6 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self.matched else held
-
-
-class AnswerRouter:
-    """The server's thinking splitter (`chat.Splitter`): `ThinkSplitter`, plus two things a
-    terminal chat does not need.
-
-    With `divert_tool_calls`, a `<tool_call>` written inside thinking (Qwen3.5 does this)
-    ends the thinking: the text from the tag on goes to the answer, where the tool-call
-    parser reads it, and a later `</think>` is dropped. `on_answer` is called once, when the
-    model closes its thinking with `</think>`: the moment to force the start of the answer.
-    """
-
-    def __init__(
-        self,
-        *,
-        opened: bool,
-        divert_tool_calls: bool,
-        on_answer: Callable[[], None] | None = None,
-    ) -> None:
-        self._inner = ThinkSplitter(in_thinking=opened)
-        self._divert = divert_tool_calls
-        self._diverted = False
-        self._held = ""  # thinking text that may be the start of `<tool_call>`
-        self._on_answer = on_answer
-
-    @property
-    def in_thinking(self) -> bool:
-        return self._inner.in_thinking and not self._diverted
-
-    def feed(self, piece: str) -> list[Answer | Thinking]:
-        was_thinking = self.in_thinking
-        events = self._inner.feed(piece)
-        if self._divert:  # (else there is nothing to route: the per-token path stays short)
-            events = self._route(events)
-        closed = was_thinking and not self._inner.in_thinking and not self._diverted
-        if closed and self._on_answer is not None:
-            self._on_answer()
-            self._on_answer = None
-        return events
-
-    def flush(self) -> list[Answer | Thinking]:
-        events = self._route(self._inner.flush())
-        held, self._held = self._held, ""
-        if held:
-            events.append(Answer(held) if self._diverted else Thinking(held))
-        return events
-
-    def _route(self, events: list[Answer | Thinking]) -> list[Answer | Thinking]:
-        out: list[Answer | Thinking] = []
-        for ev in events:
-            if self._diverted:
-                out.append(Answer(ev.text))
-                continue
-            if isinstance(ev, Answer):
-                if self._held:  # a partial tag that the end of thinking proved was none
-                    out.append(Thinking(self._held))
-                    self._held = ""
-                out.append(ev)
-                continue
-            text = self._held + ev.text
-            at = text.find(TOOL_OPEN) if self._divert else -1
-            if at >= 0:
-                before = text[:at].rstrip()
-                if before:
-                    out.append(Thinking(before))
-                self._diverted, self._held = True, ""
-                out.append(Answer(text[at:]))
-                continue
-            keep = _partial_suffix(text, TOOL_OPEN) if self._divert else 0
-            body = text[: len(text) - keep]
-            if self._divert:
-                body = body.rstrip()  # whitespace before a `<tool_call>` is no one's text
-            self._held = text[len(body) :]
-            if body:
-                out.append(Thinking(body))
-        return out
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -369,13 +309,27 @@ def _usage(stats: GenStats | None, n_prompt: int, reasoning_tokens: int = 0) -> 
 # The two kinds of request
 
 
+def _template_vars(model: ServedModel, request: ChatRequest) -> dict[str, Any]:
+    """The request's template variables, with its reasoning effort once the template is
+    known to take it (a 400 otherwise: never a template error halfway through)."""
+    extra = dict(request.template_vars)
+    if request.reasoning_effort is not None:
+        try:
+            effort = check_effort(model.template, request.reasoning_effort, model.profile.name)
+        except errors.UsageError as exc:
+            raise RequestError(f"{exc.message}; {exc.hint}", "reasoning_effort") from None
+        extra["reasoning_effort"] = effort
+    return extra
+
+
 def render_prompt(model: ServedModel, request: ChatRequest, mode: Mode) -> str:
+    extra = _template_vars(model, request)
     try:
         return model.template.render(
             request.messages,
             enable_thinking=mode == "think",
             tools=request.tools if request.use_tools else None,
-            extra=request.template_vars,
+            extra=extra,
         )
     except errors.InvalidModelError as exc:
         # The messages are what the template refused (no user message, a bad order): the
@@ -452,17 +406,22 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
             return
         events = parser.feed(text) if text else []
         if final:
-            events += parser.finish()
+            # The model ended its text (end-of-generation, or a stop string cut it): a call
+            # whose `</tool_call>` never came is still whole. Cut by max_tokens: never.
+            events += parser.finish(model_ended=stop.matched or gen.finish_reason == "stop")
         for ev in events:
             if isinstance(ev, CallText):
                 content.append(ev.text)
                 emit(AnswerText(ev.text))
+            elif isinstance(ev, CallStarted):
+                emit(ToolCallDelta(ev.index, "", ev.id, ev.name))
+            elif isinstance(ev, CallArguments):
+                emit(ToolCallDelta(ev.index, ev.delta))
             elif isinstance(ev, CallDone):
-                # A call goes out whole, once `</tool_call>` closed it: one that turns out
-                # malformed is then only ever text (CallStarted/CallAborted stay in here).
-                out = ToolCallOut(len(calls), ev.call.id, ev.call.name, ev.call.arguments_json)
-                calls.append(out)
-                emit(out)
+                call = ev.call
+                calls.append(ToolCallOut(ev.index, call.id, call.name, call.arguments_json))
+            # (CallAborted: nothing to send. The call's arguments, as streamed, never close;
+            # its text follows as content, and the whole response never lists it.)
 
     for ev in reply.events():
         if isinstance(ev, AnswerText):
@@ -471,11 +430,9 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
             emit(ev)  # thinking goes out as the reply gave it
     answer("", final=True)
 
-    if stop.matched:
-        reason = "stop"
-    elif gen.finish_reason == "length":
+    if gen.finish_reason == "length" and not stop.matched:
         reason = "length"
-    elif gen.finish_reason == "cancelled":
+    elif gen.finish_reason == "cancelled" and not stop.matched:
         reason = "cancelled"
     else:
         reason = "tool_calls" if calls else "stop"
