@@ -8,8 +8,8 @@ the hub repos that carry its GGUFs (preferred first). Also: the quant quality la
 and the tensor layout a model's shape implies (`tensor_layout`, `param_counts`), which the
 size estimate in `planner/recipes.py` and the invariants test share. This module downloads
 nothing, reads no file and knows nothing about the machine. Facts come from
-../shared/reference/catalog.md (§1 shapes, §2 repos, §3 tensors, §4 sampling); where its
-sources disagree, the comment says which way this file goes and why.
+../shared/reference/catalog.md (§1 shapes, §2 repos, §3 tensors, §4 sampling) and qwen38.md
+(Qwen3.8); where sources disagree, the comment says which way this file goes and why.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from qwenrun import errors
 from qwenrun.engine.loadconfig import is_routed_expert
 
 ThinkingKind = Literal["hybrid", "thinking", "direct"]
-Arch = Literal["qwen3moe", "qwen3next", "qwen35moe"]
+Arch = Literal["qwen3moe", "qwen3next", "qwen35moe", "qwen4exp"]
 
-HYBRID_ARCHES = ("qwen3next", "qwen35moe")
+HYBRID_ARCHES = ("qwen3next", "qwen35moe", "qwen4exp")
 # The llama.cpp architectures of Qwen's GGUFs that qwenrun plans and runs (dense Qwen3 and
-# Qwen3.5 too: the same loader rules, just no routed experts to place).
-QWEN_ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35", "qwen35moe")
+# Qwen3.5 too: the same loader rules, just no routed experts to place; `qwen4exp` is
+# Qwen3.8-Flash-Next).
+QWEN_ARCHES = ("qwen3", "qwen3moe", "qwen3next", "qwen35", "qwen35moe", "qwen4exp")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class ModelShape:
     `ssm.group_count` = K heads, `ssm.time_step_rank` = V heads, `ssm.conv_kernel`).
     `mtp_layers` counts the extra multi-token-prediction block the checkpoint has; the
     usual GGUFs leave it out (unsloth ships it in separate `-MTP-GGUF` repos).
+
+    Qwen3.8-Flash-Next (`qwen4exp`) adds: `hc` residual streams mixed by hyper-connections
+    of rank `hc_rank` (they replace every plain norm); a lightning indexer on each attention
+    layer (`indexer_heads` × `indexer_dim`, keeping `indexer_top_k` cells, blocks of
+    `compress_ratio`); and an n-gram embedding (PLE) on layer `ple_layer`: a table of
+    `ple_table_rows` rows of `ple_row` values, read by (`ple_ngram` − 1) ×
+    `ple_heads_per_ngram` heads, with a convolution of `ple_conv_kernel` taps.
     """
 
     arch: Arch
@@ -80,6 +88,18 @@ class ModelShape:
     ssm_groups: int = 0
     ssm_v_heads: int = 0
     ssm_conv_kernel: int = 0
+    hc: int = 0
+    hc_rank: int = 0
+    indexer_heads: int = 0
+    indexer_dim: int = 0
+    indexer_top_k: int = 0
+    compress_ratio: int = 0
+    ple_row: int = 0
+    ple_ngram: int = 0
+    ple_heads_per_ngram: int = 0
+    ple_table_rows: int = 0
+    ple_layer: int = 0
+    ple_conv_kernel: int = 0
 
     @property
     def is_hybrid(self) -> bool:
@@ -100,7 +120,13 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One checkpoint of the family. `params_*` are the model card's figures, in billions."""
+    """One checkpoint of the family. `params_*` are the model card's figures, in billions.
+
+    `unverified` says, in a sentence a plan shows, what of the entry rests on published sizes
+    or third-party configs rather than a GGUF header read (empty: nothing). `published` are
+    file sizes in bytes by quant, for models whose sizes cannot be read from a header here:
+    the estimate of such a quant is brought to that size (`planner/recipes.estimate`).
+    """
 
     name: str
     display: str
@@ -111,6 +137,8 @@ class ModelSpec:
     repos: tuple[str, ...]
     params_total: float
     params_active: float
+    unverified: str = ""
+    published: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def __hash__(self) -> int:
         # `presets` is a mapping, so the generated hash would fail; the name is unique.
@@ -176,6 +204,43 @@ SHAPE_QWEN35_397B = ModelShape(
     vocab_size=_QWEN35_VOCAB, n_ctx_native=262_144, full_attention_interval=4, mtp_layers=1,
     ssm_state=128, ssm_groups=16, ssm_v_heads=64, ssm_conv_kernel=4,
 )  # fmt: skip
+# Qwen3.8-Flash-Next (qwen38.md §1.1: transformers' configuration_qwen4_exp.py and the real
+# config in test fixtures; shapes as the pinned llama.cpp's qwen4exp.cpp creates them). Its 4B
+# MTP layer is not in the GGUFs: mtp_layers 0. The n-gram table: 320,001,536 rows of 160.
+SHAPE_QWEN38_FLASH_NEXT = ModelShape(
+    arch="qwen4exp", n_layer=48, n_embd=2560, n_head=24, n_head_kv=2, head_dim=256,
+    n_expert=512, n_expert_used=10, expert_ff=640, shared_expert_ff=640,
+    vocab_size=_QWEN35_VOCAB, n_ctx_native=262_144, full_attention_interval=4,
+    ssm_state=128, ssm_groups=16, ssm_v_heads=48, ssm_conv_kernel=4,
+    hc=4, hc_rank=320, indexer_heads=4, indexer_dim=128, indexer_top_k=2048, compress_ratio=4,
+    ple_row=160, ple_ngram=3, ple_heads_per_ngram=8, ple_table_rows=320_001_536, ple_layer=1,
+    ple_conv_kernel=4,
+)  # fmt: skip
+# Qwen3.8-2.4T-A95B (no header reachable): 92 layers, 512 experts top-10 + 1 shared, hidden
+# 8192, 64 Q / 4 KV heads, GDN 128 V / 16 QK heads are third-party readings of its card
+# (qwen38.md §1); head_dim 256 and expert FFN 2048 (shared too, as in Qwen3.5) make 2.42T
+# total and 95.3B active parameters, and BF16 4.84 TB (+ its MTP block: the 4.89 published).
+SHAPE_QWEN38_2_4T = ModelShape(
+    arch="qwen35moe", n_layer=92, n_embd=8192, n_head=64, n_head_kv=4, head_dim=256,
+    n_expert=512, n_expert_used=10, expert_ff=2048, shared_expert_ff=2048,
+    vocab_size=_QWEN35_VOCAB, n_ctx_native=262_144, full_attention_interval=4, mtp_layers=1,
+    ssm_state=128, ssm_groups=16, ssm_v_heads=128, ssm_conv_kernel=4,
+)  # fmt: skip
+
+# unsloth's published sizes (bytes) where no header is reachable (qwen38.md §1-2). Flash-Next:
+# exact bytes where a pin gives them. 2.4T: one size per bit class, taken as that class's usual
+# unsloth quant; its 1-bit figure is 1.3 bits per weight for 2.42T parameters, below IQ1_S's
+# 1.56, so one of the sources is off.
+_PUBLISHED_FLASH_NEXT = MappingProxyType({
+    "UD-IQ1_S": 72_500_000_000, "UD-Q2_K_XL": 78_900_000_000, "UD-IQ3_XXS": 81_961_823_936,
+    "UD-Q3_K_XL": 89_986_353_824, "UD-IQ4_XS": 93_700_000_000, "UD-Q4_K_XL": 111_334_654_784,
+    "UD-Q5_K_XL": 158_300_000_000, "UD-Q6_K_XL": 169_200_000_000, "Q8_0": 188_200_000_000,
+    "BF16": 355_000_000_000,
+})  # fmt: skip
+_PUBLISHED_2_4T = MappingProxyType({
+    "UD-IQ1_S": 397_000_000_000, "UD-Q2_K_XL": 657_000_000_000, "UD-Q3_K_XL": 956_000_000_000,
+    "UD-Q4_K_XL": 1_310_000_000_000, "BF16": 4_890_000_000_000,
+})  # fmt: skip
 
 # ------------------------------------------------------------------------------ sampling
 # catalog.md §4.
@@ -204,6 +269,13 @@ PRESETS_QWEN35 = _presets(
 # Qwen3.6's thinking presence_penalty: its own (FP8) card says 1.5, the 3.6-27B card and
 # unsloth's guide say 0.0. This model's own card wins, which also matches Qwen3.5.
 PRESETS_QWEN36 = PRESETS_QWEN35
+# Qwen3.8's cards (qwen38.md §4): thinking 1.0/0.95/20, no presence penalty (as its
+# generation_config.json); direct 0.7/0.8/20 with presence 1.5. 2.4T only thinks.
+_QWEN38_THINK = SamplingPreset(1.0, 0.95, 20, 0.0)
+PRESETS_QWEN38 = _presets(
+    think=_QWEN38_THINK, direct=SamplingPreset(0.7, 0.8, 20, 0.0, presence_penalty=1.5)
+)
+PRESETS_QWEN38_THINKING = _presets(think=_QWEN38_THINK)
 
 # ------------------------------------------------------------------------------ the catalog
 # Repos: catalog.md §2.1, official Qwen first where it exists (a downloader takes the first
@@ -414,6 +486,55 @@ CATALOG: tuple[ModelSpec, ...] = (
         params_total=397.0,
         params_active=17.0,
     ),
+    # qwen38.md §1: built on Qwen3.5-35B-A3B-Base: that model's shape, thinking and presets
+    # are presumed (no header read). The unsloth repo is the one its hub discussions name.
+    ModelSpec(
+        name="qwen-agentworld-35b-a3b",
+        display="Qwen-AgentWorld-35B-A3B",
+        aliases=("qwen-agentworld", "qwen-agentworld-35b"),
+        shape=SHAPE_QWEN35_35B,
+        thinking="hybrid",
+        presets=PRESETS_QWEN35,
+        repos=("unsloth/Qwen-AgentWorld-35B-A3B-GGUF",),
+        params_total=35.0,
+        params_active=3.0,
+        unverified=(
+            "its shape is presumed to be Qwen3.5-35B-A3B's (the model it is built on): no "
+            "GGUF header of it was read"
+        ),
+    ),
+    ModelSpec(
+        name="qwen3.8-flash-next",
+        display="Qwen3.8-Flash-Next",
+        aliases=(),
+        shape=SHAPE_QWEN38_FLASH_NEXT,
+        thinking="hybrid",
+        presets=PRESETS_QWEN38,
+        repos=("unsloth/Qwen3.8-Flash-Next-GGUF", "bartowski/Qwen3.8-Flash-Next-GGUF"),
+        params_total=176.9,  # 125B main + the 51.2B n-gram table, as the GGUF holds them
+        params_active=6.0,
+        unverified=(
+            "no header of its GGUFs was read here: sizes are the quant recipes' brought to "
+            "unsloth's published file sizes"
+        ),
+        published=_PUBLISHED_FLASH_NEXT,
+    ),
+    ModelSpec(
+        name="qwen3.8-2.4t-a95b",
+        display="Qwen3.8-2.4T-A95B",
+        aliases=("qwen3.8-2.4t",),
+        shape=SHAPE_QWEN38_2_4T,
+        thinking="thinking",  # its template raises on enable_thinking=false
+        presets=PRESETS_QWEN38_THINKING,
+        repos=("unsloth/Qwen3.8-2.4T-A95B-GGUF",),
+        params_total=2400.0,
+        params_active=95.0,
+        unverified=(
+            "its head and expert sizes are inferred from the published parameter counts, and "
+            "its sizes are unsloth's published ones per bit class (no GGUF header was read)"
+        ),
+        published=_PUBLISHED_2_4T,
+    ),
 )
 
 
@@ -533,7 +654,7 @@ def _delta_net(p: str, s: ModelShape) -> list[TensorShape]:
         TensorShape(p + "ssm_norm.weight", (s.ssm_state,)),
         TensorShape(p + "ssm_out.weight", (vd, s.n_embd)),
     ]
-    if s.arch == "qwen35moe":
+    if s.arch in ("qwen35moe", "qwen4exp"):
         out += [
             TensorShape(p + "ssm_beta.weight", (s.n_embd, s.ssm_v_heads)),
             TensorShape(p + "ssm_alpha.weight", (s.n_embd, s.ssm_v_heads)),
@@ -584,12 +705,63 @@ def _mtp_block(i: int, s: ModelShape) -> list[TensorShape]:
     ]
 
 
+NGRAM_TABLE = "per_layer_token_embd.weight"
+
+
+def _hc_mixer(name: str, s: ModelShape) -> list[TensorShape]:
+    """One hyper-connection mixer (`hc_attn`, `hc_ffn`, or the final `output_hc`): grouped
+    RMSNorm gammas, the low-rank down/up projections, and (in blocks) the stream injection."""
+    h, hc, r = s.n_embd, s.hc, s.hc_rank
+    out = [
+        TensorShape(f"{name}_norm.weight", (h, hc)),
+        TensorShape(f"{name}_down.weight", (hc * h, r)),
+        TensorShape(f"{name}_up.weight", (r, hc * h)),
+    ]
+    if not name.startswith("output"):
+        out.append(TensorShape(f"{name}_inject.weight", (hc * h, hc)))
+    return out
+
+
+def _qwen4exp_block(i: int, s: ModelShape) -> list[TensorShape]:
+    """A Qwen3.8-Flash-Next block as src/models/qwen4exp.cpp creates it: two HC mixers in
+    place of the norms; gated attention with the lightning indexer, or a Gated DeltaNet; the
+    n-gram module on its one layer; the MoE with its gated shared expert."""
+    p, h, hc = f"blk.{i}.", s.n_embd, s.hc
+    out = _hc_mixer(p + "hc_attn", s) + _hc_mixer(p + "hc_ffn", s)
+    if s.is_attention_layer(i):
+        d = s.indexer_dim
+        out += [
+            *_attention(p, s),
+            TensorShape(p + "indexer.q_proj.weight", (h, s.indexer_heads * d)),
+            TensorShape(p + "indexer.k_proj.weight", (h, d)),
+            TensorShape(p + "indexer.q_norm.weight", (d,)),
+            TensorShape(p + "indexer.k_norm.weight", (d,)),
+        ]
+    else:
+        out += _delta_net(p, s)
+    if i == s.ple_layer and s.ple_table_rows:
+        out += [
+            TensorShape(p + "ple_key.weight", (h, hc * h)),
+            TensorShape(p + "ple_value.weight", (h, h)),
+            *(TensorShape(p + f"ple_norm_{n}.weight", (h, hc)) for n in ("key", "query", "conv")),
+            TensorShape(p + "ple_conv1d.weight", (s.ple_conv_kernel, hc * h)),
+        ]
+    return out + _moe(p, s)
+
+
 def tensor_layout(shape: ModelShape, *, include_mtp: bool = False) -> tuple[TensorShape, ...]:
     """Every tensor of the model's GGUF, in llama.cpp's names and ggml shapes.
 
     Qwen MoE models do not tie embeddings, so `output.weight` is its own tensor.
     """
     h, v = shape.n_embd, shape.vocab_size
+    if shape.arch == "qwen4exp":
+        # No output_norm: the final hyper-connection mixer takes its place.
+        head = [TensorShape("token_embd.weight", (h, v)), *_hc_mixer("output_hc", shape)]
+        if shape.ple_table_rows:
+            head.append(TensorShape(NGRAM_TABLE, (shape.ple_row, shape.ple_table_rows)))
+        blocks = [t for i in range(shape.n_layer) for t in _qwen4exp_block(i, shape)]
+        return (*head, *blocks, TensorShape("output.weight", (h, v)))
     out = [TensorShape("token_embd.weight", (h, v))]
     for i in range(shape.n_layer):
         out += _block(i, shape, attention=shape.is_attention_layer(i))
@@ -613,7 +785,8 @@ def param_counts(shape: ModelShape) -> ParamCounts:
     """Total and per-token active parameters implied by the shape.
 
     Active = everything except the routed experts, plus n_expert_used / n_expert of them:
-    the convention of the Qwen3 cards (3.3B for 30B-A3B counts the embeddings).
+    the convention of the Qwen3 cards (3.3B for 30B-A3B counts the embeddings). An n-gram
+    table is in the total (the GGUF holds it) but not active: a token reads 16 of its rows.
     """
     layout = tensor_layout(shape)
     total = sum(t.n_elements for t in layout)
@@ -621,5 +794,6 @@ def param_counts(shape: ModelShape) -> ParamCounts:
     embeddings = sum(
         t.n_elements for t in layout if t.name in ("token_embd.weight", "output.weight")
     )
-    active = total - routed + routed * shape.n_expert_used // shape.n_expert
+    table = sum(t.n_elements for t in layout if t.name == NGRAM_TABLE)
+    active = total - table - routed + routed * shape.n_expert_used // shape.n_expert
     return ParamCounts(total=total, routed_experts=routed, active=active, embeddings=embeddings)

@@ -1,7 +1,8 @@
 """A conversation with a loaded model, and one turn of it as a stream of events.
 
 Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's
-own chat template (`template.ChatTemplate`, `enable_thinking` set per turn), picks the
+own chat template (`template.ChatTemplate`, `enable_thinking` set per turn, and the
+`reasoning_effort` asked for when the template has one: `set_effort`), picks the
 sampling preset for the turn's mode, and saves and loads JSON transcripts; thinking text is
 kept for the transcript but never sent back to the model (Qwen's guidance). Turns and the
 transcript file format are `transcript.py`'s (a save is all or nothing and a load that fails
@@ -37,9 +38,11 @@ from qwenrun.template import (
     ChatTemplate,
     Mode,
     ModelProfile,
+    check_effort,
     fallback_template,
     match_catalog,
     model_profile,
+    reasoning_efforts,
 )
 from qwenrun.thinking import Answer, Thinking, ThinkingBudget, ThinkSplitter, prompt_opens_thinking
 from qwenrun.transcript import (
@@ -113,7 +116,8 @@ class TokenReuse:
 
 
 class Conversation:
-    """System prompt, turns, mode, thinking budget and sampling settings of one chat."""
+    """System prompt, turns, mode, reasoning effort, thinking budget and sampling settings of
+    one chat."""
 
     def __init__(
         self,
@@ -124,6 +128,7 @@ class Conversation:
         mode: Mode | None = None,
         budget: int | None = None,
         settings: Mapping[str, Any] | None = None,
+        effort: str | None = None,
     ) -> None:
         self.template = template
         self.profile = profile
@@ -132,6 +137,8 @@ class Conversation:
         self.mode: Mode = profile.default_mode
         if mode is not None:
             self.set_mode(mode)
+        self.effort: str | None = None  # None: the template's own default
+        self.set_effort(effort)
         self.budget: int | None = None
         self.set_budget(budget)
         self.settings: dict[str, Any] = {}
@@ -176,6 +183,18 @@ class Conversation:
                 hint="/budget 0 (or --budget 0) makes it answer at once",
             )
         self.mode = mode
+
+    def set_effort(self, effort: str | None) -> None:
+        """The template's `reasoning_effort` from the next prompt on (None: its default);
+        a `UsageError` for a value the template refuses, or a model without the setting."""
+        self.effort = (
+            None if effort is None else check_effort(self.template, effort, self.profile.name)
+        )
+
+    @property
+    def efforts(self) -> tuple[str, ...]:
+        """The reasoning efforts this model's template takes (none: no such setting)."""
+        return reasoning_efforts(self.template)
 
     def set_budget(self, budget: int | None) -> None:
         if budget is not None:
@@ -222,7 +241,10 @@ class Conversation:
         return out
 
     def render(self, pending: str) -> str:
-        return self.template.render(self.messages(pending), enable_thinking=self.enable_thinking)
+        extra = {"reasoning_effort": self.effort} if self.effort else None
+        return self.template.render(
+            self.messages(pending), enable_thinking=self.enable_thinking, extra=extra
+        )
 
     def tokens_for(self, engine: Engine, prompt: str) -> list[int]:
         """The prompt's tokens; the last prompt and answer reused as the very same ids."""

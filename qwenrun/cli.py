@@ -166,6 +166,12 @@ class PlaceFlags:
     gpu_layers: int | None = typer.Option(
         None, "--gpu-layers", help="Layers on the GPU (default: all)."
     )
+    ngram_table: str | None = typer.Option(
+        None,
+        "--ngram-table",
+        help="Qwen3.8-Flash-Next's n-gram table: ram (read at load) or disk (rows read as "
+        "needed). Default: RAM when it fits beside everything else.",
+    )
     prefer: str = typer.Option(
         "balanced",
         "--prefer",
@@ -194,6 +200,7 @@ class PlaceFlags:
             n_cpu_moe=self.n_cpu_moe,
             cpu_moe_from=self.cpu_moe_from,  # type: ignore[arg-type]  # Wishes.validate checks
             n_gpu_layers=self.gpu_layers,
+            ngram_table=self.ngram_table,  # type: ignore[arg-type]  # Wishes.validate checks
             threads=self.threads,
             prefer=self.prefer,  # type: ignore[arg-type]  # Wishes.validate checks
             **more,
@@ -245,6 +252,9 @@ class ChatFlags:
         help="Keep thinking on screen, not folded (piped: on stderr, never on stdout).",
     )
     system: str | None = typer.Option(None, "--system", help="The system prompt.")
+    effort: str | None = typer.Option(
+        None, "--effort", help="Reasoning effort (Qwen3.8-Flash-Next: xhigh, medium, low)."
+    )
 
     def settings(self) -> dict[str, int | float]:
         """The sampling table's options that were given, by field (`temperature`, `budget`),
@@ -271,7 +281,7 @@ class ChatFlags:
         from qwenrun.ui.talk import given
 
         system = given(self.system, "the system prompt") if self.system else None
-        return {"system": system, "mode": mode, **own, "settings": settings}
+        return {"system": system, "mode": mode, "effort": self.effort, **own, "settings": settings}
 
 
 # The keyword-only parameter of a command that receives each group.

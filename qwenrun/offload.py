@@ -24,8 +24,9 @@ planner decide X" starts here:
 The rules, each stated in a plan's reasons when it matters: user settings are constraints,
 not an off switch (a fixed quant, context, KV type or placement is kept and the rest fitted
 around it); quality first, with a context of 16,384 tokens or more before it; within a quant
-the context, then speed; routed experts leave the GPU before whole layers do; a measured
-placement wins only when it is faster beyond the spread of its runs.
+the context, then speed; routed experts leave the GPU before whole layers do; an n-gram table
+(Qwen3.8-Flash-Next) is read into RAM when it fits beside everything else, else left in the
+file; a measured placement wins only when it is faster beyond the spread of its runs.
 """
 
 from __future__ import annotations

@@ -4,13 +4,17 @@ Contract: `ChatTemplate` renders a GGUF's `tokenizer.chat_template` the way llam
 formatter does (jinja2's immutable sandbox, `enable_thinking` passed per render), so a
 template can never touch the machine; a template that fails is the model's problem, reported
 as an `InvalidModelError`. `detect_thinking_kind` learns by rendering whether the model is
-hybrid, thinking-only or direct-only; `model_profile` adds Qwen's sampling presets per mode
-(the catalog's, or Qwen3's defaults for a GGUF the catalog does not know). Nothing here
-tokenizes, runs the model or keeps a conversation (`chat.py` does).
+hybrid, thinking-only (its template always opens `<think>`, or refuses
+`enable_thinking=false`, as Qwen3.8-2.4T-A95B's does) or direct-only; `reasoning_efforts`
+learns which `reasoning_effort` values the template takes (Qwen3.8-Flash-Next: xhigh, medium,
+low), `check_effort` refuses any other in one line; `model_profile` adds Qwen's sampling
+presets per mode (the catalog's, or Qwen3's defaults for a GGUF the catalog does not know).
+Nothing here tokenizes, runs the model or keeps a conversation (`chat.py` does).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -128,18 +132,67 @@ def fallback_template() -> str:
     return (Path(__file__).parent / "synthetic" / "templates" / "qwen3.jinja").read_text("utf-8")
 
 
+_PROBE = ({"role": "user", "content": "hi"},)
+
+
 def detect_thinking_kind(template: ChatTemplate) -> ThinkingKind:
     """What the template supports, learnt by rendering it: the truth for this very file.
 
-    `enable_thinking` changes the prompt → hybrid; the prompt always opens `<think>` →
-    thinking-only; neither → direct-only.
+    A template that refuses `enable_thinking=false` (Qwen3.8-2.4T-A95B's raises) or whose
+    prompt always opens `<think>` → thinking-only; `enable_thinking` changes the prompt →
+    hybrid; neither → direct-only.
     """
-    probe = [{"role": "user", "content": "hi"}]
-    on = template.render(probe, enable_thinking=True)
-    off = template.render(probe, enable_thinking=False)
+    on = template.render(_PROBE, enable_thinking=True)
+    try:
+        off = template.render(_PROBE, enable_thinking=False)
+    except errors.InvalidModelError:
+        return "thinking"  # it has no direct mode, and says so by refusing to render one
     if on != off:
         return "hybrid"
     return "thinking" if prompt_opens_thinking(on) else "direct"
+
+
+# `reasoning_effort` values worth asking a template about: OpenAI's and Qwen3.8's words.
+EFFORT_WORDS = ("max", "xhigh", "high", "medium", "low", "minimal", "none")
+
+
+@functools.lru_cache(maxsize=16)
+def _efforts(source: str) -> tuple[str, ...]:
+    if "reasoning_effort" not in source:
+        return ()
+    template = ChatTemplate(source)
+    out = []
+    for word in EFFORT_WORDS:
+        try:
+            template.render(_PROBE, enable_thinking=True, extra={"reasoning_effort": word})
+        except errors.InvalidModelError:
+            continue  # the template refuses this one (Qwen3.8's raises on anything else)
+        out.append(word)
+    return tuple(out)
+
+
+def reasoning_efforts(template: ChatTemplate) -> tuple[str, ...]:
+    """The `reasoning_effort` values the template takes, learnt by rendering each word of
+    `EFFORT_WORDS`; () when its text never mentions `reasoning_effort`."""
+    return _efforts(template.source)
+
+
+def check_effort(template: ChatTemplate, effort: str, model: str) -> str:
+    """`effort` (any case) if the template takes it, else a one-line `UsageError` that says
+    what the model takes, or that it has no reasoning effort setting at all."""
+    efforts = reasoning_efforts(template)
+    if not efforts:
+        raise errors.UsageError(
+            f"{model} has no reasoning effort setting (its chat template takes none)",
+            hint="reasoning effort is for models such as Qwen3.8-Flash-Next",
+        )
+    word = effort.strip().lower()
+    if word not in efforts:
+        raise errors.UsageError(
+            f"reasoning effort {effort!r} is not one {model} takes",
+            hint=f"choose {', '.join(efforts)}",
+        )
+    return word
 
 
 # --------------------------------------------------------------------------------------

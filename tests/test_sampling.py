@@ -128,12 +128,12 @@ def test_the_command_line_options_are_the_tables(command: str):
         assert option.help == s.help
         assert option.default is None  # not given: the preset (or no limit) applies
     chat_flags = {f.name for f in dataclasses.fields(cli.ChatFlags)}
-    assert chat_flags == {"think", "show_thinking", "system"} | {s.attr for s in SETTINGS}
+    assert chat_flags == {"think", "show_thinking", "system", "effort"} | {s.attr for s in SETTINGS}
 
 
 def test_the_command_line_hands_each_setting_to_the_conversation_by_field():
     given = {s.attr: s.hi for s in SETTINGS}
-    flags = cli.ChatFlags(think=None, show_thinking=False, system=None, **given)
+    flags = cli.ChatFlags(think=None, show_thinking=False, system=None, effort=None, **given)
     kwargs = flags.conversation()
     assert kwargs["settings"] == {s.field: s.hi for s in SET_SETTINGS}
     assert kwargs["budget"] == sampling.BY_KEY["budget"].hi

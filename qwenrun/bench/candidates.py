@@ -6,7 +6,8 @@ with a short label and its `LoadConfig`: with a GPU and routed experts in RAM, o
 layer more and one fewer, the other run of layers (first N ↔ last N), and a few thread counts
 (the physical cores; one fewer, for the CUDA driver's thread; the logical cores); with every
 expert on the GPU, or a plan over several devices, thread counts only; on a CPU-only machine,
-thread counts and memory-mapped or loaded weights. Only placements that fit the budget are listed. Nothing is loaded here.
+thread counts and memory-mapped or loaded weights. Only placements that fit the budget are
+listed. Nothing is loaded here.
 """
 
 from __future__ import annotations

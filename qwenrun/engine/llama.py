@@ -1,9 +1,10 @@
 """The engine: one loaded model and its context; load with a placement, stream tokens.
 
 Contract: an `Engine` loads a GGUF with a `LoadConfig` (placement through llama.cpp's tensor
-buffer-type overrides, built by `native`), creates its context, and streams generated text
-through `Generation`. It uses llama-cpp-python 0.3.36's low-level bindings only (through
-`native.bindings()`, so importing this module loads nothing):
+buffer-type overrides built by `native`; workers, devices and split through `rpc.prepare`),
+creates its context, and streams generated text through `Generation`. It uses
+llama-cpp-python 0.3.36's low-level bindings only (through `native.bindings()`, so importing
+this module loads nothing):
 
 - decoding: `llama_decode` on a reused one-token batch, a native sampler chain, and
   `llama_token_to_piece`, with nothing in the per-token loop that the loop does not need;
@@ -28,6 +29,7 @@ import codecs
 import contextlib
 import ctypes
 import functools
+import os
 import threading
 import time
 from collections import deque
@@ -37,8 +39,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from qwenrun import errors, hwprobe
-from qwenrun.engine import promptcache
+from qwenrun import errors
+from qwenrun.engine import promptcache, rpc
 from qwenrun.engine.checkpoints import (
     ChatMarks,
     CheckpointStore,
@@ -50,6 +52,7 @@ from qwenrun.engine.checkpoints import (
 from qwenrun.engine.llamalog import LOG, OOM_RE, PlacementReport, load_failure, parse_placement
 from qwenrun.engine.loadconfig import KV_TYPES, LoadConfig
 from qwenrun.engine.native import bindings, loaded, override_array
+from qwenrun.text import clean
 
 # --------------------------------------------------------------------------------------
 # Plain values the rest of qwenrun sees
@@ -84,6 +87,7 @@ class GenStats:
     # held them), "checkpoint" (a hybrid's checkpoint restored), "disk" (the prompt cache).
     reused_tokens: int = 0
     reused_from: str = ""
+    reuse_ms: float = 0.0  # restoring them (a disk read): not counted in prefill_tok_s
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -107,6 +111,7 @@ class Reuse:
 
     n_tokens: int
     source: str  # "", "cache", "checkpoint", "disk"
+    seconds: float = 0.0  # spent restoring them (reading the disk cache): not prefill
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,9 @@ class Engine:
         mparams.n_gpu_layers = config.placement.n_gpu_layers
         mparams.load_mode = lc.LLAMA_LOAD_MODE_MMAP if config.mmap_enabled() else 0
         mparams.use_extra_bufts = config.extra_bufts
+        if config.lazy_table is not None:  # else llama.cpp's AUTO (lazy above 4 GiB)
+            mparams.lazy_mode = lc.LLAMA_LAZY_MODE_ON if config.lazy_table else 0
+        chosen = rpc.prepare(config.placement, mparams)  # workers, devices, split: first
         patterns = config.placement.override_patterns()
         arr, encoded = override_array(patterns) if patterns else (None, [])
         if arr is not None:
@@ -223,7 +231,7 @@ class Engine:
         mparams.progress_callback = progress_cb
         # The override array and its strings must outlive the model (llama.cpp keeps the
         # pointer in the model's params), so the engine holds them until close().
-        self._keep = (arr, encoded, progress_cb)
+        self._keep = (arr, encoded, progress_cb, chosen)
 
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if interrupted:
@@ -240,7 +248,10 @@ class Engine:
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = min(config.n_ubatch, config.n_batch)
         cparams.n_seq_max = 1
-        threads = config.n_threads or hwprobe.default_threads()
+        cparams.n_outputs_max = config.n_outputs_max  # one token's logits per batch
+        # A plan always sets the threads (the physical cores by default); a load without
+        # one (tests, the CPU check) takes every CPU.
+        threads = config.n_threads or os.cpu_count() or 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
@@ -269,6 +280,7 @@ class Engine:
                 hint="try a smaller --ctx, or a quantized KV cache with flash attention",
             )
         self._ctx = ctx
+        rpc.harden_connections(config.placement.rpc_workers)
         self._vocab = lc.llama_model_get_vocab(model)
         self._mem = lc.llama_get_memory(ctx)
         self.n_ctx = int(lc.llama_n_ctx(ctx))
@@ -373,7 +385,9 @@ class Engine:
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Text → token ids; `special` parses `<|im_start|>` and friends as single tokens."""
         lc = bindings()
-        data = text.encode("utf-8")
+        # The last guard of `qwenrun.text`'s rule: text is cleaned (and the user told) where
+        # it enters; one that slips through must still not kill the engine at `encode`.
+        data = clean(text)[0].encode("utf-8")
         cap = len(data) + 8
         arr = (lc.llama_token * cap)()
         n = lc.llama_tokenize(self._vocab, data, len(data), arr, cap, False, special)
@@ -628,10 +642,11 @@ class Engine:
         chain = lc.llama_sampler_chain_init(sp)
         add = lc.llama_sampler_chain_add
         if s.repeat_penalty != 1.0 or s.presence_penalty != 0.0:
-            add(
-                chain,
-                lc.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, s.presence_penalty),
+            # This build's llama.cpp takes the vocabulary size first (llama.h of 0.3.36).
+            penalties = lc.llama_sampler_init_penalties(
+                self.meta.n_vocab, 64, s.repeat_penalty, 0.0, s.presence_penalty
             )
+            add(chain, penalties)
         if s.ban_eog:
             add(chain, self._eog_ban())
         if s.temperature <= 0:
@@ -684,6 +699,10 @@ class Generation:
         """Decode these tokens next instead of sampling (e.g. close a thinking block)."""
         self._forced.extend(self._engine.tokenize(text, special=True))
 
+    def forced_length(self, text: str) -> int:
+        """How many tokens `force_text(text)` would add (they count against `max_tokens`)."""
+        return len(self._engine.tokenize(text, special=True))
+
     def __iter__(self) -> Iterator[str]:
         return self
 
@@ -705,6 +724,7 @@ class Generation:
         chain = eng._sampler_chain(self._sampling)
         try:
             reuse = eng._reuse_prefix(self._prompt)
+            reuse = Reuse(reuse.n_tokens, reuse.source, time.perf_counter() - t0)
             n_keep = reuse.n_tokens
             new = self._prompt[n_keep:]
             if not eng._prefill(self._prompt, n_keep, self._cancel):
@@ -714,8 +734,8 @@ class Generation:
                 n_eval = len(eng._cache) - n_keep
                 self.stats = self._stats(lc, chain, t0, t, 0.0, t, n_eval, reuse)
                 return
+            t_prefill = time.perf_counter()  # the save below is not prefill either
             eng._save_to_disk(self._prompt)
-            t_prefill = time.perf_counter()
 
             # The hot loop: sample, piece, decode. Everything else is kept out of it or
             # made O(1): a reused one-token batch, cached pieces, bound locals.
@@ -787,7 +807,7 @@ class Generation:
         pc = lc.llama_perf_context(self._engine._ctx)
         ps = lc.llama_perf_sampler(chain)
         n = len(self.tokens)
-        prefill_s = t_prefill - t0
+        prefill_s = t_prefill - t0 - reuse.seconds
         # Decode speed: tokens after the first, over the time after the first.
         decode_s = (t_end - t_first) if t_first else 0.0
         return GenStats(
@@ -802,6 +822,7 @@ class Generation:
             llama_sample_ms=float(ps.t_sample_ms),
             reused_tokens=reuse.n_tokens,
             reused_from=reuse.source,
+            reuse_ms=reuse.seconds * 1000,
         )
 
 

@@ -4,7 +4,17 @@ Contract: llama.cpp's log callback is process-global, so `LOG` is the one router
 every line (all levels) and echoes them to stderr when verbose. An engine marks where its
 load began and reads the lines after that mark. From those lines this module reads what
 llama.cpp actually did (`PlacementReport`: overridden tensors, buffer sizes, offloaded
-layers) and turns a failed load into an error a user can act on. It never calls llama.cpp.
+layers, tensors left in the file) and turns a failed load into an error a user can act on.
+It never calls llama.cpp.
+
+How the buffer lines read: a `model` line with mmap (`CPU_Mapped`) is the span of the file
+that buffer's tensors lie in, which can take in bytes another buffer holds (a tensor copied
+to an extra buffer type, a lazily read tensor lying between the others). A tensor llama.cpp
+reads lazily (Qwen3.8-Flash-Next's n-gram table: `lazy read enabled`) gets a mapped buffer of
+its own, listed after every other model buffer (llama.cpp orders lazy contexts last): that
+line is kind "lazy", mapped file and not memory. Qwen3.8-Flash-Next's indexer cache is a
+second KV cache, logged after `creating indexer KV cache`: its lines are kind "kv" with part
+"indexer", so `total("kv")` is both caches and `total("kv", part="indexer")` the indexer's.
 """
 
 from __future__ import annotations
@@ -24,9 +34,10 @@ from qwenrun.engine.loadconfig import layer_of
 
 @dataclass(frozen=True)
 class BufferSize:
-    kind: str  # "model" | "kv" | "rs" | "compute" | "output"
+    kind: str  # "model" | "kv" | "rs" | "compute" | "output" | "lazy" (a tensor left in the file)
     buft: str  # llama.cpp's buffer name: "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA0", ...
     n_bytes: int
+    part: str = ""  # "indexer": the lightning indexer's cache (a "kv" buffer)
 
 
 @dataclass(frozen=True)
@@ -37,14 +48,20 @@ class PlacementReport:
     cpu_moe_layers: tuple[int, ...]
     overridden_tensors: tuple[tuple[str, str], ...]
     buffers: tuple[BufferSize, ...]
+    lazy_tensors: tuple[str, ...] = ()  # read from the file as needed (`lazy read enabled`)
 
-    def total(self, kind: str | None = None, device: str | None = None) -> int:
+    def total(
+        self, kind: str | None = None, device: str | None = None, part: str | None = None
+    ) -> int:
         """Bytes of the buffers of one kind and/or one device ("CPU" covers CPU_Mapped etc.;
-        a worker's "host:port" covers each of its devices' `RPCn[host:port]` buffers)."""
+        a worker's "host:port" covers each of its devices' `RPCn[host:port]` buffers), and
+        of one part of a kind ("indexer") when asked."""
         return sum(
             b.n_bytes
             for b in self.buffers
-            if (kind is None or b.kind == kind) and (device is None or _on_device(b.buft, device))
+            if (kind is None or b.kind == kind)
+            and (device is None or _on_device(b.buft, device))
+            and (part is None or b.part == part)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,18 +70,22 @@ class PlacementReport:
             "cpu_moe_layers": list(self.cpu_moe_layers),
             "overridden_tensors": [{"tensor": t, "buffer": b} for t, b in self.overridden_tensors],
             "buffers": [asdict(b) for b in self.buffers],
+            "lazy_tensors": list(self.lazy_tensors),
         }
 
 
 def _on_device(buft: str, device: str) -> bool:
     if device.upper() == "CPU":
-        return buft.upper().startswith("CPU") or buft.upper().endswith("_HOST")
+        # CPU, CPU_Mapped, CPU_REPACK, pinned CUDA_Host, and AMX: the CPU's AMX copies
+        return buft.upper().startswith(("CPU", "AMX")) or buft.upper().endswith("_HOST")
     return buft == device or (buft.startswith("RPC") and buft.endswith(f"[{device}]"))
 
 
 _OVERRIDE_RE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 _BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
 _OFFLOADED_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+_LAZY_RE = re.compile(r"tensor (\S+) \(size = \d+ MiB\) lazy read enabled")
+_INDEXER_CACHE = "creating indexer KV cache"
 # How llama.cpp and ggml say that a buffer did not fit (host or device memory).
 OOM_RE = re.compile(r"out of memory|failed to allocate|unable to allocate", re.IGNORECASE)
 # ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (ggml.h). llama-cpp-python's
@@ -123,14 +144,26 @@ LOG = _LogRouter()
 def parse_placement(lines: list[str], n_gpu_layers: int) -> PlacementReport:
     overridden: list[tuple[str, str]] = []
     buffers: list[BufferSize] = []
+    lazy: list[str] = []
+    indexer = False  # past the line that starts the indexer cache: its KV lines follow
     for line in lines:
         if m := _OVERRIDE_RE.search(line):
             overridden.append((m.group(1), m.group(2)))
         elif m := _BUFFER_RE.search(line):
             kind = m.group(2).lower()
-            buffers.append(BufferSize(kind, m.group(1), round(float(m.group(3)) * 1024 * 1024)))
+            part = "indexer" if indexer and kind == "kv" else ""
+            size = round(float(m.group(3)) * 1024 * 1024)
+            buffers.append(BufferSize(kind, m.group(1), size, part))
         elif m := _OFFLOADED_RE.search(line):
             n_gpu_layers = int(m.group(1))
+        elif m := _LAZY_RE.search(line):
+            lazy.append(m.group(1))
+        elif _INDEXER_CACHE in line:
+            indexer = True
+    if lazy:
+        # The lazy tensors' own mapped buffer is the last model buffer (see the contract).
+        last = max(i for i, b in enumerate(buffers) if b.kind == "model")
+        buffers[last] = BufferSize("lazy", buffers[last].buft, buffers[last].n_bytes)
     # Layers whose experts went to this machine's RAM (not those sent to a worker's device).
     layers = sorted(
         {
@@ -139,7 +172,9 @@ def parse_placement(lines: list[str], n_gpu_layers: int) -> PlacementReport:
             if (n := layer_of(name)) is not None and _on_device(buft, "CPU")
         }
     )
-    return PlacementReport(n_gpu_layers, tuple(layers), tuple(overridden), tuple(buffers))
+    return PlacementReport(
+        n_gpu_layers, tuple(layers), tuple(overridden), tuple(buffers), tuple(lazy)
+    )
 
 
 def load_failure(path: Path, lines: list[str]) -> errors.QwenrunError:
@@ -148,7 +183,7 @@ def load_failure(path: Path, lines: list[str]) -> errors.QwenrunError:
     if m := re.search(r"unknown model architecture: '([^']*)'", text):
         return errors.UnsupportedModelError(
             f"{path.name}: architecture {m.group(1)!r} is not supported by this llama.cpp",
-            hint="qwenrun runs Qwen3 / Qwen3-MoE / Qwen3-Next / Qwen3.5 models",
+            hint="qwenrun runs Qwen3 / Qwen3-MoE / Qwen3-Next / Qwen3.5 / Qwen3.8 models",
         )
     if re.search(r"invalid magic|failed to read magic|not a gguf", text, re.IGNORECASE):
         return errors.InvalidModelError(

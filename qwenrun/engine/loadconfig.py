@@ -334,6 +334,14 @@ def layer_ranges(layers: Sequence[int]) -> str:
     return f"{word} {', '.join(spans)}"
 
 
+# The logits llama.cpp keeps room for per batch (`llama_context_params.n_outputs_max`). The
+# engine samples only the last token of each batch (`llama_batch_get_one` marks only it as an
+# output), so one is enough; llama.cpp's default (n_batch) reserves n_ubatch × n_vocab f32 of
+# logits in the compute buffer, 1.9 GiB at Qwen3.5's vocabulary and 2,048-token micro-batches.
+# A batch asking for more outputs than this aborts in llama.cpp (`output_reserve`'s assert).
+N_OUTPUTS_MAX = 1
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """Everything llama.cpp needs to load a model and create its context.
@@ -345,6 +353,13 @@ class LoadConfig:
     the AMX ones crash (see `engine/crash.py`).
     `prompt_cache` caps the prompt cache on disk in bytes (`engine/promptcache.py`); 0 turns
     it off, None leaves it to `QWENRUN_PROMPT_CACHE` or the default.
+    `lazy_table` is where a tensor llama.cpp can read lazily (Qwen3.8-Flash-Next's n-gram
+    table, `per_layer_token_embd`) lives: False reads it whole at load (in RAM: the page cache
+    with mmap, the process's own memory without), True leaves it in the file and reads the
+    rows a token needs (`llama_model_params.lazy_mode`; mapped even with mmap off), None is
+    llama.cpp's own choice (lazy above 4 GiB). Models without such a tensor ignore it.
+    `n_outputs_max` is the logits llama.cpp keeps room for per batch (`N_OUTPUTS_MAX`, what
+    the planner counts; 0 is llama.cpp's default, n_batch, for measuring the difference).
     """
 
     placement: Placement = field(default_factory=Placement)
@@ -357,6 +372,8 @@ class LoadConfig:
     use_mmap: bool | None = None
     extra_bufts: bool = True
     prompt_cache: int | None = None
+    lazy_table: bool | None = None
+    n_outputs_max: int = N_OUTPUTS_MAX
 
     def mmap_enabled(self) -> bool:
         if self.use_mmap is not None:

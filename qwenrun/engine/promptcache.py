@@ -123,7 +123,6 @@ def model_identity(path: Path) -> str:
     return h.hexdigest()
 
 
-
 def build_identity(lc: Any) -> str:
     """The llama.cpp build: the state's byte layout follows its memory code, which has no
     version of its own; the CPU features it runs with change the numbers."""

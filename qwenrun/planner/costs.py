@@ -19,19 +19,32 @@ src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, ggml-backen
   with `(i+1) % full_attention_interval == 0`), on that layer's device; cells = n_ctx
   rounded up to 256; row bytes from the KV type's block size.
 - Recurrent state (hybrids): per recurrent layer `(d_conv-1)·(d_inner + 2·groups·d_state)`
-  conv values plus `d_state·d_inner` state values, f32, one sequence.
+  conv values plus `d_state·d_inner` state values, f32, one sequence; Qwen3.8-Flash-Next adds
+  one row on its n-gram layer (`ModelFacts.ple_rs_bytes`), on that layer's device, and an
+  indexer key row per cell beside the KV cache (`ModelFacts.kv_bytes_per_layer`).
+- The n-gram table (Qwen3.8-Flash-Next): an input tensor, so in this machine's RAM whatever
+  the GPU layers, when the layout keeps it there (`ngram_table="ram"`, read whole at load);
+  left in the file (`"disk"`: llama.cpp's lazy read, a mapping whose pages the OS fetches
+  as tokens touch them) it counts against no device.
 - Compute buffer: llama.cpp reserves the graph of one n_ubatch-token batch and keeps the
-  peak of live tensors. Measured on this commit (CPU, real Qwen3-30B/Qwen3.5-35B shapes),
-  the peak is the output phase (logits, n_vocab × n_ubatch f32, plus two hidden states)
-  up to ~200k cells; beyond, the attention phase (the f16 mask, n_ctx × n_ubatch, plus
-  ~11 query-width activations per token) takes over, and without flash attention at once
-  (n_ctx × n_ubatch × n_head f32 scores). With a GPU, the host-memory weights of big
+  peak of live tensors. The engine keeps the logits of one token per batch
+  (`loadconfig.N_OUTPUTS_MAX`), so the output phase is small (llama.cpp's default reserves
+  n_vocab × n_ubatch f32 of logits, which was the peak up to ~200k cells). The peak is the
+  attention phase: the f16 mask (n_ctx × n_ubatch) plus ~11 query-width activations per
+  token (measured on CPU, Qwen3-30B shapes), plus the hidden states of the extra residual
+  streams of a hyper-connected model; a sparse-attention (QSA) layer's lightning indexer adds
+  per cell and token ~9.2 bytes of f32 scores and masks and its top-k indices (measured on
+  generated Qwen3.8-Flash-Next layers, 4k-262k cells); without flash attention the
+  n_ctx × n_ubatch × n_head f32 scores come at once. With a GPU, the host-memory weights of big
   batches (32+ tokens) are copied into the GPU's compute buffer one split at a time (ggml's
   op offload), so the GPU buffer also holds the largest CPU layer's weights; the host side
   holds the graph inputs (mask, embeddings). The figure used is that peak + 1 % + 4 MiB.
 - Output buffer: one row of logits (n_vocab f32) in host memory.
-- CPU repacking: on a CPU-only run, Q4_0/Q4_K/IQ4_NL/MXFP4 (AVX2) and Q2_K (AVX-512) matmul
-  weights are copied into a CPU_REPACK buffer. With mmap the file pages stay mapped too
+- CPU repacking: on a CPU-only run, a CPU with AMX (ggml-cpu/amx: `amx_tile`, `amx_int8`)
+  copies the 2-D matmul weights of Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_XS/F16 with rows a
+  multiple of 32 (the output layer's too) into its AMX buffer, which comes first; of the
+  rest, Q4_0/Q4_K/IQ4_NL/MXFP4 (AVX2) and Q2_K (AVX-512) matmul weights, routed experts
+  included, are copied into a CPU_REPACK buffer. With mmap the file pages stay mapped too
   (llama.cpp reports both), but they are clean page cache the kernel can drop, so they are
   not counted against RAM. With a GPU, CPU weights live in pinned host memory (CUDA_Host)
   instead, which comes first in llama.cpp's CPU buffer list, and nothing is repacked.
@@ -43,6 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from qwenrun.engine.loadconfig import N_OUTPUTS_MAX
 from qwenrun.planner.facts import ModelFacts, pad_ctx
 from qwenrun.planner.targets import Target
 from qwenrun.units import MIB
@@ -57,9 +71,22 @@ REPACK_TYPES: dict[str, str] = {
     "MXFP4": "avx2",
     "Q2_K": "avx512f",
 }
+# ggml-cpu/amx: the types its buffer takes (MUL_MAT only, not the experts' MUL_MAT_ID), and
+# the row width each needs a multiple of; rows must be a multiple of 2 × TILE_N = 32.
+AMX_TYPES: dict[str, int] = {
+    "Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
+    "F16": 16,
+}  # fmt: skip
+AMX_FLAG = "amx_int8"
 
 COMPUTE_SLACK_FRACTION = 0.01
 COMPUTE_SLACK_BYTES = 4 * MIB
+# The lightning indexer's f32 scores, masks and sort per KV cell and batch token, beyond the
+# f16 mask: measured 9.06-9.17 on generated qwen4exp layers at 32k-262k cells (up to 10.8 at
+# 4k, where the top-k indices below are a larger share).
+QSA_BYTES_PER_CELL = 9.2
+
+NgramPlace = Literal["ram", "disk"]
 
 
 # --------------------------------------------------------------------------------------
@@ -133,6 +160,8 @@ class Layout:
     n_batch: int = 2048
     use_mmap: bool | None = None  # None: llama.cpp's advice (off when tensors are moved)
     spread: Spread | None = None  # several devices; the fields above that place are unused
+    # Where an n-gram table (Qwen3.8-Flash-Next) lives: this machine's RAM, or the file on disk
+    ngram_table: NgramPlace = "ram"
 
     def cpu_expert_layers(self, n_layer: int) -> range:
         """The trunk layers whose routed experts all sit on the CPU."""
@@ -156,6 +185,7 @@ class DeviceBytes:
     compute: int = 0
     output: int = 0  # the logits row llama.cpp keeps in host memory
     repack: int = 0  # mmap'd copies of repacked weights: reported, not counted in `used`
+    ngram_table: int = 0  # an n-gram table read into this RAM (none when read from the file)
 
     @property
     def weights(self) -> int:
@@ -163,7 +193,7 @@ class DeviceBytes:
 
     @property
     def used(self) -> int:
-        return self.weights + self.kv + self.rs + self.compute + self.output
+        return self.weights + self.kv + self.rs + self.compute + self.output + self.ngram_table
 
 
 @dataclass(frozen=True)
@@ -219,9 +249,8 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
     cpu_experts = facts.total_expert_bytes - gpu_experts
 
     kv_layer = facts.kv_bytes_per_layer(layout.n_ctx, layout.kv_type)
-    gpu_attn, gpu_recr = s.attn_suffix[first], s.recr_suffix[first]
+    gpu_attn = s.attn_suffix[first]
     cpu_attn = len(facts.attn_layers) - gpu_attn
-    cpu_recr = len(facts.recr_layers) - gpu_recr
 
     # Weights in host memory that big batches copy to the GPU, one layer's worth at a time.
     host_copy = 0
@@ -233,26 +262,36 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
         )
         host_copy = max(s.layer_max_prefix[first], run_max, extra)
     gpu_compute, cpu_compute = compute_bytes(facts, layout, output_on_gpu, host_copy)
-    repack = 0 if layout.use_gpu else repack_bytes(facts, cpu_flags)
+    repack = 0 if layout.use_gpu else repack_bytes(facts, cpu_flags, with_output=True)
 
+    ple_on_gpu = first <= facts.ple_layer < n  # (-1: no n-gram layer)
+    gpu_rs = s.recr_suffix[first] * facts.rs_bytes_per_layer + (
+        facts.ple_rs_bytes if ple_on_gpu else 0
+    )
     gpu = DeviceBytes(
         weights_dense=gpu_dense,
         weights_experts=gpu_experts,
         kv=gpu_attn * kv_layer,
-        rs=gpu_recr * facts.rs_bytes_per_layer,
+        rs=gpu_rs,
         compute=gpu_compute,
     )
     cpu = DeviceBytes(
         weights_dense=cpu_dense,
         weights_experts=cpu_experts,
         kv=cpu_attn * kv_layer,
-        rs=cpu_recr * facts.rs_bytes_per_layer,
+        rs=facts.rs_bytes - gpu_rs,
         compute=cpu_compute,
         output=facts.n_vocab * 4,
         repack=repack,
+        ngram_table=table_in_ram(facts, layout),
     )
     on_gpu = gpu_to - gpu_from - (1 if extra else 0)
     return Usage(gpu=gpu, cpu=cpu, gpu_expert_layers=max(0, on_gpu), first_gpu_layer=first)
+
+
+def table_in_ram(facts: ModelFacts, layout: Layout) -> int:
+    """The n-gram table's bytes in this machine's RAM under `layout` (0: none, or on disk)."""
+    return facts.table_bytes if layout.ngram_table == "ram" else 0
 
 
 def _with_slack(n: int) -> int:
@@ -266,11 +305,15 @@ def compute_bytes(
     ub = max(1, layout.n_ubatch)
     cells = pad_ctx(layout.n_ctx)
     hidden = 2 * facts.n_embd * ub * 4
-    logits = facts.n_vocab * ub * 4 + hidden
+    logits = facts.n_vocab * min(ub, N_OUTPUTS_MAX) * 4 + hidden
     # Attention phase, measured on CPU (Qwen3-30B shapes, 196k-320k cells): the f16 mask
-    # (cells × n_ubatch) plus about 11 f32 activations of the query width per token.
+    # (cells × n_ubatch) plus about 11 f32 activations of the query width per token, and
+    # the other residual streams of a hyper-connected model.
     q_width = facts.n_head * facts.head_dim_k
-    attn = cells * ub * 2 + 11 * q_width * ub * 4
+    attn = cells * ub * 2 + 11 * q_width * ub * 4 + max(0, facts.hc - 1) * facts.n_embd * ub * 4
+    if facts.qsa_width:
+        top_k = min(cells, facts.qsa_width) * 4  # the int32 indices of the kept cells
+        attn += int(ub * (QSA_BYTES_PER_CELL * cells + top_k))
     if not layout.flash_attn:
         # the materialized f32 scores, and the mask in f32
         attn += cells * ub * facts.n_head * 4 + cells * ub * 2
@@ -294,16 +337,30 @@ def moe_compute_bytes(facts: ModelFacts, layout: Layout) -> int:
     return moe + ub * facts.n_expert * 4 + hidden
 
 
-def repack_bytes(facts: ModelFacts, cpu_flags: frozenset[str], layers: range | None = None) -> int:
-    """Bytes of CPU matmul weights llama.cpp repacks on a CPU-only run of this machine (of
-    `layers` only, when given)."""
-    total = 0
+def repack_bytes(
+    facts: ModelFacts,
+    cpu_flags: frozenset[str],
+    layers: range | None = None,
+    *,
+    with_output: bool = False,
+) -> int:
+    """Bytes of CPU matmul weights llama.cpp copies into its AMX or CPU_REPACK buffer on a
+    CPU-only run of this machine (of `layers` only, when given; the output layer's too,
+    `with_output`)."""
     chosen = facts.layer_types if layers is None else facts.layer_types[layers.start : layers.stop]
-    for layer in chosen:
-        for ggml_type, n_bytes, rows, _expert in layer:
-            flag = REPACK_TYPES.get(ggml_type)
-            if flag is not None and flag in cpu_flags and rows % 8 == 0:
-                total += n_bytes
+    tensors = [t for layer in chosen for t in layer]
+    if with_output:
+        tensors += facts.output_types
+    amx = AMX_FLAG in cpu_flags
+    total = 0
+    for ggml_type, n_bytes, rows, expert, width in tensors:
+        align = AMX_TYPES.get(ggml_type)
+        if amx and not expert and align and rows % 32 == 0 and width % align == 0:
+            total += n_bytes
+            continue
+        flag = REPACK_TYPES.get(ggml_type)
+        if flag is not None and flag in cpu_flags and rows % 8 == 0:
+            total += n_bytes
     return total
 
 
@@ -324,8 +381,9 @@ def spread_usage(
     routed experts not kept on the host, and a compute buffer for its part of the graph
     (with the logits where the output layer is, the last stage). A host holds the experts
     its stages keep there. This machine's RAM also holds the first `cpu_layers` layers, the
-    token embeddings and the logits row; its weights are repacked only when no GPU of this
-    machine takes layers (as on a CPU-only run).
+    token embeddings and the logits row (and an n-gram table kept in RAM: it never leaves this
+    machine); its weights are repacked only when no GPU of this machine takes layers (as on a
+    CPU-only run).
     """
     spread = layout.spread
     assert spread is not None
@@ -334,14 +392,14 @@ def spread_usage(
     targets = spread.targets
     acc = [dict.fromkeys(("dense", "experts", "kv", "rs", "compute"), 0) for _ in targets]
     kv_layer = facts.kv_bytes_per_layer(layout.n_ctx, layout.kv_type)
-    attn, recr = set(facts.attn_layers), set(facts.recr_layers)
+    attn = set(facts.attn_layers)
 
     def put(t: int, r: range) -> None:
         """Layers `r` wholly on target `t` (their experts too)."""
         acc[t]["dense"] += _range_sum(s.dense_suffix, r)
         acc[t]["experts"] += _range_sum(s.expert_suffix, r)
         acc[t]["kv"] += sum(1 for i in r if i in attn) * kv_layer
-        acc[t]["rs"] += sum(1 for i in r if i in recr) * facts.rs_bytes_per_layer
+        acc[t]["rs"] += facts.rs_bytes_of(r)
 
     ram = next(i for i, t in enumerate(targets) if t.kind == "cpu")
     cpu_run = range(0, min(spread.cpu_layers, n))
@@ -393,6 +451,7 @@ def spread_usage(
                 compute=a["compute"],
                 output=facts.n_vocab * 4 if i == ram else 0,
                 repack=repack if i == ram else 0,
+                ngram_table=table_in_ram(facts, layout) if i == ram else 0,
             )
         )
     others = [b for i, b in enumerate(out) if i != ram]

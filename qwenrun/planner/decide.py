@@ -19,6 +19,10 @@ Rules (each stated in the plan's reasons when it matters):
   first. Within a quant the context comes next, and speed last.
 - A placement `qwenrun bench` measured replaces the search's pick only by the rule of
   `measured.py` (clearly faster than the pick's own measurement, beyond the spread).
+- An n-gram table (Qwen3.8-Flash-Next) is read into RAM when it fits beside everything else,
+  else left in the file (`--ngram-table` fixes either); the plan says where and why
+  (`Plan.ngram_table`), the speed counts the disk's reads, and the `LoadConfig` sets
+  llama.cpp's `lazy_mode` to match.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from qwenrun.planner.measured import MeasuredPlacement, prefer_measured
 from qwenrun.planner.options import QuantOption
 from qwenrun.planner.result import DevicePlan, Plan
 from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Fit, cannot_fit, fit_option
-from qwenrun.planner.speed import Speed, cpu_bandwidth, gpu_bandwidth, predict
+from qwenrun.planner.speed import Speed, cpu_bandwidth, gpu_bandwidth, predict, with_table_reads
 from qwenrun.planner.spreadspeed import predict_spread
 from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
 
@@ -56,10 +60,13 @@ def _apply_wishes(hw: HardwareProfile, wishes: Wishes) -> HardwareProfile:
 def speed_of(
     facts: ModelFacts, layout: Layout, use: Usage, hw: HardwareProfile, threads: int | None = None
 ) -> Speed:
-    """The predicted speed of a placement: one GPU and the CPU, or a spread."""
+    """The predicted speed of a placement: one GPU and the CPU, or a spread (with an n-gram
+    table's reads from the disk, when it is left there)."""
     if layout.spread is not None:
-        return predict_spread(facts, layout, hw, threads)
-    return predict(facts, layout, use, hw, layout.use_gpu and hw.has_gpu, threads)
+        sp = predict_spread(facts, layout, hw, threads)
+    else:
+        sp = predict(facts, layout, use, hw, layout.use_gpu and hw.has_gpu, threads)
+    return with_table_reads(sp, facts, layout, hw)
 
 
 def plan(
@@ -130,7 +137,10 @@ def plan(
             plan_ = _make_plan(
                 chosen.opt, chosen.facts, fit, hw, budget, wishes_now, rejected, least, why
             )
-            return replace(plan_, reasons=(*plan_.reasons, note)) if note else plan_
+            notes = [note] if note else []
+            if spec is not None and spec.unverified and chosen.opt.estimated:
+                notes.append(f"not verified: {spec.unverified}")
+            return replace(plan_, reasons=(*plan_.reasons, *notes)) if notes else plan_
     raise explain.does_not_fit(rejected, hw, budget, wishes, spec, _replan(quants, hw, spec))
 
 
@@ -233,6 +243,8 @@ def _make_plan(
         repack_bytes=use.cpu.repack if load.mmap_enabled() else 0,
         warnings=tuple(warnings),
         layout=layout,
+        ngram_table=explain.table_plan(facts, layout, use, budget, wishes, hw),
+        weight_classes=facts.weight_classes,
     )
 
 
@@ -315,7 +327,7 @@ def load_config(
     """The engine's `LoadConfig` for a searched `layout`, with the user's expert flags."""
     if layout.spread is not None:
         return replace(
-            _load_values(layout, threads, extra_bufts),
+            _load_values(facts, layout, threads, extra_bufts),
             placement=spread_placement(facts, layout.spread),
         )
     if not layout.use_gpu:
@@ -343,10 +355,10 @@ def load_config(
             else (),
             expert_cpu_tensors=layout.cpu_tensors,
         )
-    return replace(_load_values(layout, threads, extra_bufts), placement=placement)
+    return replace(_load_values(facts, layout, threads, extra_bufts), placement=placement)
 
 
-def _load_values(layout: Layout, threads: int, extra_bufts: bool) -> LoadConfig:
+def _load_values(facts: ModelFacts, layout: Layout, threads: int, extra_bufts: bool) -> LoadConfig:
     return LoadConfig(
         n_ctx=layout.n_ctx,
         kv_type=layout.kv_type,
@@ -355,6 +367,8 @@ def _load_values(layout: Layout, threads: int, extra_bufts: bool) -> LoadConfig:
         n_threads=threads,
         extra_bufts=extra_bufts,
         use_mmap=layout.use_mmap,
+        # Said either way, never llama.cpp's AUTO (lazy above 4 GiB, whatever the RAM).
+        lazy_table=layout.ngram_table == "disk" if facts.has_table else None,
     )
 
 

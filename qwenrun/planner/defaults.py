@@ -1,9 +1,11 @@
 """The model `qwenrun chat` runs when none is named, and a cached one when that cannot come.
 
 Contract: `default_model(hw)` is the catalog model and quant for this machine, and why: among
-the hybrid models (they both think and answer directly) whose best plan runs at a usable
-speed with a quant of 3 bits or more, the most parameters, then the better quant, then the
-newest. `model_for_this_machine(hw, wishes)` is the reference the start-up uses: that one,
+the hybrid models (they both think and answer directly) whose catalog entry is verified (a
+download nobody asked for is never chosen from sizes that are guesses:
+`ModelSpec.unverified`) and whose best plan runs at a usable speed with a quant of 3 bits or
+more, the most parameters, then the better quant, then the newest.
+`model_for_this_machine(hw, wishes)` is the reference the start-up uses: that one,
 unless offline and not downloaded, then `cached_instead`: the best complete model in the
 cache that fits. Both plan through `sources`; they read the cache through `hub.cache`.
 """
@@ -32,8 +34,8 @@ def default_model(hw: HardwareProfile) -> tuple[str, str, tuple[str, ...]]:
     floor = catalog.quant_rank(_MIN_DEFAULT_QUANT)
     best: tuple[tuple[float, int, int], catalog.ModelSpec, Plan] | None = None
     for order, spec in enumerate(catalog.CATALOG):
-        if spec.thinking != "hybrid":
-            continue  # before planning: only hybrids can be the default, the rest cost time
+        if spec.thinking != "hybrid" or spec.unverified:
+            continue  # before planning: only verified hybrids can be the default
         try:
             found = plan_for_spec(spec, hw)
         except errors.DoesNotFitError:

@@ -2,7 +2,8 @@
 
 Contract: pure text from the values the search produced (`Fit`, `Usage`, `Speed`, `Budget`).
 `reasons(...)` gives the plan's reasons, one line each, in the order a reader asks them:
-quant, context, machine, placement, caches, speed, caveats. `does_not_fit(...)` builds the
+quant, context, machine, placement, n-gram table, caches, speed, caveats; `table_plan(...)`
+says where an n-gram table lives and why (`result.TablePlan`). `does_not_fit(...)` builds the
 `DoesNotFitError` that says what the smallest option needs, what the machine has, and the
 nearest changes that do fit (found by calling back into the planner through `replan`).
 It decides nothing.
@@ -19,8 +20,9 @@ from qwenrun.engine.loadconfig import LoadConfig, layer_ranges
 from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, Spread, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.result import TablePlan
 from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Fit
-from qwenrun.planner.speed import PLAN_CONTEXT_TOKENS, PLAN_PROMPT_TOKENS, Speed
+from qwenrun.planner.speed import PLAN_CONTEXT_TOKENS, PLAN_PROMPT_TOKENS, Speed, params_for
 from qwenrun.planner.spreadspeed import remote_splits
 from qwenrun.planner.targets import machine_label
 from qwenrun.units import GIB
@@ -65,6 +67,10 @@ def reasons(
     out.append(f"context {layout.n_ctx:,} tokens: {fit.ctx_reason}")
     out.append(_machine_reason(hw, budget))
     out.extend(_placement_reasons(facts, layout, use, budget, hw))
+    table = table_plan(facts, layout, use, budget, wishes, hw)
+    if table is not None:
+        out.append(table.why)
+        out.append(_classes_reason(facts))
     out.append(_cache_reason(facts, layout))
     out.append(_speed_reason(layout, sp, gpu_bw, cpu_bw, cpu_bw_note, bool(hw.speed_params)))
     if not hw.extra_bufts and hw.cpu_kernels:
@@ -200,6 +206,52 @@ def _spread_reasons(facts: ModelFacts, spread: Spread) -> list[str]:
     return out
 
 
+def table_plan(
+    facts: ModelFacts,
+    layout: Layout,
+    use: Usage,
+    budget: Budget,
+    wishes: Wishes,
+    hw: HardwareProfile,
+) -> TablePlan | None:
+    """Where the n-gram table lives and why; None for a model without one."""
+    if not facts.has_table:
+        return None
+    size = fmt_bytes(facts.table_bytes)
+    asked = f", as asked (--ngram-table {wishes.ngram_table})" if wishes.ngram_table else ""
+    if layout.ngram_table == "ram":
+        why = f"the n-gram table ({size}) is read into RAM at load{asked}"
+        if not asked:
+            why += (
+                ": it fits beside everything else, and each token's rows then come from "
+                "memory, not from the disk"
+            )
+        return TablePlan("ram", facts.table_bytes, why)
+    why = (
+        f"the n-gram table ({size}) stays in the file and is read as tokens need its rows "
+        f"(16 per token; llama.cpp's lazy read, not counted as RAM){asked}"
+    )
+    if not asked:
+        short = facts.table_bytes - max(0, budget.ram - use.cpu.used)
+        why += f": RAM is {fmt_bytes(short)} short of holding it beside everything else"
+    per_token = params_for(hw).table_disk_token_s * 1e3
+    why += (
+        "; keep the model on a fast local SSD (NVMe, not a network or USB disk): each token "
+        f"waits for those reads, about {per_token:.0f} ms per token in the predicted speed "
+        "(a rough figure from one user's report); --ngram-table ram forces it into RAM"
+    )
+    return TablePlan("disk", facts.table_bytes, why)
+
+
+def _classes_reason(facts: ModelFacts) -> str:
+    """The weights by what they do, largest first (the n-gram table last: it is apart)."""
+    parts = sorted(
+        ((c, n) for c, n in facts.weight_classes if c != "n-gram table"), key=lambda x: -x[1]
+    )
+    text = ", ".join(f"{c} {fmt_bytes(n)}" for c, n in parts)
+    return f"weights by class: {text}; the n-gram table {fmt_bytes(facts.table_bytes)} apart"
+
+
 def _order_reason(layout: Layout) -> str:
     if layout.cpu_moe_from == "last":
         return (
@@ -214,8 +266,9 @@ def _cache_reason(facts: ModelFacts, layout: Layout) -> str:
     attn = len(facts.attn_layers)
     text = f"KV cache {fmt_bytes(kv)} ({layout.kv_type}"
     if facts.is_hybrid:
+        indexer = " with their lightning indexer's keys" if facts.indexer_dim else ""
         text += (
-            f", only the {attn} attention layers of {facts.n_layer}; the other "
+            f", only the {attn} attention layers of {facts.n_layer}{indexer}; the other "
             f"{len(facts.recr_layers)} keep a fixed {fmt_bytes(facts.rs_bytes)} recurrent state)"
         )
     else:
@@ -274,7 +327,10 @@ def does_not_fit(
     opt, facts = min(rejected, key=lambda r: r[1].weight_bytes)
     ctx = wishes.n_ctx or min(facts.ctx_native or MIN_CTX, MIN_CTX)
     kv = (wishes.kv_type or "f16").lower()
-    need = usage(facts, Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=False), hw.cpu_flags)
+    # An n-gram table needs no memory unless asked to be in RAM: it can stay in the file.
+    table = wishes.ngram_table or "disk"
+    base = Layout(n_ctx=pad_ctx(ctx), kv_type=kv, use_gpu=False, ngram_table=table)
+    need = usage(facts, base, hw.cpu_flags)
     have = budget.total
     machine = f"{fmt_bytes(budget.ram)} of RAM"
     if budget.has_gpu:
@@ -356,10 +412,12 @@ def _more_machines(need: int, budget: Budget) -> str:
 
 
 def _smaller_models(spec: ModelSpec, smallest: ModelFacts, have: int) -> list[str]:
-    """Smaller models of the family whose same-quant weights would fit (a rough scale-down)."""
-    if spec.params_total <= 0:
+    """Smaller models of the family whose same-quant weights would fit (a rough scale-down,
+    by the bytes per loaded parameter: an n-gram table, which may stay on disk, is not one)."""
+    loaded = smallest.dense_params + smallest.expert_params
+    if spec.params_total <= 0 or loaded <= 0:
         return []
-    per_param = smallest.weight_bytes / (spec.params_total * 1e9)
+    per_param = (smallest.weight_bytes - smallest.token_embd_bytes) / loaded
     seen: set[tuple[float, float]] = set()
     out = []
     for other in sorted(catalog.CATALOG, key=lambda s: -s.params_total):

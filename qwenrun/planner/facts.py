@@ -8,10 +8,17 @@ for a placement is `costs.py`'s business; how fast it runs, `speed.py`'s.
 
 Facts of llama.cpp's loader this rests on (the commit llama-cpp-python 0.3.36 vendors):
 MTP/NextN blocks (`nextn_predict_layers`, the last blocks) are skipped unless asked for;
-hybrids (Qwen3-Next, Qwen3.5/3.6) keep a KV cache only in the layers with
+hybrids (Qwen3-Next, Qwen3.5/3.6, Qwen3.8-Flash-Next) keep a KV cache only in the layers with
 `(i+1) % full_attention_interval == 0`, and per other layer a recurrent state of
 `(d_conv-1)·(d_inner + 2·groups·d_state)` conv values plus `d_state·d_inner` state values
 (f32, one sequence).
+
+Qwen3.8-Flash-Next (`qwen4exp`, src/models/qwen4exp.cpp, llama-memory-hybrid-idx.cpp,
+llama-memory-recurrent.cpp) adds: an indexer cache beside the KV cache, always allocated, one
+key row of `attention.indexer.key_length` per cell and attention layer in the K type; one more
+recurrent row on its n-gram layer, `(ple.conv_kernel-1)·ple.ngram_size·hc·n_embd` f32 values;
+and the n-gram table `per_layer_token_embd` (an input tensor, never on a GPU), kept apart from
+the weights (`table_bytes`) because it may stay in the file and be read a few rows per token.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qwenrun.engine.loadconfig import KV_TYPES
+from qwenrun.engine.loadconfig import KV_TYPES, is_routed_expert
 
 if TYPE_CHECKING:
     from qwenrun.hub.header import GGUFInfo, TensorInfo
 
 HYBRID_ARCHES = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
+NGRAM_TABLE = "per_layer_token_embd.weight"  # Qwen3.8-Flash-Next's n-gram hash table
 CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of 256
 
 
@@ -47,6 +55,10 @@ def kv_row_bytes(kv_type: str, n_elements: int) -> int:
 class ExpertTensor(NamedTuple):
     name: str
     n_bytes: int
+
+
+# (ggml type, bytes, rows = ne1, routed expert, row width = ne0)
+TensorType = tuple[str, int, int, bool, int]
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,22 @@ class ModelFacts:
     skipped_bytes: int  # MTP blocks llama.cpp does not load
     has_shared_expert: bool
     file_bytes: int
-    # per trunk layer, tensors as (ggml type, bytes, rows, routed expert) for repack sums
-    layer_types: tuple[tuple[tuple[str, int, int, bool], ...], ...]
+    # per trunk layer, tensors as (ggml type, bytes, rows, routed expert, row width) for the
+    # sums of CPU weight copies (repack, AMX); `output_types` the output layer's matmuls
+    layer_types: tuple[tuple[TensorType, ...], ...]
+    # Qwen3.8-Flash-Next (0 elsewhere): the n-gram table, never in `weight_bytes`; the
+    # indexer cache's key row per cell and attention layer; the indexer's top-k width when
+    # attention is sparse (QSA); hyper-connection streams; the n-gram layer and its extra
+    # recurrent row.
+    table_bytes: int = 0
+    indexer_dim: int = 0
+    qsa_width: int = 0
+    hc: int = 0
+    ple_layer: int = -1
+    ple_rs_bytes: int = 0
+    # bytes by what the tensors do (`WEIGHT_CLASSES` order), all loaded tensors and the table
+    weight_classes: tuple[tuple[str, int], ...] = ()
+    output_types: tuple[TensorType, ...] = ()
 
     @functools.cached_property
     def sums(self) -> _Sums:
@@ -108,7 +134,8 @@ class ModelFacts:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes llama.cpp loads (file tensors minus skipped MTP blocks)."""
+        """Bytes llama.cpp loads (file tensors minus skipped MTP blocks), the n-gram table
+        aside (`table_bytes`: it may be read from the file instead)."""
         return (
             self.token_embd_bytes
             + self.output_bytes
@@ -124,17 +151,28 @@ class ModelFacts:
         return min(1.0, self.n_expert_used / self.n_expert)
 
     def kv_bytes_per_layer(self, n_ctx: int, kv_type: str) -> int:
+        """K and V rows of every cell of one attention layer, and its indexer key row."""
         cells = pad_ctx(n_ctx)
         k = kv_row_bytes(kv_type, self.head_dim_k * self.n_head_kv)
         v = kv_row_bytes(kv_type, self.head_dim_v * self.n_head_kv)
-        return cells * (k + v)
+        idx = kv_row_bytes(kv_type, self.indexer_dim) if self.indexer_dim else 0
+        return cells * (k + v + idx)
 
     def kv_bytes(self, n_ctx: int, kv_type: str) -> int:
         return len(self.attn_layers) * self.kv_bytes_per_layer(n_ctx, kv_type)
 
     @property
     def rs_bytes(self) -> int:
-        return len(self.recr_layers) * self.rs_bytes_per_layer
+        return len(self.recr_layers) * self.rs_bytes_per_layer + self.ple_rs_bytes
+
+    def rs_bytes_of(self, layers: range) -> int:
+        """The recurrent state of the trunk layers in `layers` (the n-gram row included)."""
+        n = sum(1 for i in self.recr_layers if i in layers) * self.rs_bytes_per_layer
+        return n + (self.ple_rs_bytes if self.ple_layer in layers else 0)
+
+    @property
+    def has_table(self) -> bool:
+        return self.table_bytes > 0
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (lists for tuples), for the on-disk cache of catalog facts."""
@@ -154,6 +192,8 @@ class ModelFacts:
             tuple(map(make, layer)) for layer in data["expert_tensors"]
         )
         values["layer_types"] = tuple(tuple(map(tuple, layer)) for layer in data["layer_types"])
+        values["output_types"] = tuple(map(tuple, data.get("output_types", ())))
+        values["weight_classes"] = tuple(tuple(c) for c in data.get("weight_classes", ()))
         for key in ("attn_layers", "recr_layers", "dense_bytes", "expert_bytes"):
             values[key] = tuple(data[key])
         return cls(**values)
@@ -175,6 +215,55 @@ def _meta_int(info: GGUFInfo, key: str, default: int = 0) -> int:
 
 def _n_elements(t: TensorInfo) -> int:
     return math.prod(t.shape) if t.shape else 0
+
+
+# What a tensor does, for the plan's "weights by class" (a plan shows the non-zero ones).
+WEIGHT_CLASSES = (
+    "routed experts",
+    "shared experts",
+    "router",
+    "attention",
+    "indexer",
+    "deltanet",
+    "hyper-connections",
+    "n-gram module",
+    "norms",
+    "embeddings",
+    "output",
+    "n-gram table",
+    "other",
+)
+
+
+def weight_class(name: str, recurrent_layer: bool = False) -> str:
+    """The class of one tensor by llama.cpp's name (`recurrent_layer`: its block is a Gated
+    DeltaNet one, whose `attn_qkv` and `attn_gate` are the DeltaNet's projections)."""
+    part = name.split(".")[2] if name.startswith("blk.") and name.count(".") >= 2 else name
+    if name == NGRAM_TABLE:
+        return "n-gram table"
+    if name.startswith("token_embd"):
+        return "embeddings"
+    if name.startswith("output"):
+        return "output"
+    if is_routed_expert(name):
+        return "routed experts"
+    if "_shexp" in part:
+        return "shared experts"
+    if part == "ffn_gate_inp":
+        return "router"
+    if part.startswith("hc_"):
+        return "hyper-connections"
+    if part == "indexer":
+        return "indexer"
+    if part.startswith("ple_"):
+        return "n-gram module"
+    if part.startswith("ssm_") or (recurrent_layer and part in ("attn_qkv", "attn_gate")):
+        return "deltanet"
+    if part.endswith("norm") and not part.startswith(("attn_q", "attn_k")):
+        return "norms"  # attn_norm, post_attention_norm, ffn_norm
+    if part.startswith("attn_"):
+        return "attention"
+    return "other"
 
 
 def _facts(info: GGUFInfo, name: str | None) -> ModelFacts:
@@ -206,23 +295,33 @@ def _facts(info: GGUFInfo, name: str | None) -> ModelFacts:
     dense = [0] * n_layer
     experts = [0] * n_layer
     expert_lists: list[list[ExpertTensor]] = [[] for _ in range(n_layer)]
-    types: list[list[tuple[str, int, int, bool]]] = [[] for _ in range(n_layer)]
-    token_embd_bytes = output_bytes = skipped = 0
+    types: list[list[TensorType]] = [[] for _ in range(n_layer)]
+    output_types: list[TensorType] = []
+    token_embd_bytes = output_bytes = skipped = table_bytes = 0
     dense_params = expert_params = 0
+    classes = dict.fromkeys(WEIGHT_CLASSES, 0)
+    recr_set = set(recr)
     for t in info.tensors:
         layer = t.layer
         rows = int(t.shape[1]) if len(t.shape) >= 2 else 1
+        typed = (t.ggml_type.upper(), t.n_bytes, rows, t.is_routed_expert, int(t.shape[0]))
+        if layer is None or layer < n_layer:
+            classes[weight_class(t.name, layer in recr_set)] += t.n_bytes
         if layer is None:
-            if t.name.startswith("token_embd"):
+            if t.name == NGRAM_TABLE:
+                table_bytes += t.n_bytes  # a few rows per token: not dense work
+            elif t.name.startswith("token_embd"):
                 token_embd_bytes += t.n_bytes
             else:
                 output_bytes += t.n_bytes
                 dense_params += _n_elements(t)
+                if rows > 1 and "norm" not in t.name:  # output.weight, the HC projections
+                    output_types.append(typed)
             continue
         if layer >= n_layer:
             skipped += t.n_bytes
             continue
-        types[layer].append((t.ggml_type.upper(), t.n_bytes, rows, t.is_routed_expert))
+        types[layer].append(typed)
         if t.is_routed_expert:
             experts[layer] += t.n_bytes
             expert_lists[layer].append(ExpertTensor(t.name, t.n_bytes))
@@ -234,6 +333,10 @@ def _facts(info: GGUFInfo, name: str | None) -> ModelFacts:
     if tied and embd is not None:
         output_bytes += embd.n_bytes  # TENSOR_DUPLICATED onto the output device
         dense_params += _n_elements(embd)
+    hc = _meta_int(info, "hyper_connection.count")
+    ple_layer = _meta_int(info, "ple.layers", -1) if table_bytes else -1
+    ple_rows = (_meta_int(info, "ple.conv_kernel") - 1) * _meta_int(info, "ple.ngram_size")
+    ple_rs = max(0, ple_rows) * max(1, hc) * n_embd * 4 if 0 <= ple_layer < n_layer else 0
 
     return ModelFacts(
         arch=arch,
@@ -266,7 +369,27 @@ def _facts(info: GGUFInfo, name: str | None) -> ModelFacts:
         has_shared_expert=any("shexp" in t.name for t in info.tensors),
         file_bytes=sum(t.n_bytes for t in info.tensors),
         layer_types=tuple(tuple(x) for x in types),
+        table_bytes=table_bytes,
+        indexer_dim=_meta_int(info, "attention.indexer.key_length"),
+        qsa_width=_qsa_width(info, attn),
+        hc=hc,
+        ple_layer=ple_layer,
+        ple_rs_bytes=ple_rs,
+        weight_classes=tuple((c, n) for c, n in classes.items() if n),
+        output_types=tuple(output_types),
     )
+
+
+def _qsa_width(info: GGUFInfo, attn: tuple[int, ...]) -> int:
+    """The cells the lightning indexer keeps per query (top-k plus a block's tail), when some
+    attention layer is sparse (`attention.compress_ratios` > 0 there); 0 when all are dense."""
+    ratios = info.get("attention.compress_ratios", None)
+    if not isinstance(ratios, list | tuple):
+        return 0
+    used = [int(ratios[i]) for i in attn if i < len(ratios) and int(ratios[i]) > 0]
+    if not used:
+        return 0
+    return _meta_int(info, "attention.indexer.top_k") + max(used) - 1
 
 
 def _layer_kinds(

@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from qwenrun import errors
-from qwenrun.catalog import ModelShape, ModelSpec, TensorShape, normalize_quant, tensor_layout
+from qwenrun.catalog import (
+    NGRAM_TABLE,
+    ModelShape,
+    ModelSpec,
+    TensorShape,
+    normalize_quant,
+    tensor_layout,
+)
 from qwenrun.engine.loadconfig import layer_of
 
 if TYPE_CHECKING:
-    from qwenrun.hub.header import GGUFInfo
+    from qwenrun.hub.header import GGUFInfo, TensorInfo
 
 # The `gguf` package (and numpy under it) is imported only when an estimate is made: planning
 # from cached facts (`factcache`) must not pay ~0.2 s for it.
@@ -56,13 +63,15 @@ class QuantRecipe:
     `ftype`: the llama.cpp mix whose rules apply. Then, forced over it: `embd_output` on
     token_embd and output (bartowski's `_L`/`_XL`: Q8_0); `dense` on every other quantized
     tensor outside the routed experts (attention, DeltaNet, shared experts); `down_exps` on
-    the routed experts' down projections.
+    the routed experts' down projections; `table` on Qwen3.8-Flash-Next's n-gram table
+    (None: llama.cpp's rule, which treats it as a token embedding).
     """
 
     ftype: str
     embd_output: str | None = None
     dense: str | None = None
     down_exps: str | None = None
+    table: str | None = None
 
 
 def _ud(ftype: str, down_exps: str | None = None) -> QuantRecipe:
@@ -128,12 +137,33 @@ ARCH_RECIPES: Mapping[str, Mapping[str, QuantRecipe]] = MappingProxyType(
                 "UD-Q3_K_XL": QuantRecipe("Q3_K_M", embd_output="Q8_0"),
             }
         ),
+        # qwen4exp (unsloth's Qwen3.8-Flash-Next, qwen38.md §2): the n-gram table at IQ4_NL
+        # up to the 4-bit quants ("1-bit uses 4-bit for the Ngram/PLE") and Q8_0 from 5-bit
+        # on; the experts' down projections (rows of 640, no 256-blocks) at 32-block types.
+        # From the published splits: UD-IQ4_XS is IQ3_S gate/up with IQ4_NL down, UD-Q4_K_XL
+        # Q4_K with Q5_1 down, UD-Q5_K_XL Q5_K with Q8_0 down, UD-Q3_K_XL's down IQ4_NL.
+        "qwen4exp": MappingProxyType(
+            {
+                **{
+                    q: replace(RECIPES[q], table="IQ4_NL")
+                    for q in ("UD-IQ1_S", "UD-IQ1_M", "UD-IQ2_XXS", "UD-IQ2_M", "UD-Q2_K_XL")
+                },
+                "UD-IQ3_XXS": replace(RECIPES["UD-IQ3_XXS"], table="IQ4_NL"),
+                "UD-Q3_K_XL": replace(_ud("Q3_K_M", down_exps="IQ4_NL"), table="IQ4_NL"),
+                "UD-IQ4_XS": replace(_ud("IQ3_S"), table="IQ4_NL"),
+                "UD-Q4_K_XL": replace(_ud("Q4_K_M", down_exps="Q5_1"), table="IQ4_NL"),
+                "UD-Q5_K_XL": replace(_ud("Q5_K_M", down_exps="Q8_0"), table="Q8_0"),
+                "UD-Q6_K_XL": replace(_ud("Q6_K"), table="Q8_0"),
+                "UD-Q8_K_XL": replace(_ud("Q8_0"), table="Q8_0"),
+            }
+        ),
     }
 )
 
 
 def _quantized(t: TensorShape) -> bool:
-    """llama.cpp quantizes 2-D+ `*.weight` tensors except norms, the router and the conv."""
+    """llama.cpp quantizes 2-D+ `*.weight` tensors except norms, the router, the conv and
+    the indexer's projections (tiny: `tensor_allows_quantization`)."""
     name = t.name
     return (
         name.endswith("weight")
@@ -141,6 +171,8 @@ def _quantized(t: TensorShape) -> bool:
         and "_norm.weight" not in name
         and "ffn_gate_inp.weight" not in name
         and "ssm_conv1d.weight" not in name
+        and "indexer.k_proj.weight" not in name
+        and "indexer.q_proj.weight" not in name
     )
 
 
@@ -181,7 +213,7 @@ class _TypeChooser:
             return new if new == "Q8_0" else "Q6_K"
         if f == "MXFP4_MOE":
             return "MXFP4" if len(t.shape) > 2 and t.shape[2] > 1 else "Q8_0"
-        if name == "token_embd.weight":
+        if name in ("token_embd.weight", NGRAM_TABLE):  # llama.cpp: both TOKEN_EMBD
             if f in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
                 return "Q2_K"
             if f in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
@@ -345,6 +377,8 @@ def has_recipe(quant: str, arch: str | None = None) -> bool:
 
 
 def _forced(recipe: QuantRecipe, t: TensorShape) -> str | None:
+    if t.name == NGRAM_TABLE:
+        return recipe.table
     if t.name in _EMBD_OUTPUT:
         return recipe.embd_output
     if not t.is_routed_expert:
@@ -377,8 +411,11 @@ def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFI
     """The tensors of `spec` at `quant`, typed by the quant's recipe (estimated=True).
 
     llama.cpp's own mixes (Q4_K_M, IQ4_XS, …) follow its rules; bartowski's `_L` and
-    unsloth's `UD-` quants are approximations (RECIPES). `include_mtp` adds the MTP
-    block that the `-MTP-GGUF` repos carry. An unknown quant is a `UsageError`.
+    unsloth's `UD-` quants are approximations (RECIPES). A quant the catalog has a published
+    size for (`ModelSpec.published`: models whose headers cannot be read here) is brought to
+    that size by scaling its routed experts, the part unsloth's dynamic quants vary most.
+    `include_mtp` adds the MTP block that the `-MTP-GGUF` repos carry. An unknown quant is a
+    `UsageError`.
     """
     import gguf
 
@@ -393,6 +430,9 @@ def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFI
         )
         for t, ty in zip(layout, types, strict=True)
     )
+    published = spec.published.get(name)
+    if published and not include_mtp:
+        tensors = _scaled_to(tensors, published)
     return GGUFInfo(
         arch=spec.shape.arch,
         metadata=MappingProxyType(_estimated_metadata(spec, name, include_mtp)),
@@ -400,6 +440,18 @@ def estimate(spec: ModelSpec, quant: str, *, include_mtp: bool = False) -> GGUFI
         files=(),
         estimated=True,
         array_lengths=MappingProxyType({"tokenizer.ggml.tokens": spec.shape.vocab_size}),
+    )
+
+
+def _scaled_to(tensors: tuple[TensorInfo, ...], total: int) -> tuple[TensorInfo, ...]:
+    """The routed experts' bytes scaled so that all the tensors add up to `total`."""
+    experts = sum(t.n_bytes for t in tensors if t.is_routed_expert)
+    rest = sum(t.n_bytes for t in tensors) - experts
+    if experts <= 0 or total <= rest:
+        return tensors
+    factor = (total - rest) / experts
+    return tuple(
+        replace(t, n_bytes=round(t.n_bytes * factor)) if t.is_routed_expert else t for t in tensors
     )
 
 
@@ -438,5 +490,19 @@ def _estimated_metadata(spec: ModelSpec, quant: str, include_mtp: bool) -> dict[
             f"{a}.ssm.time_step_rank": s.ssm_v_heads,
             f"{a}.ssm.inner_size": s.ssm_state * s.ssm_v_heads,
             f"{a}.ssm.conv_kernel": s.ssm_conv_kernel,
+        }
+    if s.hc:  # Qwen3.8-Flash-Next: what the planner reads of its keys (qwen38.md §3.2)
+        meta |= {
+            f"{a}.hyper_connection.count": s.hc,
+            f"{a}.hyper_connection.low_rank": s.hc_rank,
+            f"{a}.attention.indexer.head_count": s.indexer_heads,
+            f"{a}.attention.indexer.key_length": s.indexer_dim,
+            f"{a}.attention.indexer.top_k": s.indexer_top_k,
+            f"{a}.attention.compress_ratios": [s.compress_ratio] * s.n_layer,
+            f"{a}.ple.layers": [s.ple_layer],
+            f"{a}.ple.ngram_size": s.ple_ngram,
+            f"{a}.ple.heads_per_ngram": s.ple_heads_per_ngram,
+            f"{a}.ple.conv_kernel": s.ple_conv_kernel,
+            f"{a}.embedding_length_per_layer_input": s.ple_row,
         }
     return meta

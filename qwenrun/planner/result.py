@@ -1,9 +1,10 @@
 """A plan as the rest of qwenrun reads it: `Plan`, with a `DevicePlan` per device.
 
 Contract: plain frozen values. A `Plan` carries the chosen quant and files, the `LoadConfig`
-the engine takes, the bytes per device, the predicted speeds, the reasons in words and the
-warnings; `to_dict()` is `qwenrun plan --json`'s shape and `predicted_buffers()` lines the
-bytes up with what llama.cpp's load log reports. Made by `planner/decide.py`.
+the engine takes, the bytes per device, the predicted speeds, where an n-gram table lives
+(`TablePlan`), the reasons in words and the warnings; `to_dict()` is `qwenrun plan --json`'s
+shape and `predicted_buffers()` lines the bytes up with what llama.cpp's load log reports.
+Made by `planner/decide.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.planner.costs import DeviceBytes, Layout
+from qwenrun.planner.costs import DeviceBytes, Layout, NgramPlace
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Where Qwen3.8-Flash-Next's n-gram table lives: read whole into this machine's RAM
+    ("ram"), or left in the file and read a few rows per token ("disk", which wants the file
+    on a fast local disk), and why."""
+
+    place: NgramPlace
+    n_bytes: int
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "place": self.place,
+            "bytes": self.n_bytes,
+            "in_ram": self.place == "ram",
+            "lazy_read": self.place == "disk",
+            "needs_fast_disk": self.place == "disk",
+            "reason": self.why,
+        }
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,7 @@ class DevicePlan:
             "recurrent_state": b.rs,
             "compute": b.compute,
             "output": b.output,
+            "ngram_table": b.ngram_table,
             "used": b.used,
             "reserved": self.reserved,
             "capacity": self.capacity,
@@ -76,6 +99,9 @@ class Plan:
     # The search's own terms for the placement (which run of layers, the boundary tensors),
     # for `qwenrun bench` to try its neighbours.
     layout: Layout | None = None
+    ngram_table: TablePlan | None = None  # a model with an n-gram table: where it lives
+    # the weights by what they do (`facts.WEIGHT_CLASSES`), bytes; the n-gram table included
+    weight_classes: tuple[tuple[str, int], ...] = ()
 
     @property
     def n_ctx(self) -> int:
@@ -116,7 +142,8 @@ class Plan:
     def predicted_buffers(self) -> dict[tuple[str, str], int]:
         """Bytes per (kind, device) as llama.cpp's load log reports them: ("model", "CPU"),
         ("kv", "GPU") for this machine's GPUs together, ("compute", "127.0.0.1:50052") for a
-        worker's devices together."""
+        worker's devices together; ("lazy", "CPU") for an n-gram table left in the file
+        (`llamalog` reads its own mapped buffer under that kind)."""
         out: dict[tuple[str, str], int] = {}
         groups: dict[str, list[DevicePlan]] = {}
         for d in self.devices:
@@ -130,8 +157,9 @@ class Plan:
                 rs=sum(d.bytes.rs for d in devs),
                 compute=sum(d.bytes.compute for d in devs),
                 output=sum(d.bytes.output for d in devs),
+                ngram_table=sum(d.bytes.ngram_table for d in devs),
             )
-            model = b.weights + (self.repack_bytes if name == "CPU" else 0)
+            model = b.weights + b.ngram_table + (self.repack_bytes if name == "CPU" else 0)
             for kind, n in (
                 ("model", model),
                 ("kv", b.kv),
@@ -141,6 +169,9 @@ class Plan:
             ):
                 if n:
                     out[(kind, name)] = n
+        table = self.ngram_table
+        if table is not None and table.place == "disk":
+            out[("lazy", "CPU")] = table.n_bytes  # its own mapping of the file, not memory
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +204,8 @@ class Plan:
                 "prefill_tok_s": round(self.prefill_tok_s, 1),
                 "prefill_rough": self.prefill_rough,
             },
+            "ngram_table": self.ngram_table.to_dict() if self.ngram_table else None,
+            "weights_by_class": dict(self.weight_classes),
             "reasons": list(self.reasons),
             "warnings": list(self.warnings),
         }

@@ -8,7 +8,10 @@ CPU (`n_cpu_moe`, bisected), with the VRAM left over filled by single expert ten
 boundary layer (as llama.cpp's own fitter does); only when even that does not fit do whole
 layers leave the GPU. What the user fixed in `Wishes` (context, KV type, `--cpu-moe`,
 `--n-cpu-moe`, GPU layers) is kept and the rest fitted around it. When every expert sits on
-the GPU the context grows (doubling, up to the native one) while it still fits there. What a
+the GPU the context grows (doubling, up to the native one) while it still fits there. An
+n-gram table (Qwen3.8-Flash-Next) is placed last, unless `--ngram-table` fixed it: the
+search runs with the table left in the file, then reads it into RAM when it fits beside
+everything the placement put there (before a bigger micro-batch may take that room). What a
 layout costs is `costs.usage`'s answer; this module only searches.
 
 Budgets: free VRAM minus `CUDA_CONTEXT_BYTES` (CUDA context, cuBLAS workspace: not in
@@ -180,8 +183,10 @@ def fit_option(
         spread.refuse_fixed(wishes)
     use_gpu = budget.spread or (budget.has_gpu and wishes.n_gpu_layers != 0)
     candidates = _ctx_candidates(facts, wishes, least_ctx)
+    # An n-gram table's free choice is made once the rest is placed (_place_table).
+    table = wishes.ngram_table or ("disk" if facts.has_table else "ram")
     for i, ctx in enumerate(candidates):
-        if cannot_fit(facts, ctx, kv, budget):
+        if cannot_fit(facts, ctx, kv, budget, table == "ram"):
             continue
         base = Layout(
             n_ctx=pad_ctx(ctx),
@@ -189,6 +194,7 @@ def fit_option(
             use_gpu=use_gpu,
             n_ubatch=N_UBATCH,
             cpu_moe_from=cpu_moe_order(wishes),
+            ngram_table=table,
         )
         if not use_gpu:
             base = replace(base, n_gpu_layers=0)
@@ -208,15 +214,32 @@ def fit_option(
             why = ctx_default_reason(facts, layout.n_ctx)
         else:
             why = f"the largest that fits (tried {candidates[0]:,} first)"
+        if wishes.ngram_table is None:
+            layout, use = _place_table(facts, layout, use, budget, flags)
         layout, use = _grow_ubatch(facts, layout, use, budget, flags)
         return Fit(layout, use, why)
     return None
 
 
-def cannot_fit(facts: ModelFacts, ctx: int, kv: str, budget: Budget) -> bool:
-    """A quick lower bound: weights and caches alone exceed VRAM and RAM together."""
+def cannot_fit(
+    facts: ModelFacts, ctx: int, kv: str, budget: Budget, table_in_ram: bool = False
+) -> bool:
+    """A quick lower bound: weights and caches alone (and an n-gram table kept in RAM)
+    exceed every device's memory together."""
     need = facts.weight_bytes + facts.kv_bytes(ctx, kv) + facts.rs_bytes
-    return need > budget.total
+    return need + (facts.table_bytes if table_in_ram else 0) > budget.total
+
+
+def _place_table(
+    facts: ModelFacts, layout: Layout, use: Usage, budget: Budget, flags: frozenset[str]
+) -> tuple[Layout, Usage]:
+    """An n-gram table into RAM when it fits beside everything else the placement put there:
+    a token's rows then come from memory, not from the disk. Else it stays in the file."""
+    if not facts.has_table:
+        return layout, use
+    resident = replace(layout, ngram_table="ram")
+    found = _fits(facts, resident, budget, flags)
+    return (resident, found) if found is not None else (layout, use)
 
 
 def ctx_default_reason(facts: ModelFacts, n_ctx: int) -> str:

@@ -28,7 +28,9 @@ bandwidth (`probe --measure`, or hwprobe's default) capped at threads × `per_th
 Which blocks hold CPU experts (first N or last N) does not enter: a token reads 8 experts per
 block wherever they are, and on the H200 data both orders decode at the same speed within the
 noise. Without a GPU: token_overhead + all bytes /
-(cpu_only_efficiency · RAM bw) + blocks · cpu_only_layer_overhead.
+(cpu_only_efficiency · RAM bw) + blocks · cpu_only_layer_overhead. An n-gram table read from
+the file (Qwen3.8-Flash-Next) adds `table_disk_token_s` per decoded token and
+`table_disk_prompt_token_s` per prompt token (`with_table_reads`; a rough figure).
 
 Prefill, per micro-batch of b tokens (n_ubatch at most), with a GPU:
 
@@ -236,6 +238,14 @@ class SpeedParams:
     # guess: what a local network carries, GB/s (10 GbE); the logits of a last run on a
     # worker cross it each token
     network_gbs: float = 1.1
+    # --- an n-gram table read from the file (Qwen3.8-Flash-Next, llama.cpp's lazy read) ---
+    # Rough, from one report (qwen38.md §5, a Strix Halo): 33 tok/s decode with the table in
+    # RAM, 11 tok/s read from the disk, so 1/11 - 1/33 s more per token (its 16 random rows,
+    # page faults on an SSD, waited for one after another); prefill 181 tok/s lazy (pp512,
+    # llama.cpp PR #29030) against ~340 resident: 1/181 - 1/340 s more per prompt token
+    # (a batch's rows are prefetched together). Both depend on the disk above all.
+    table_disk_token_s: float = 1 / 11 - 1 / 33
+    table_disk_prompt_token_s: float = 1 / 181 - 1 / 340
 
 
 DEFAULT = SpeedParams()
@@ -632,6 +642,18 @@ class Speed:
     prefill_tok_s: float
     gpu_bytes_per_token: int
     cpu_bytes_per_token: int
+
+
+def with_table_reads(sp: Speed, facts: ModelFacts, layout: Layout, hw: HardwareProfile) -> Speed:
+    """`sp` with the cost of reading an n-gram table from the file, when the layout leaves it
+    there (`SpeedParams.table_disk_*`, a rough figure). A table in RAM costs nothing to note:
+    a token reads 16 of its rows, a few KiB."""
+    if not (facts.has_table and layout.ngram_table == "disk"):
+        return sp
+    params = params_for(hw)
+    decode = 1.0 / (1.0 / max(sp.decode_tok_s, 1e-9) + params.table_disk_token_s)
+    prefill = 1.0 / (1.0 / max(sp.prefill_tok_s, 1e-9) + params.table_disk_prompt_token_s)
+    return replace(sp, decode_tok_s=decode, prefill_tok_s=prefill)
 
 
 def work_of(facts: ModelFacts, layout: Layout) -> Work:

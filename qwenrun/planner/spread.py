@@ -85,12 +85,12 @@ def refuse_fixed(wishes: Wishes) -> None:
 
 def _layer_bytes(facts: ModelFacts, base: Layout) -> list[int]:
     kv = facts.kv_bytes_per_layer(base.n_ctx, base.kv_type)
-    attn, recr = set(facts.attn_layers), set(facts.recr_layers)
+    attn = set(facts.attn_layers)
     return [
         facts.dense_bytes[i]
         + facts.expert_bytes[i]
         + (kv if i in attn else 0)
-        + (facts.rs_bytes_per_layer if i in recr else 0)
+        + facts.rs_bytes_of(range(i, i + 1))
         for i in range(facts.n_layer)
     ]
 

@@ -1,8 +1,9 @@
 """What the user fixed for a plan (`Wishes`), and the one check of those settings.
 
 Contract: pure values. A `Wishes` holds every setting a command can hand the planner (quant,
-context, KV type, where the experts go, GPU layers, threads, the quant preference, and the
-memory of a hypothetical machine); None or False means "choose for me". `validate()` is the
+context, KV type, where the experts go, GPU layers, where an n-gram table lives, threads, the
+quant preference, and the memory of a hypothetical machine); None or False means "choose for
+me". `validate()` is the
 only check of them, one rule per setting, each message naming the flag; every command (run,
 chat, serve, bench, plan) goes through it before anything is probed, pulled or loaded.
 `fixed_cpu_moe` and `cpu_moe_order` read the expert settings the way the search needs them.
@@ -15,7 +16,7 @@ from typing import Literal
 
 from qwenrun import errors
 from qwenrun.engine.loadconfig import KV_TYPES
-from qwenrun.planner.costs import CpuMoeFrom
+from qwenrun.planner.costs import CpuMoeFrom, NgramPlace
 from qwenrun.planner.facts import ModelFacts
 
 Prefer = Literal["quality", "balanced", "speed"]
@@ -45,6 +46,8 @@ class Wishes:
     rpc: tuple[str, ...] = ()
     # Hypothetical workers for `qwenrun plan --worker`: (their GPUs' sizes, their RAM).
     workers: tuple[tuple[tuple[int, ...], int], ...] = ()
+    # Qwen3.8-Flash-Next's n-gram table: read into RAM, or read from the file as needed.
+    ngram_table: NgramPlace | None = None
 
     def validate(self) -> None:
         """The one check of the user's settings; each message names the flag."""
@@ -72,6 +75,11 @@ class Wishes:
             )
         if self.threads is not None and self.threads < 1:
             raise errors.UsageError("--threads must be 1 or more")
+        if self.ngram_table is not None and self.ngram_table not in ("ram", "disk"):
+            raise errors.UsageError(
+                f"--ngram-table {self.ngram_table!r} is not a choice",
+                hint="ram (read whole into memory) or disk (rows read from the file as needed)",
+            )
         if self.prefer not in ("quality", "balanced", "speed"):
             raise errors.UsageError(
                 f"--prefer {self.prefer!r} is not a choice", hint="quality, balanced or speed"
@@ -113,6 +121,8 @@ class Wishes:
             out.append(f"--gpu-layers {self.n_gpu_layers}")
         if self.kv_type:
             out.append(f"--kv-type {self.kv_type}")
+        if self.ngram_table is not None:
+            out.append(f"--ngram-table {self.ngram_table}")
         return out
 
 

@@ -31,6 +31,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("/think", "", "thinking mode from the next message on"),
     SlashCommand("/nothink", "", "direct mode: answer without thinking"),
     SlashCommand("/budget", "N|off", "stop thinking after N tokens (off: no limit)"),
+    SlashCommand("/effort", "LEVEL|default", "reasoning effort, for models that have one"),
     SlashCommand("/system", "TEXT|none", "set the system prompt (alone: show it)"),
     SlashCommand("/set", "KEY VALUE", ", ".join(s.key for s in sampling.SET_SETTINGS)),
     SlashCommand("/clear", "", "forget the conversation (the system prompt stays)"),
@@ -79,6 +80,8 @@ class Repl:
         label = "thinking" if self.conv.mode == "think" else "direct"
         if self.conv.budget is not None and self.conv.mode == "think":
             label += f" · budget {self.conv.budget}"
+        if self.conv.effort:
+            label += f" · effort {self.conv.effort}"
         return label
 
     def run(self) -> int:
@@ -139,6 +142,7 @@ class Repl:
             "/think": self._think,
             "/nothink": self._nothink,
             "/budget": self._budget,
+            "/effort": self._effort,
             "/system": self._system,
             "/set": self._set,
             "/clear": self._clear,
@@ -180,6 +184,17 @@ class Repl:
         n = int(sampling.BY_KEY["budget"].parse(arg, "/budget"))  # its range, from the table
         self.conv.set_budget(n)
         self.say(self.conv.budget_note() or f"Thinking stops after {n} tokens.")
+
+    def _effort(self, arg: str) -> None:
+        """`/effort LEVEL` sets it, `/effort default` leaves it to the template, `/effort`
+        alone shows it; a model whose template has no such setting is told so."""
+        conv = self.conv
+        if not conv.efforts:
+            conv.set_effort(arg or "default")  # refused in one line: no such setting
+        if arg:
+            conv.set_effort(None if arg.lower() == "default" else arg)
+        now = conv.effort or "the template's default"
+        self.say(f"Reasoning effort: {now} (choices: {', '.join(conv.efforts)}).")
 
     def _system(self, arg: str) -> None:
         if not arg:

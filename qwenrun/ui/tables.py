@@ -80,11 +80,12 @@ def hardware_table(hw: HardwareProfile) -> Table:
 # One plan
 
 
-def _device_column(dev: DevicePlan) -> list[str]:
+def _device_column(dev: DevicePlan, table: bool) -> list[str]:
     b = dev.bytes
     return [
         fmt_bytes(b.weights_dense),
         fmt_bytes(b.weights_experts),
+        *([fmt_bytes(b.ngram_table) if b.ngram_table else "-"] if table else []),
         fmt_bytes(b.kv),
         fmt_bytes(b.rs) if b.rs else "-",
         fmt_bytes(b.compute + b.output),
@@ -103,9 +104,11 @@ def bytes_table(plan: Plan) -> Table:
     for d in devices:
         head = "RAM" if d.kind == "cpu" else "GPU" if d.kind == "gpu" else "WORKER"
         t.add_column(f"{head}: {d.name}", justify="right")
+    table = plan.ngram_table is not None  # a row of its own, only for a model with one
     labels = [
         "weights (dense)",
         "weights (routed experts)",
+        *(["n-gram table"] if table else []),
         "KV cache",
         "recurrent state",
         "compute buffers",
@@ -113,7 +116,7 @@ def bytes_table(plan: Plan) -> Table:
         "kept free (CUDA context + margin / OS)",
         "capacity (free now)",
     ]
-    columns = [_device_column(d) for d in devices]
+    columns = [_device_column(d, table) for d in devices]
     for i, label in enumerate(labels):
         t.add_row(label, *(c[i] for c in columns))
     return t
@@ -134,6 +137,14 @@ def plan_summary(plan: Plan) -> Table:
         f"{plan.n_ctx:,} tokens ({native}), KV {plan.load.kv_type}",
     )
     t.add_row("Placement", placement_text(plan))
+    table = plan.ngram_table
+    if table is not None:
+        where = (
+            "in RAM, read whole at load"
+            if table.place == "ram"
+            else "in the file on disk, its rows read as needed (wants a fast local SSD)"
+        )
+        t.add_row("N-gram table", f"{fmt_bytes(table.n_bytes)} {where}")
     t.add_row(
         "Predicted",
         f"decode ≈ {plan.decode_tok_s:.1f} tok/s, prefill ≈ {plan.prefill_tok_s:,.0f} tok/s "
