@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from qwenrun import chat
-from qwenrun.engine.llama import Engine, GenStats
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.values import GenStats
 from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, Dims, write_model
 from qwenrun.testing.proc import run_qwenrun
 from qwenrun.ui import render

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import openai
 
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.values import SamplingParams
 from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, write_model
 from qwenrun.template import ChatTemplate
 

@@ -27,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.engine.native import bindings
+from qwenrun.engine.values import SamplingParams
 from qwenrun.synthetic.tiny_gguf import QWEN_VOCAB_SIZE, write_model
 
 PROMPT = (

@@ -9,8 +9,10 @@ transcript file format are `transcript.py`'s (a save is all or nothing and a loa
 changes nothing); the settings' names and ranges are the sampling table's (`sampling.py`).
 `stream_turn(engine, conv, text)` runs one turn and yields what happens as plain events
 (notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the
-shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL,
-one-shot `qwenrun run` and the server all drive turns this way.
+shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL
+and one-shot `qwenrun run` drive turns this way, on a loaded engine or on a `TurnServer` (a
+model behind `qwenrun serve`, which yields the same events); the server generates through
+`Reply`, the same thinking split, budget and clock as a turn here.
 
 It does not load models or choose placements (launch/offload do), print anything (renderers
 in `ui/` do), or touch llama.cpp (the engine does). The only state it keeps besides the
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from qwenrun import errors, sampling
 from qwenrun import text as text_rule
-from qwenrun.engine.llama import GenStats, SamplingParams
+from qwenrun.engine.values import GenStats, SamplingParams
 from qwenrun.template import (
     ChatTemplate,
     Mode,

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwenrun import errors, sampling
 from qwenrun.catalog import ThinkingKind
-from qwenrun.engine.llama import SamplingParams
+from qwenrun.engine.values import SamplingParams
 from qwenrun.thinking import prompt_opens_thinking
 
 if TYPE_CHECKING:

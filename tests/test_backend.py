@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from qwenrun import errors
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig, Placement
+from qwenrun.engine.values import SamplingParams
 
 EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 GREEDY = SamplingParams(temperature=0.0)
@@ -260,6 +261,7 @@ def test_stats_are_filled(tiny_models):
             "llama_sample_ms",
             "reused_tokens",
             "reused_from",
+            "reuse_ms",
         }
         assert s.reused_tokens == 0 and s.reused_from == ""
 

@@ -19,8 +19,9 @@ from qwenrun.engine.checkpoints import (
     CheckpointStore,
     positions,
 )
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.values import SamplingParams
 from qwenrun.synthetic.tiny_gguf import ARCHES, HYBRID_ARCHES
 from qwenrun.ui import render, repl
 from qwenrun.ui.prompt import ChatPrompt

@@ -60,7 +60,8 @@ def decode_here(kquant_model: Path) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from qwenrun.engine.llama import Engine, SamplingParams\n"
+        "from qwenrun.engine.llama import Engine\n"
+        "from qwenrun.engine.values import SamplingParams\n"
         "from qwenrun.engine.loadconfig import LoadConfig\n"
         "config = LoadConfig(n_ctx=256, extra_bufts=True, prompt_cache=0)\n"
         "with Engine.load(Path(sys.argv[1]), config) as e:\n"

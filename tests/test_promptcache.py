@@ -17,8 +17,9 @@ import pytest
 
 from qwenrun import chat, config, errors
 from qwenrun.engine import promptcache
-from qwenrun.engine.llama import Engine, GenStats, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.values import GenStats, SamplingParams
 from qwenrun.synthetic.tiny_gguf import ARCHES, HYBRID_ARCHES
 from qwenrun.testing.proc import error_line, run_qwenrun
 

@@ -349,8 +349,9 @@ def _rss_anon() -> int:
 
 @pytest.mark.slow
 def test_the_table_is_read_into_ram_or_left_in_the_file_as_the_plan_says(tmp_path):
-    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.llama import Engine
     from qwenrun.engine.loadconfig import LoadConfig
+    from qwenrun.engine.values import SamplingParams
     from qwenrun.synthetic.tiny_gguf import write_model
 
     # A 128 MiB f32 table (16 values a row); memory-mapping off, as with experts in RAM.

@@ -281,8 +281,9 @@ def test_a_thinking_only_model_served_answers_a_request_not_to_think(thinking_on
 
 
 def test_the_logits_of_one_token_are_reserved_and_long_prompts_still_answer(tiny_models):
-    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.llama import Engine
     from qwenrun.engine.loadconfig import LoadConfig
+    from qwenrun.engine.values import SamplingParams
 
     # Qwen3.5's vocabulary: llama.cpp's default reserve would hold 512 × 248,320 f32 logits
     # (485 MiB) in the compute buffer; the engine asks for one token's.

@@ -23,8 +23,9 @@ import pytest
 import typer.main
 
 from qwenrun import catalog, chat, cli, errors, sampling
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig
+from qwenrun.engine.values import SamplingParams
 from qwenrun.sampling import SETTINGS, Setting, format_number
 from qwenrun.serve import client as remote_client
 from qwenrun.serve import protocol

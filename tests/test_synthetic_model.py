@@ -309,8 +309,9 @@ def test_llama_cpp_runs_the_full_shape_layer_with_finite_logits(one_layer_30b, c
 
 @pytest.mark.slow
 def test_qwenrun_engine_places_the_real_expert_tensors_on_cpu(one_layer_30b, cpu_kernels):
-    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.llama import Engine
     from qwenrun.engine.loadconfig import LoadConfig, Placement
+    from qwenrun.engine.values import SamplingParams
 
     path, _, _ = one_layer_30b
     config = LoadConfig(

@@ -11,8 +11,9 @@ import gguf
 import pytest
 
 from qwenrun import errors
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig, Placement
+from qwenrun.engine.values import SamplingParams
 from qwenrun.synthetic.qwen4exp import Qwen4ExpDims
 from qwenrun.synthetic.tiny_gguf import Dims, build_vocab, template_text, write_model
 from qwenrun.template import ChatTemplate, detect_thinking_kind

@@ -11,7 +11,7 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from qwenrun import chat
-from qwenrun.engine.llama import GenStats, SamplingParams
+from qwenrun.engine.values import GenStats, SamplingParams
 from qwenrun.ui import render, repl
 from qwenrun.ui.prompt import ChatPrompt, _command_completer, strip_triple_quotes, triple_quote_open
 

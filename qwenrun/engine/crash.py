@@ -274,8 +274,9 @@ def run_probe(command: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S
 def _probe_main(folder: Path) -> int:
     """The child: a tiny Q4_K model, written into `folder` (the parent's, which the parent
     removes), loaded with the extra buffer types, decodes 4 tokens."""
-    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.llama import Engine
     from qwenrun.engine.loadconfig import LoadConfig
+    from qwenrun.engine.values import SamplingParams
     from qwenrun.synthetic.tiny_gguf import Dims, write_model
 
     dims = Dims(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)

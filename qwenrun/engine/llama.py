@@ -20,6 +20,9 @@ this module loads nothing):
 - what llama.cpp actually placed where (overridden tensors, buffer sizes) is read from its
   log (`llamalog`) and kept as `Engine.placement`.
 
+The values it hands out are in `values.py` (`SamplingParams`, `GenStats`, `CacheReport`),
+the sampler chain is built by `sampler.py`.
+
 It does not choose a placement (the planner does), render templates (template.py) or print.
 """
 
@@ -34,7 +37,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -52,81 +54,9 @@ from qwenrun.engine.checkpoints import (
 from qwenrun.engine.llamalog import LOG, OOM_RE, PlacementReport, load_failure, parse_placement
 from qwenrun.engine.loadconfig import KV_TYPES, LoadConfig
 from qwenrun.engine.native import bindings, loaded, override_array
+from qwenrun.engine.sampler import sampler_chain
+from qwenrun.engine.values import CacheReport, GenStats, ModelMeta, Reuse, SamplingParams
 from qwenrun.text import clean
-
-# --------------------------------------------------------------------------------------
-# Plain values the rest of qwenrun sees
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_k: int = 20
-    top_p: float = 0.8
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    # Never end early: end-of-generation tokens get a logit of -inf (`qwenrun bench` decodes
-    # a fixed number of tokens whatever the model would say).
-    ban_eog: bool = False
-
-
-@dataclass(frozen=True)
-class GenStats:
-    prompt_tokens: int
-    eval_prompt_tokens: int
-    generated_tokens: int
-    ttft_ms: float
-    prefill_tok_s: float
-    decode_tok_s: float
-    decode_wall_ms: float
-    llama_eval_ms: float
-    llama_sample_ms: float
-    # Prompt tokens not evaluated, and where they came from: "cache" (the context still
-    # held them), "checkpoint" (a hybrid's checkpoint restored), "disk" (the prompt cache).
-    reused_tokens: int = 0
-    reused_from: str = ""
-    reuse_ms: float = 0.0  # restoring them (a disk read): not counted in prefill_tok_s
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class CacheReport:
-    """What the engine keeps to avoid evaluating prompts again (for `/stats`)."""
-
-    checkpoints: bool  # a hybrid model: checkpoints are taken (attention-only: not needed)
-    checkpoint_count: int
-    checkpoint_bytes: int
-    checkpoint_max_count: int
-    checkpoint_max_bytes: int
-    disk: promptcache.DiskReport | None  # None: the prompt cache is off
-
-
-@dataclass(frozen=True)
-class Reuse:
-    """How much of a prompt the context holds before evaluating it, and from where."""
-
-    n_tokens: int
-    source: str  # "", "cache", "checkpoint", "disk"
-    seconds: float = 0.0  # spent restoring them (reading the disk cache): not prefill
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    path: str
-    arch: str
-    n_layer: int
-    n_ctx_train: int
-    n_vocab: int
-    chat_template: str | None
-    bos_token: str
-    eos_token: str
-    is_recurrent: bool = False
-    metadata: dict[str, str] = field(default_factory=dict)
-
 
 # --------------------------------------------------------------------------------------
 # The engine
@@ -628,41 +558,6 @@ class Engine:
         is_eog = bindings().llama_vocab_is_eog
         return [t for t in range(self.meta.n_vocab) if is_eog(self._vocab, t)]
 
-    def _eog_ban(self) -> Any:
-        """A logit-bias sampler that rules out every end-of-generation token."""
-        lc = bindings()
-        eog = self._eog_ids
-        biases = (lc.llama_logit_bias * len(eog))(*((t, float("-inf")) for t in eog))
-        return lc.llama_sampler_init_logit_bias(self.meta.n_vocab, len(eog), biases)
-
-    def _sampler_chain(self, s: SamplingParams) -> Any:
-        lc = bindings()
-        sp = lc.llama_sampler_chain_default_params()
-        sp.no_perf = False
-        chain = lc.llama_sampler_chain_init(sp)
-        add = lc.llama_sampler_chain_add
-        if s.repeat_penalty != 1.0 or s.presence_penalty != 0.0:
-            # This build's llama.cpp takes the vocabulary size first (llama.h of 0.3.36).
-            penalties = lc.llama_sampler_init_penalties(
-                self.meta.n_vocab, 64, s.repeat_penalty, 0.0, s.presence_penalty
-            )
-            add(chain, penalties)
-        if s.ban_eog:
-            add(chain, self._eog_ban())
-        if s.temperature <= 0:
-            add(chain, lc.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            add(chain, lc.llama_sampler_init_top_k(s.top_k))
-        if 0 < s.top_p < 1:
-            add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
-        add(chain, lc.llama_sampler_init_temp(s.temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
-        add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
-
 
 class Generation:
     """A stream of decoded text pieces from one `Engine.generate` call.
@@ -721,7 +616,7 @@ class Generation:
         ctx, vocab = eng._ctx, eng._vocab
         t0 = time.perf_counter()
         lc.llama_perf_context_reset(ctx)
-        chain = eng._sampler_chain(self._sampling)
+        chain = sampler_chain(self._sampling, eng.meta.n_vocab, eng._eog_ids)
         try:
             reuse = eng._reuse_prefix(self._prompt)
             reuse = Reuse(reuse.n_tokens, reuse.source, time.perf_counter() - t0)

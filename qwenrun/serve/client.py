@@ -49,7 +49,7 @@ from qwenrun.chat import (
     TurnEvent,
     TurnResult,
 )
-from qwenrun.engine.llama import CacheReport, GenStats, SamplingParams
+from qwenrun.engine.values import CacheReport, GenStats, SamplingParams
 from qwenrun.template import ChatTemplate, ModelProfile, fallback_template
 
 if TYPE_CHECKING:

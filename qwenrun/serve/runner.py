@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from qwenrun import errors, sampling
 from qwenrun.chat import AnswerText, Conversation, Reply, ThinkingDone, ThinkingText, TokenReuse
-from qwenrun.engine.llama import GenStats, SamplingParams
+from qwenrun.engine.values import GenStats, SamplingParams
 from qwenrun.serve import protocol
 from qwenrun.serve.answer_router import AnswerRouter
 from qwenrun.serve.protocol import ChatRequest, CompletionRequest, RequestError

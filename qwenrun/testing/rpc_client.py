@@ -68,8 +68,9 @@ def _client(opts: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import asdict
 
     from qwenrun.engine import devices, rpc
-    from qwenrun.engine.llama import Engine, SamplingParams
+    from qwenrun.engine.llama import Engine
     from qwenrun.engine.loadconfig import ExpertHome, LoadConfig, Placement
+    from qwenrun.engine.values import SamplingParams
 
     workers = rpc.parse_endpoints(opts.workers)
     if opts.pause_file:

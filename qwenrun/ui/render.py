@@ -28,7 +28,7 @@ from qwenrun.chat import Renderer, TurnResult
 from qwenrun.ui.console import console, printable
 
 if TYPE_CHECKING:
-    from qwenrun.engine.llama import GenStats
+    from qwenrun.engine.values import GenStats
 
 
 def format_stats(stats: GenStats) -> str:

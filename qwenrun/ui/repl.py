@@ -22,7 +22,8 @@ from pathlib import Path
 
 from qwenrun import config, errors, sampling, units
 from qwenrun.chat import Conversation, Renderer, TurnResult, run_turn, sigint_sets
-from qwenrun.engine.llama import CacheReport, Engine, GenStats, SamplingParams
+from qwenrun.engine.llama import Engine
+from qwenrun.engine.values import CacheReport, GenStats, SamplingParams
 from qwenrun.text import clean, notice
 from qwenrun.ui.console import info
 from qwenrun.ui.prompt import ChatPrompt, SlashCommand
