@@ -321,6 +321,7 @@ class Conversation:
             "system": self.system,
             "mode": self.mode,
             "budget": self.budget,
+            "effort": self.effort,
             "settings": settings,
             "messages": messages,
         }
@@ -346,9 +347,16 @@ class Conversation:
                 self.mode = loaded.mode
             else:
                 notes.append(f"kept {self.mode} mode: this model has no {loaded.mode} mode")
+        effort = self.effort
+        if loaded.effort is not None:
+            try:  # checked before anything changes: the template decides what it takes
+                effort = check_effort(self.template, loaded.effort, self.profile.name)
+            except errors.UsageError as err:
+                notes.append(f"kept the reasoning effort: {err.message}")
         self.system = loaded.system
         self.turns = loaded.turns
         self.forget_tokens()
+        self.effort = effort
         self.budget = loaded.budget
         self.settings, self.max_tokens = loaded.settings, loaded.max_tokens
         return notes

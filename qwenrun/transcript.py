@@ -166,6 +166,7 @@ class Transcript:
     settings: dict[str, Any]
     max_tokens: int | None
     replaced: int = 0  # code points that were not valid Unicode, now U+FFFD (`text.clean`)
+    effort: str | None = None  # the template's reasoning_effort (None: its default)
 
 
 _ONE_ANSWER = "each user message must be followed by an answer"
@@ -238,7 +239,10 @@ def _parse(doc: Any, path: Path) -> Transcript:
             settings[setting.field] = typed
         else:
             max_tokens = int(typed)  # /set's one setting that is not the sampler's
-    return Transcript(system or None, turns, mode, budget, settings, max_tokens)
+    effort = doc.get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise bad(f'"effort" should be text such as "medium", or null, not {effort!r}')
+    return Transcript(system or None, turns, mode, budget, settings, max_tokens, effort=effort)
 
 
 def _answer_turn(question: str, msg: dict[str, Any], content: str, where: str) -> Turn:

@@ -132,6 +132,24 @@ def test_effort_in_the_repl(flash, tiny_models, tmp_path):
     assert proc.stdout.strip()  # the chat went on
 
 
+@pytest.mark.slow
+def test_a_saved_chat_keeps_its_effort(flash, tmp_path):
+    saved = tmp_path / "chat.json"
+    script = f"/effort low\nhi\n/save {saved}\n/effort default\n/load {saved}\n/effort\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwenrun", "chat", str(flash), "--max-tokens", "2"],
+        input=script,
+        capture_output=True,
+        text=True,
+        env=child_env({"QWENRUN_HOME": str(tmp_path / "home")}),
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(saved.read_text())["effort"] == "low"
+    # After /effort default and /load, the transcript's effort is back.
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("Reasoning effort: low")
+
+
 # ------------------------------------------------------------------------------ thinking only
 
 
