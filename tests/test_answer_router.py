@@ -145,6 +145,7 @@ def test_a_long_call_held_in_thinking_fed_in_small_pieces() -> None:
     assert thinking == "T " + call(body) and answer == "A"
 
 
+@pytest.mark.slow
 def test_fuzz_the_split_never_depends_on_the_cuts() -> None:
     sources = [
         DRAFT,

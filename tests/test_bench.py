@@ -89,6 +89,7 @@ def test_runs_alternate_so_drift_falls_on_every_candidate():
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_run_decodes_exactly_the_tokens_asked_even_from_a_model_that_stops(tiny_models):
     path = tiny_models("qwen3moe", steer=1, eos_bias=10.0)  # ends every answer at once
     cand = candidates.Candidate(

@@ -426,6 +426,7 @@ except errors.UsageError as err:
 """
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_midway_leaves_the_old_file_whole(tmp_path: Path):
     path = tmp_path / "chat.json"
     old = a_conversation_with_history()
@@ -493,6 +494,7 @@ def test_a_turn_streams_the_answer_and_is_recorded(engines):
     assert [(t.user, t.answer, t.mode) for t in conv.turns] == [("hello", result.answer, "direct")]
 
 
+@pytest.mark.slow
 def test_turn_two_evaluates_only_the_new_tokens(engines):
     # The coder template repeats history verbatim, so all of turn 1 is reused as it is held.
     engine = engines("qwen3-coder")
@@ -527,6 +529,7 @@ def test_turn_two_with_qwen3_reuses_the_history_prefix(engines):
     )
 
 
+@pytest.mark.slow
 def test_thinking_budget_closes_the_block_and_thinking_stays_out_of_the_next_prompt(engines):
     # Qwen3.5's prompt opens <think>; steer=2 never writes </think>, so only the budget ends it.
     engine = engines("qwen3.5")
@@ -591,6 +594,7 @@ def test_direct_mode_on_a_hybrid_has_no_thinking(engines):
     assert result.thinking == "" and result.answer and result.thinking_tokens == 0
 
 
+@pytest.mark.slow
 def test_context_overflow_drops_the_oldest_turn_but_keeps_the_system_prompt(engines):
     engine = engines("qwen3", n_ctx=256)
     conv = chat.Conversation.for_engine(
@@ -632,6 +636,7 @@ def test_a_message_too_large_for_the_context_leaves_the_history_alone(engines):
     assert conv.turns == before
 
 
+@pytest.mark.slow
 def test_a_turn_cancelled_before_any_token_leaves_no_empty_answer(engines):
     engine = engines("qwen3", n_ctx=512)
     conv = chat.Conversation.for_engine(engine, mode="direct", settings={"seed": 1})
@@ -662,6 +667,7 @@ class CancelAfter(render.PlainRenderer):
             self.event.set()
 
 
+@pytest.mark.slow
 def test_cancel_keeps_what_streamed_marks_it_cut_and_the_chat_goes_on(engines):
     engine = engines("qwen3")
     conv = chat.Conversation.for_engine(

@@ -141,6 +141,7 @@ def talk(engine: Engine, conv: chat.Conversation, questions=QUESTIONS):
     return turns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_each_chat_turn_evaluates_only_its_new_tokens(models, arch):
     engine = load(models[arch])
@@ -165,6 +166,7 @@ def test_each_chat_turn_evaluates_only_its_new_tokens(models, arch):
         assert not report.checkpoints and report.checkpoint_count == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", HYBRID_ARCHES)
 def test_direct_mode_turns_too(models, arch):
     # Direct mode: the prompt ends with `<think>\n\n</think>\n\n`, which history drops.
@@ -178,6 +180,7 @@ def test_direct_mode_turns_too(models, arch):
         assert stats.reused_from == "checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_answers_are_the_same_with_and_without_checkpoints(models, arch):
     said = {}
@@ -203,6 +206,7 @@ def greedy(engine: Engine, prompt: list[int], n: int = 12):
     return text, gen.stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", HYBRID_ARCHES)
 def test_the_same_prompt_again_and_an_edited_last_message(models, arch):
     engine = load(models[arch])
@@ -227,6 +231,7 @@ def test_the_same_prompt_again_and_an_edited_last_message(models, arch):
         fresh.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", HYBRID_ARCHES)
 def test_no_usable_checkpoint_means_a_full_and_correct_evaluation(models, arch):
     engine = load(models[arch])
@@ -250,6 +255,7 @@ def test_no_usable_checkpoint_means_a_full_and_correct_evaluation(models, arch):
         fresh.close()
 
 
+@pytest.mark.slow
 def test_stats_show_the_reuse_and_what_is_kept(models):
     engine = load(models["qwen35moe"])
     try:

@@ -34,6 +34,7 @@ def plan_json(*args: str) -> dict:
 # probe
 
 
+@pytest.mark.slow
 def test_probe_json_schema():
     proc = qwenrun("probe", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -77,6 +78,7 @@ def test_probe_json_schema():
     )
 
 
+@pytest.mark.slow
 def test_probe_tables_on_a_pipe_have_no_escape_codes():
     proc = qwenrun("probe")
     assert proc.returncode == 0, proc.stderr
@@ -85,6 +87,7 @@ def test_probe_tables_on_a_pipe_have_no_escape_codes():
     assert "\x1b[" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_probe_measure_remembers_the_bandwidth():
     proc = qwenrun("probe", "--measure", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -119,6 +122,7 @@ def test_probe_measure_shows_the_bandwidth_when_the_home_cannot_keep_it(tmp_path
 # plan, catalog models (offline estimates)
 
 
+@pytest.mark.slow
 def test_plan_12gib_gpu_and_32gib_ram_picks_4bit_or_better_with_most_experts_on_cpu():
     p = plan_json("qwen3-30b-a3b", "--gpu-mem", "12GiB", "--ram", "32GiB")
     assert catalog.quant_rank(p["quant"]) <= catalog.quant_rank("Q4_0")  # 4-bit class or better
@@ -133,6 +137,7 @@ def test_plan_12gib_gpu_and_32gib_ram_picks_4bit_or_better_with_most_experts_on_
     assert p["reasons"]
 
 
+@pytest.mark.slow
 def test_plan_gpu_mem_0_puts_everything_on_the_cpu():
     p = plan_json("qwen3-30b-a3b", "--gpu-mem", "0", "--ram", "64G")
     assert p["n_gpu_layers"] == 0
@@ -143,6 +148,7 @@ def test_plan_gpu_mem_0_puts_everything_on_the_cpu():
     assert cpu["weights_experts"] > 10 * GIB
 
 
+@pytest.mark.slow
 def test_plan_honours_fixed_settings():
     p = plan_json(
         "qwen3.5-35b",
@@ -191,6 +197,7 @@ def test_plan_takes_every_placement_option_run_takes():
         assert placement <= options(name), name
 
 
+@pytest.mark.slow
 def test_plan_cpu_moe_puts_every_expert_on_the_cpu():
     p = plan_json(
         "qwen3-30b-a3b", "--cpu-moe", "--threads", "1", "--gpu-mem", "24G", "--ram", "64G"
@@ -203,6 +210,7 @@ def test_plan_cpu_moe_puts_every_expert_on_the_cpu():
     ]
 
 
+@pytest.mark.slow
 def test_plan_tables_on_a_pipe():
     proc = qwenrun("plan", "qwen3-30b-a3b", "--gpu-mem", "24G", "--ram", "64G")
     assert proc.returncode == 0, proc.stderr
@@ -211,17 +219,20 @@ def test_plan_tables_on_a_pipe():
     assert "\x1b[" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_plan_bad_size_is_one_line_exit_2():
     line = one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--gpu-mem", "12 parsecs"), 2)
     assert "--gpu-mem" in line
     one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--ram", "lots"), 2)
 
 
+@pytest.mark.slow
 def test_plan_unknown_model_is_exit_3():
     line = one_line_error(qwenrun("plan", "qwen9-1t"), 3)
     assert "unknown model" in line
 
 
+@pytest.mark.slow
 def test_plan_that_cannot_fit_is_exit_4_with_alternatives():
     line = one_line_error(qwenrun("plan", "qwen3.5-397b", "--gpu-mem", "0", "--ram", "32G"), 4)
     assert "does not fit" in line
@@ -229,10 +240,12 @@ def test_plan_that_cannot_fit_is_exit_4_with_alternatives():
     assert "hint: try" in line and "smaller" in line
 
 
+@pytest.mark.slow
 def test_plan_unknown_quant_is_exit_2():
     one_line_error(qwenrun("plan", "qwen3-30b-a3b", "--quant", "Q9_Z"), 2)
 
 
+@pytest.mark.slow
 def test_plan_catalog_reference_with_a_quant_plans_that_quant():
     p = plan_json("qwen3-30b-a3b:q4_k_m", "--gpu-mem", "0", "--ram", "64G")
     assert p["quant"] == "Q4_K_M" and p["estimated"] is True
@@ -246,6 +259,7 @@ def test_plan_catalog_reference_with_a_quant_plans_that_quant():
 # plan, a local file (exact bytes)
 
 
+@pytest.mark.slow
 def test_plan_local_gguf_uses_its_exact_bytes(tiny_models):
     path = tiny_models("qwen35moe", vocab_size=2048)
     p = plan_json(str(path), "--gpu-mem", "0")
@@ -259,11 +273,13 @@ def test_plan_local_gguf_uses_its_exact_bytes(tiny_models):
     assert cpu["recurrent_state"] > 0
 
 
+@pytest.mark.slow
 def test_plan_local_gguf_rejects_quant(tiny_models):
     path = tiny_models("qwen3moe")
     one_line_error(qwenrun("plan", str(path), "--quant", "Q4_K_M"), 2)
 
 
+@pytest.mark.slow
 def test_plan_missing_local_file_is_exit_3(tmp_path):
     line = one_line_error(qwenrun("plan", str(tmp_path / "nope.gguf")), 3)
     assert "no such file" in line  # the same words as `run` (one check of a path)
@@ -297,6 +313,7 @@ def header_reads(hub: HubServer, name: str) -> list[str | None]:
     return [r.range for r in hub.requests_for(name, "GET") if r.path.startswith("/_content/")]
 
 
+@pytest.mark.slow
 def test_plan_hub_repo_from_its_real_headers(hub):
     proc = hub_plan(hub, REPO, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -313,6 +330,7 @@ def test_plan_hub_repo_from_its_real_headers(hub):
     assert header_reads(hub, Q4[0]) == [] and header_reads(hub, BF16) == []
 
 
+@pytest.mark.slow
 def test_plan_hub_repo_does_not_read_a_quant_too_big_for_the_machine(hub):
     hub.advertise_size(REPO, Q8, 10**15)  # a petabyte: no header needed to rule it out
     p = json.loads(hub_plan(hub, REPO, "--json").stdout)
@@ -322,6 +340,7 @@ def test_plan_hub_repo_does_not_read_a_quant_too_big_for_the_machine(hub):
     assert header_reads(hub, Q4[0]) and header_reads(hub, Q4[1])
 
 
+@pytest.mark.slow
 def test_plan_hub_repo_with_a_quant(hub):
     for args in ((f"hf.co/{REPO}:q4_k_m",), (REPO, "--quant", "Q4_K_M")):
         proc = hub_plan(hub, *args, "--json")
@@ -331,6 +350,7 @@ def test_plan_hub_repo_with_a_quant(hub):
     assert "has no quant Q2_K" in line and "Q8_0" in line
 
 
+@pytest.mark.slow
 def test_plan_hub_repo_offline_uses_a_cached_copy_or_says_it_cannot(hub):
     line = one_line_error(hub_plan(hub, REPO, HF_HUB_OFFLINE="1"), 5)
     assert "offline" in line and REPO in line

@@ -56,6 +56,7 @@ def run_answers(path: str) -> None:
     assert proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_pull_list_run_rm(hub):
     single = qwenrun(hub, "pull", f"{SPEC.name}:q4_k_m")
     assert single.returncode == 0, single.stderr
@@ -91,6 +92,7 @@ def test_pull_list_run_rm(hub):
     assert "not downloaded" in one_error_line(qwenrun(hub, "rm", SPEC.name, "--yes"), 3)
 
 
+@pytest.mark.slow
 def test_pull_without_quant_shows_the_choice(hub):
     proc = qwenrun(hub, "pull", SPEC.name)
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +101,7 @@ def test_pull_without_quant_shows_the_choice(hub):
     assert "already downloaded" in again.stderr
 
 
+@pytest.mark.slow
 def test_cut_connection_resumes(hub):
     hub.cut_after(REPO, SINGLE, 500_000, times=1)
     proc = qwenrun(hub, "pull", f"{REPO}:Q4_K_M")
@@ -107,6 +110,7 @@ def test_cut_connection_resumes(hub):
     assert ranges == [None, "bytes=500000-"]
 
 
+@pytest.mark.slow
 def test_wrong_sha256_is_refused_and_not_listed(hub):
     hub.advertise_sha256(REPO, SINGLE, "ab" * 32)
     line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
@@ -116,6 +120,7 @@ def test_wrong_sha256_is_refused_and_not_listed(hub):
     assert "not in the cache" in one_error_line(offline, 5)
 
 
+@pytest.mark.slow
 def test_too_big_for_the_disk_is_refused_before_any_byte(hub):
     hub.advertise_size(REPO, SINGLE, 10**18)
     line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
@@ -123,6 +128,7 @@ def test_too_big_for_the_disk_is_refused_before_any_byte(hub):
     assert hub.requests_for(SINGLE, "GET") == []
 
 
+@pytest.mark.slow
 def test_token_needed_and_never_shown(hub):
     hub.token = TOKEN
     outputs = []
@@ -138,6 +144,7 @@ def test_token_needed_and_never_shown(hub):
     assert not any(TOKEN in out or TOKEN[::-1] in out for out in outputs)
 
 
+@pytest.mark.slow
 def test_offline_after_pull_uses_the_cache(hub):
     pulled = qwenrun(hub, "pull", f"{REPO}:Q4_K_M")
     assert pulled.returncode == 0, pulled.stderr
@@ -151,12 +158,14 @@ def test_offline_after_pull_uses_the_cache(hub):
     assert "offline" in one_error_line(missing, 5)
 
 
+@pytest.mark.slow
 def test_escaping_path_in_the_tree_is_refused(hub):
     hub.add_tree_entry(REPO, "../../../outside-Q4_K_M.gguf")
     line = one_error_line(qwenrun(hub, "pull", f"{REPO}:Q4_K_M"), 5)
     assert "outside the cache" in line
 
 
+@pytest.mark.slow
 def test_local_file_is_not_pulled(hub, tiny_models):
     line = one_error_line(qwenrun(hub, "pull", str(tiny_models("qwen3moe"))), 2)
     assert "nothing to download" in line
@@ -174,6 +183,7 @@ def spawn_tty(hub: HubServer, *args: str) -> pexpect.spawn:
     )
 
 
+@pytest.mark.slow
 def test_terminal_asks_before_a_chosen_quant_and_draws_one_bar(hub):
     declined = spawn_tty(hub, "pull", SPEC.name)
     declined.expect_exact(f"{SPEC.name}:Q4_K_M")
@@ -198,6 +208,7 @@ def test_terminal_asks_before_a_chosen_quant_and_draws_one_bar(hub):
     assert [e["quant"] for e in list_json(hub)] == ["Q4_K_M"]
 
 
+@pytest.mark.slow
 def test_terminal_does_not_ask_for_a_named_quant_or_with_yes(hub):
     for args in (("pull", f"{SPEC.name}:Q8_0"), ("pull", SPEC.name, "--yes")):
         child = spawn_tty(hub, *args)
@@ -210,6 +221,7 @@ def test_terminal_does_not_ask_for_a_named_quant_or_with_yes(hub):
 # ---- run and chat take references: a missing model is pulled first, then planned and run
 
 
+@pytest.mark.slow
 def test_run_pulls_a_missing_reference_then_works_offline(hub):
     ref = f"{SPEC.name}:Q4_K_M"
     args = ("run", ref, "hello", "--max-tokens", "6", "--ctx", "512", "--seed", "1")
@@ -228,6 +240,7 @@ def test_run_pulls_a_missing_reference_then_works_offline(hub):
     assert len(hub.requests) == before
 
 
+@pytest.mark.slow
 def test_run_refuses_a_file_whose_hash_is_wrong(hub):
     hub.advertise_sha256(REPO, SINGLE, "0" * 64)
     proc = qwenrun(hub, "run", f"{SPEC.name}:Q4_K_M", "hello", "--yes", "--ctx", "512")
@@ -237,6 +250,7 @@ def test_run_refuses_a_file_whose_hash_is_wrong(hub):
     assert not any(r["path"] and r["path"].endswith(SINGLE) for r in list_json(hub))
 
 
+@pytest.mark.slow
 def test_run_offline_without_the_files_says_what_is_missing(hub):
     proc = qwenrun(hub, "run", f"{SPEC.name}:Q4_K_M", "hello", HF_HUB_OFFLINE="1")
     line = one_error_line(proc, 5)
@@ -246,6 +260,7 @@ def test_run_offline_without_the_files_says_what_is_missing(hub):
 # ---- only real work shows progress; a script is told what is fetched before the first byte
 
 
+@pytest.mark.slow
 def test_a_complete_model_shows_no_progress(hub):
     ref = f"{SPEC.name}:Q4_K_M"
     first = qwenrun(hub, "pull", ref)
@@ -261,6 +276,7 @@ def test_a_complete_model_shows_no_progress(hub):
         assert "downloading" not in proc.stderr and "verifying" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_cached_file_checked_for_the_first_time_says_verifying_once(hub):
     # Fetched by another tool: qwenrun hashes it once, and says only that.
     cache_dir = Path(os.environ["HF_HOME"]) / "hub"
@@ -274,6 +290,7 @@ def test_a_cached_file_checked_for_the_first_time_says_verifying_once(hub):
     assert "verifying" not in second.stderr and "downloading" not in second.stderr
 
 
+@pytest.mark.slow
 def test_a_script_is_told_what_is_downloaded_and_its_size_first(hub):
     # No terminal, no --yes: qwenrun downloads (as Ollama and llama.cpp -hf do), after
     # saying on stderr what and how big.
@@ -311,6 +328,7 @@ def qwenrun_with_file_limit(hub: HubServer, limit: int, *args: str) -> subproces
     )
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_pull_is_one_line_and_the_pull_resumes(hub):
     limit = 500_000
     ref = f"{REPO}:Q4_K_M"
@@ -334,11 +352,13 @@ def test_disk_full_during_a_pull_is_one_line_and_the_pull_resumes(hub):
 # ---- any shard of a split model, and repos outside the catalog
 
 
+@pytest.mark.slow
 def test_run_takes_any_shard_of_a_split_model(tiny_models):
     first = tiny_models("qwen3moe", steer=2, split=2)
     run_answers(str(first.with_name(first.name.replace("-00001-of-", "-00002-of-"))))
 
 
+@pytest.mark.slow
 def test_a_repo_outside_the_catalog_gets_the_quant_its_real_headers_allow(hub, tiny_models):
     # Before: a fixed 4-bit default. Now: the planner's best over the files' real headers,
     # read with Range requests (Q8_0 fits a tiny model on any machine).

@@ -27,6 +27,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, tex
 SMALL = ("--max-tokens", "12", "--seed", "1", "--ctx", "512")
 
 
+@pytest.mark.slow
 def test_plain_answer_on_stdout(tiny_models):
     model = tiny_models("qwen3moe", steer=2)
     proc = qwenrun("run", str(model), "hello", *SMALL, "--no-think")
@@ -36,6 +37,7 @@ def test_plain_answer_on_stdout(tiny_models):
     assert "<think>" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_json_output_schema(tiny_models):
     model = tiny_models("qwen3moe", steer=2)
     proc = qwenrun("run", str(model), "hello", *SMALL, "--json", "--n-cpu-moe", "2")
@@ -60,6 +62,7 @@ def test_json_output_schema(tiny_models):
     assert len(placement["overridden_tensors"]) == 6
 
 
+@pytest.mark.slow
 def test_same_seed_same_answer_and_stdin_changes_the_prompt(tiny_models):
     model = str(tiny_models("qwen3moe", steer=2))
     a = qwenrun("run", model, "hello", *SMALL, "--json")
@@ -73,6 +76,7 @@ def test_same_seed_same_answer_and_stdin_changes_the_prompt(tiny_models):
     assert jc["stats"]["prompt_tokens"] > ja["stats"]["prompt_tokens"]
 
 
+@pytest.mark.slow
 def test_prompt_from_stdin_alone(tiny_models):
     model = str(tiny_models("qwen3moe", steer=2))
     proc = qwenrun("run", model, *SMALL, stdin="what is this?\n")
@@ -80,16 +84,19 @@ def test_prompt_from_stdin_alone(tiny_models):
     assert proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_no_prompt_at_all_is_a_usage_error(tiny_models):
     proc = qwenrun("run", str(tiny_models("qwen3moe")))
     assert_one_line_error(proc, 2, "no prompt")
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path):
     proc = qwenrun("run", str(tmp_path / "missing.gguf"), "hi")
     assert_one_line_error(proc, 3, "no such file")
 
 
+@pytest.mark.slow
 def test_not_a_gguf(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04 this is a zip, not a model")
@@ -97,6 +104,7 @@ def test_not_a_gguf(tmp_path):
     assert_one_line_error(proc, 3, "not a GGUF")
 
 
+@pytest.mark.slow
 def test_truncated_gguf(tiny_models, tmp_path):
     data = tiny_models("qwen3moe").read_bytes()
     cut = tmp_path / "cut.gguf"
@@ -105,6 +113,7 @@ def test_truncated_gguf(tiny_models, tmp_path):
     assert_one_line_error(proc, 3, "truncated")
 
 
+@pytest.mark.slow
 def test_unsupported_architecture(tmp_path):
     path = tmp_path / "odd.gguf"
     w = gguf.GGUFWriter(path, "qwen9moe")
@@ -120,24 +129,28 @@ def test_unsupported_architecture(tmp_path):
     assert_one_line_error(proc, 3, "qwen9moe")
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context(tiny_models):
     model = str(tiny_models("qwen3moe"))
     proc = qwenrun("run", model, "word " * 600, "--ctx", "256")
     assert_one_line_error(proc, 4, "context")
 
 
+@pytest.mark.slow
 def test_bad_option_values_are_one_line(tiny_models):
     model = str(tiny_models("qwen3moe"))
     proc = qwenrun("run", model, "hi", "--cpu-moe", "--n-cpu-moe", "2")
     assert_one_line_error(proc, 2, "--cpu-moe")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     proc = qwenrun("run", str(tmp_path / "missing.gguf"), "hi", env={"QWENRUN_DEBUG": "1"})
     assert proc.returncode == 3
     assert "Traceback" in proc.stderr
 
 
+@pytest.mark.slow
 def test_closed_stdout_ends_quietly(tiny_models):
     model = str(tiny_models("qwen3moe", steer=2))
     cmd = (
@@ -156,6 +169,7 @@ def test_closed_stdout_ends_quietly(tiny_models):
     assert proc.stderr.strip() == ""
 
 
+@pytest.mark.slow
 def test_help_does_not_import_llama_cpp():
     code = (
         "import sys\n"
@@ -171,6 +185,7 @@ def test_help_does_not_import_llama_cpp():
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_version():
     proc = qwenrun("--version")
     assert proc.returncode == 0
@@ -183,6 +198,7 @@ def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_thinking_goes_to_stderr_only_with_show_thinking(tiny_models):
     # Qwen3.5's template opens <think> itself; steer=2 never closes it, so the budget does:
     # 6 thinking tokens, then the forced wrap-up (a token per byte in this tiny vocabulary)

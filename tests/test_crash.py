@@ -167,6 +167,7 @@ def test_the_real_check_agrees_with_a_real_decode_on_this_machine(decode_here):
 # ---- the fallback
 
 
+@pytest.mark.slow
 def test_the_engine_loads_without_the_extra_buffer_types(kquant_model):
     with Engine.load(kquant_model, LoadConfig(n_ctx=256, extra_bufts=False)) as plain:
         assert not _extra([b.buft for b in plain.placement.buffers])
@@ -186,6 +187,7 @@ def _remember_crash_for_this_machine() -> None:
     crash.remember(key, crash.CpuCheck("crashed", "the check died with SIGILL"))
 
 
+@pytest.mark.slow
 def test_run_uses_the_plain_kernels_and_says_so_once(kquant_model):
     _remember_crash_for_this_machine()
     proc = run_qwenrun(
@@ -199,6 +201,7 @@ def test_run_uses_the_plain_kernels_and_says_so_once(kquant_model):
     assert any("AMX kernels crash" in r for r in json.loads(plan.stdout)["reasons"])
 
 
+@pytest.mark.slow
 def test_doctor_reports_the_finding_instead_of_ok():
     _remember_crash_for_this_machine()
     proc = run_qwenrun("doctor", "--json")
@@ -341,6 +344,7 @@ def test_a_terminal_start_says_why_the_check_runs_again_with_an_unwritable_home(
 # ---- dying by a signal anyway
 
 
+@pytest.mark.slow
 def test_a_death_by_signal_is_one_line_and_the_shell_exit_status():
     code = (
         "import os, signal\n"
@@ -354,6 +358,7 @@ def test_a_death_by_signal_is_one_line_and_the_shell_exit_status():
     assert "illegal instruction" in line and "doctor" in line
 
 
+@pytest.mark.slow
 def test_a_real_qwenrun_killed_by_the_oom_killer_says_so(kquant_model):
     # A chat waiting for input; its worker (the supervised child) is killed as the OOM
     # killer would, and the user still gets one line.
@@ -369,6 +374,7 @@ def test_a_real_qwenrun_killed_by_the_oom_killer_says_so(kquant_model):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_signal_sent_to_qwenrun_reaches_its_worker(kquant_model):
     proc = _waiting_chat(kquant_model)
     try:

@@ -210,6 +210,7 @@ def this_machine() -> tuple[HardwareProfile, bool]:
     return hwprobe.probe(), native.supports_gpu_offload()
 
 
+@pytest.mark.slow
 def test_doctor_command_reports_this_machine(this_machine):
     hw, offload = this_machine
     proc = _qwenrun("doctor")
@@ -229,6 +230,7 @@ def test_doctor_command_reports_this_machine(this_machine):
         assert "To fix it" not in out
 
 
+@pytest.mark.slow
 def test_doctor_json_on_this_machine(this_machine):
     hw, offload = this_machine
     proc = _qwenrun("doctor", "--json")

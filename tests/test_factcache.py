@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from qwenrun import catalog, offload
 from qwenrun.planner import factcache, recipes, sources
 from qwenrun.planner.facts import ModelFacts
@@ -38,6 +40,7 @@ def test_cached_facts_are_the_computed_facts():
     assert factcache.cached_facts(SPEC, "Q4_K_M", never) == direct
 
 
+@pytest.mark.slow
 def test_plans_are_the_same_with_a_warm_cache():
     _fresh_process_state()
     cold = offload.plan_for_spec(SPEC, machine(12, 32))
@@ -46,6 +49,7 @@ def test_plans_are_the_same_with_a_warm_cache():
     assert warm.to_dict() == cold.to_dict()
 
 
+@pytest.mark.slow
 def test_a_stale_or_broken_cache_is_computed_again():
     _fresh_process_state()
     offload.plan_for_spec(SPEC, machine(12, 32))

@@ -68,6 +68,7 @@ def _catalog_name(p: Plan) -> str:
     return next(s.name for s in catalog.CATALOG if s.display == p.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("gpu_gib,ram_gib", NO_GPU + WITH_GPU)
 def test_plans_never_exceed_any_budget(name: str, gpu_gib: float | None, ram_gib: float):
@@ -88,6 +89,7 @@ def test_plans_never_exceed_any_budget(name: str, gpu_gib: float | None, ram_gib
         assert p.load.mmap_enabled()
 
 
+@pytest.mark.slow
 def test_small_models_fit_everywhere_and_big_ones_need_big_machines():
     for gpu_gib, ram_gib in NO_GPU[1:] + WITH_GPU:
         assert plan_or_none(QWEN3_30B, machine(gpu_gib, ram_gib)) is not None
@@ -167,6 +169,7 @@ def test_12gib_gpu_puts_most_experts_on_cpu_and_fills_the_rest(order):
     assert not p.load.mmap_enabled()
 
 
+@pytest.mark.slow
 def test_a_big_gpu_holds_everything_and_grows_the_context():
     p = plan_or_none(QWEN35_35B, machine(80, 256))
     assert p is not None and p.gpu is not None
@@ -177,6 +180,7 @@ def test_a_big_gpu_holds_everything_and_grows_the_context():
     assert p.cpu.bytes.weights_dense > 0
 
 
+@pytest.mark.slow
 def test_a_gpu_too_small_for_all_attention_layers_gets_fewer_gpu_layers():
     p = plan_or_none("qwen3-235b-a22b", machine(6, 192), Wishes(n_ctx=4096))
     assert p is not None
@@ -409,6 +413,7 @@ ACCURACY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,vocab,n_ctx", ACCURACY_CASES)
 def test_cpu_buffers_match_llama_cpp(tiny_models, arch: str, vocab: int | None, n_ctx: int):
     from qwenrun.engine.llama import Engine

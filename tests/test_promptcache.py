@@ -83,6 +83,7 @@ def models(tiny_models):
 # ---- a later engine, the same prefix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_later_engine_loads_the_document_and_evaluates_only_the_question(models, arch):
     path = models[arch]
@@ -109,6 +110,7 @@ def test_a_later_engine_loads_the_document_and_evaluates_only_the_question(model
     assert report.saved == 0 and len(cache_files()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen35moe"])
 def test_the_same_prompt_again_evaluates_almost_nothing(models, arch):
     prompt, _ = first_run(models[arch])
@@ -124,6 +126,7 @@ def test_the_same_prompt_again_evaluates_almost_nothing(models, arch):
     assert text == fresh_answer(models[arch], prompt)
 
 
+@pytest.mark.slow
 def test_a_cache_of_zero_writes_nothing(models):
     engine = load(models["qwen3moe"], cache=0)
     try:
@@ -134,6 +137,7 @@ def test_a_cache_of_zero_writes_nothing(models):
     assert not promptcache.folder().exists()
 
 
+@pytest.mark.slow
 def test_the_environment_variable_sets_the_cap(models, monkeypatch):
     monkeypatch.setenv(promptcache.ENV, "off")
     engine = load(models["qwen3moe"])
@@ -196,6 +200,7 @@ def assert_survived(path: Path, prompt: list[int]) -> None:
         engine.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "flipped byte", "garbage", "empty", "header only"])
 def test_a_damaged_entry_is_ignored_and_removed(models, how):
     path = models["qwen35moe"]
@@ -205,6 +210,7 @@ def test_a_damaged_entry_is_ignored_and_removed(models, how):
     assert_survived(path, prompt)
 
 
+@pytest.mark.slow
 def test_an_entry_of_other_weights_with_the_same_shapes_is_foreign(tiny_models, models):
     # llama.cpp itself would load this state without a word, and answer differently.
     path = models["qwen35moe"]
@@ -218,6 +224,7 @@ def test_an_entry_of_other_weights_with_the_same_shapes_is_foreign(tiny_models, 
     assert_survived(path, prompt)
 
 
+@pytest.mark.slow
 def test_a_state_llama_cpp_refuses_is_removed_and_the_context_cleared(models):
     # Our checks pass (key and checksums rewritten), but the state is another arch's.
     path = models["qwen35moe"]
@@ -338,6 +345,7 @@ def run_json(model: Path, question: str, *extra: str, env: dict[str, str] | None
     return json.loads(proc.stdout)["stats"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen35moe"])
 def test_a_second_run_with_the_same_piped_document_evaluates_only_the_question(models, arch):
     first = run_json(models[arch], "What is it about?")
@@ -377,12 +385,14 @@ def test_a_link_out_of_the_folder_or_a_fifo_is_passed_over_unopened(models, tmp_
     assert json.loads(proc.stdout)["stats"]["reused_tokens"] == 0
 
 
+@pytest.mark.slow
 def test_run_with_the_cache_off_writes_nothing(models):
     stats = run_json(models["qwen3moe"], "Q?", "--prompt-cache", "0")
     assert stats["reused_tokens"] == 0
     assert not promptcache.folder().exists()
 
 
+@pytest.mark.slow
 def test_a_bad_prompt_cache_value_is_a_one_line_error(models):
     proc = run_qwenrun("run", str(models["qwen3moe"]), "hi", "--prompt-cache", "huge")
     assert "--prompt-cache" in error_line(proc, 2)

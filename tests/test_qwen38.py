@@ -104,6 +104,7 @@ _FLASH_PUBLISHED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quant", "published", "tolerance"), _FLASH_PUBLISHED)
 def test_flash_next_recipes_against_published_sizes(quant, published, tolerance) -> None:
     spec = lookup(FLASH)
@@ -165,6 +166,7 @@ def _flash(hw, **wishes) -> offload.Plan:
     return offload.plan_for_spec(lookup(FLASH), hw, Wishes(**wishes))
 
 
+@pytest.mark.slow
 def test_the_table_lives_in_ram_when_it_fits_beside_everything_else() -> None:
     p = _flash(machine(24, 128))
     assert p.ngram_table is not None and p.ngram_table.place == "ram"
@@ -175,6 +177,7 @@ def test_the_table_lives_in_ram_when_it_fits_beside_everything_else() -> None:
     assert "fits beside everything else" in p.ngram_table.why
 
 
+@pytest.mark.slow
 def test_with_less_ram_the_table_is_read_from_the_disk_and_the_plan_says_so() -> None:
     p = _flash(machine(24, 64))
     assert p.ngram_table is not None and p.ngram_table.place == "disk"
@@ -209,6 +212,7 @@ def test_a_table_asked_for_in_ram_that_cannot_be_there_does_not_fit() -> None:
     assert _flash(machine(None, 48)).ngram_table.place == "disk"  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_with_several_gpus_the_table_stays_in_this_machines_ram() -> None:
     p = _flash(machine(None, 128), gpu_mem_bytes=(24 * GiB, 24 * GiB))
     assert p.spread and p.ngram_table is not None and p.ngram_table.place == "ram"

@@ -60,6 +60,7 @@ def model(tiny_models) -> Path:
     return tiny_models("qwen3moe", steer=2)
 
 
+@pytest.mark.slow
 def test_a_session_with_modes_stats_save_and_load(model, tmp_path):
     child = spawn(model, "--max-tokens", "12", cwd=tmp_path)
     try:
@@ -103,6 +104,7 @@ def test_a_session_with_modes_stats_save_and_load(model, tmp_path):
     assert all(m["content"] for m in replies)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model, tmp_path):
     child = spawn(model, "--max-tokens", "20000", "--ctx", "32768", cwd=tmp_path)
     try:
@@ -173,6 +175,7 @@ def test_ctrl_c_as_the_answer_starts_stops_it_on_a_terminal_that_ignores_cursor_
     assert "cursor position requests" not in seen.getvalue()  # prompt_toolkit's warning
 
 
+@pytest.mark.slow
 def test_multi_line_input_with_alt_enter_and_triple_quotes(model, tmp_path):
     child = spawn(model, "--max-tokens", "4", cwd=tmp_path)
     try:
@@ -197,6 +200,7 @@ def test_multi_line_input_with_alt_enter_and_triple_quotes(model, tmp_path):
     assert users == ["line one\nline two", "block start\nmiddle\nend"]
 
 
+@pytest.mark.slow
 def test_thinking_is_folded_to_one_line_on_a_terminal(tiny_models, tmp_path):
     model = tiny_models("qwen3moe", steer=2, chat_template="qwen3.5", name="t-qwen3.5")
     child = spawn(model, "--max-tokens", "300", "--budget", "40", cwd=tmp_path)
@@ -214,6 +218,7 @@ def test_thinking_is_folded_to_one_line_on_a_terminal(tiny_models, tmp_path):
         child.terminate(force=True)
 
 
+@pytest.mark.slow
 def test_history_persists_under_the_qwenrun_home(model, tmp_path):
     child = spawn(model, "--max-tokens", "3", cwd=tmp_path)
     try:
@@ -227,6 +232,7 @@ def test_history_persists_under_the_qwenrun_home(model, tmp_path):
     assert "remember this line" in history.read_text("utf-8")
 
 
+@pytest.mark.slow
 def test_a_qwenrun_home_that_is_a_file_turns_history_off_and_the_chat_works(model, tmp_path):
     home = tmp_path / "home-is-a-file"
     home.write_text("not a folder")
@@ -245,6 +251,7 @@ def test_a_qwenrun_home_that_is_a_file_turns_history_off_and_the_chat_works(mode
     assert home.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_history_that_fails_midway_turns_off_once_and_the_chat_goes_on(model, tmp_path):
     child = spawn(model, "--max-tokens", "3", cwd=tmp_path)
     try:
@@ -289,6 +296,7 @@ def chat_piped(
     )
 
 
+@pytest.mark.slow
 def test_piped_chat_prints_only_answers_on_stdout(model, tmp_path):
     proc = chat_piped(
         model, "hello\n/nothink\nsecond\n/save t.json\n", "--max-tokens", "10", cwd=tmp_path
@@ -302,6 +310,7 @@ def test_piped_chat_prints_only_answers_on_stdout(model, tmp_path):
     assert "Direct mode" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("show", [True, False])
 def test_show_thinking_puts_thinking_on_stderr_only(tiny_models, tmp_path, show):
     # Qwen3.5's template opens <think>; the budget closes it, so both parts exist.
@@ -320,6 +329,7 @@ def test_show_thinking_puts_thinking_on_stderr_only(tiny_models, tmp_path, show)
     assert proc.stdout.rstrip("\n") == reply["content"].rstrip("\n")
 
 
+@pytest.mark.slow
 def test_closed_stdout_ends_quietly(model, tmp_path):
     cmd = (
         f"printf 'hello\\n' | {sys.executable} -m qwenrun chat {model} --max-tokens 2000 "
@@ -337,6 +347,7 @@ def test_closed_stdout_ends_quietly(model, tmp_path):
     assert "BrokenPipe" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_option_is_a_one_line_usage_error(model, tmp_path):
     proc = chat_piped(model, "hello\n", "--budget", "-1", cwd=tmp_path)
     assert proc.returncode == 2
@@ -344,6 +355,7 @@ def test_bad_option_is_a_one_line_usage_error(model, tmp_path):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_failed_saves_and_loads_leave_the_session_and_the_conversation(model, tmp_path):
     (tmp_path / "model.gguf").write_text("a file, not a folder")
     (tmp_path / "bad.json").write_text('{"messages": [{"role": "user"}]}')
@@ -375,6 +387,7 @@ def test_failed_saves_and_loads_leave_the_session_and_the_conversation(model, tm
     assert [m["content"] for m in doc["messages"] if m["role"] == "user"] == ["hello"]
 
 
+@pytest.mark.slow
 def test_piped_chat_needs_no_qwenrun_home(model, tmp_path):
     home = tmp_path / "home-is-a-file"
     home.write_text("not a folder")
@@ -402,6 +415,7 @@ def downloaded(tiny_models) -> Path:
     return Path(proc.stdout.strip())
 
 
+@pytest.mark.slow
 def test_offline_chat_without_a_model_uses_a_downloaded_one(downloaded):
     proc = run_qwenrun("chat", "--max-tokens", "4", stdin="hello\n", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -409,6 +423,7 @@ def test_offline_chat_without_a_model_uses_a_downloaded_one(downloaded):
     assert proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_offline_chat_with_nothing_downloaded_says_how_to_get_a_model():
     proc = run_qwenrun("chat", stdin="hello\n", env={"HF_HUB_OFFLINE": "1"})
     line = error_line(proc, 5)
@@ -430,6 +445,7 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow
 def test_chat_without_a_model_uses_a_downloaded_one_when_the_hub_cannot_be_reached(
     downloaded, monkeypatch
 ):

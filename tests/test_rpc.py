@@ -129,6 +129,7 @@ def test_the_rebuild_command_asks_for_rpc_and_defeats_the_wheel_cache():
     assert '"-DGGML_CUDA=on -DGGML_RPC=on"' in doctor.rpc_install_command("0.3.36", cuda=True)
 
 
+@pytest.mark.slow
 def test_a_build_with_rpc_is_not_taken_for_a_gpu_build():
     # llama.cpp's own llama_supports_gpu_offload() is true for any RPC build, GPU or not.
     local_gpus = [d for d in devices.list_devices() if d.kind == "gpu"]
@@ -214,6 +215,7 @@ def test_a_reply_of_another_shape_is_refused_even_with_our_version(fake):
         rpc.hello(w.endpoint)
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_answers_is_one_error_within_seconds(fake):
     w = fake(None)
     t0 = time.monotonic()
@@ -233,6 +235,7 @@ def test_an_unreachable_worker_is_one_error_within_seconds():
     assert "\n" not in e.value.message
 
 
+@pytest.mark.slow
 def test_the_abort_line_names_the_worker_that_is_gone():
     dead = f"127.0.0.1:{free_port()}"
     with socket.create_server(("127.0.0.1", 0)) as alive_sock:

@@ -221,6 +221,7 @@ def _transcript(tmp_path: Path, extra: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s", SETTINGS, ids=ids)
 def test_a_transcript_holding_a_setting_beyond_its_range_is_refused_whole(tmp_path, s: Setting):
     for value in beyond(s):

@@ -144,6 +144,7 @@ def spy(obj: Any, name: str) -> Iterator[list[tuple[tuple[Any, ...], dict[str, A
 # ---- models, health, plain chat
 
 
+@pytest.mark.slow
 def test_models_and_health(qwen3):
     models = qwen3.client.models.list().data
     assert [m.id for m in models] == ["tiny"]
@@ -158,6 +159,7 @@ def test_models_and_health(qwen3):
         assert http.get("/v1/models/other").status_code == 404
 
 
+@pytest.mark.slow
 def test_chat_completion_not_streamed(qwen3):
     reply = qwen3.client.chat.completions.create(
         model="tiny",
@@ -202,6 +204,7 @@ def test_chat_completion_streamed(qwen3):
     assert "<think>" not in text
 
 
+@pytest.mark.slow
 def test_prefix_is_reused_across_requests(qwen3):
     first = qwen3.client.chat.completions.create(model="tiny", messages=USER, max_tokens=8)
     answer = first.choices[0].message.content or ""
@@ -214,6 +217,7 @@ def test_prefix_is_reused_across_requests(qwen3):
     assert cached.cached_tokens >= first.usage.prompt_tokens - 1
 
 
+@pytest.mark.slow
 def test_sampling_defaults_follow_the_mode_and_requests_override_them(qwen3):
     presets = qwen3.served.profile.presets
     with spy(qwen3.served.engine, "generate") as calls:
@@ -250,6 +254,7 @@ def test_stop_strings_cut_the_answer(qwen3):
 # ---- thinking
 
 
+@pytest.mark.slow
 def test_thinking_per_request_goes_to_reasoning_never_to_content(qwen35):
     def ask(thinking: bool, **extra: Any) -> Any:
         return qwen35.client.chat.completions.create(
@@ -278,6 +283,7 @@ def test_thinking_per_request_goes_to_reasoning_never_to_content(qwen35):
     assert (endless.message.model_extra or {})["reasoning_content"]
 
 
+@pytest.mark.slow
 def test_thinking_streams_as_reasoning_deltas(qwen35):
     stream = qwen35.client.chat.completions.create(
         model="tiny",
@@ -336,6 +342,7 @@ def caller(request, tiny_models) -> Iterator[Running]:
         yield running
 
 
+@pytest.mark.slow
 def test_the_forced_call_is_in_the_templates_format(caller):
     call = template_call(caller)
     if caller.served.tool_format == "xml":
@@ -344,6 +351,7 @@ def test_the_forced_call_is_in_the_templates_format(caller):
         assert '"name": "get_weather"' in call
 
 
+@pytest.mark.slow
 def test_tool_call_round_trip(caller):
     client = caller.client
     with prefilled(caller, template_call(caller)):
@@ -385,6 +393,7 @@ def test_tool_call_round_trip(caller):
     assert template_call(caller).split("\n")[1] in prompt  # the call, in the model's format
 
 
+@pytest.mark.slow
 def test_tool_call_streamed(caller):
     with prefilled(caller, "Checking.\n\n" + template_call(caller)):
         stream = caller.client.chat.completions.create(
@@ -405,6 +414,7 @@ def test_tool_call_streamed(caller):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.slow
 def test_tool_call_after_thinking(caller):
     """Thinking on, budget 0: the thinking closes at once and the call follows `</think>`."""
     with prefilled(caller, template_call(caller)):
@@ -419,6 +429,7 @@ def test_tool_call_after_thinking(caller):
     assert choice.message.tool_calls and choice.message.tool_calls[0].function.name == "get_weather"
 
 
+@pytest.mark.slow
 def test_named_tool_choice_forces_the_call_opening(caller):
     # The model (which ends every answer at once) cannot finish the forced call: what it
     # wrote comes back as text, not as a call and not as an error.
@@ -484,6 +495,7 @@ def test_stop_matcher_holds_back_a_partial_stop():
 # ---- raw completions
 
 
+@pytest.mark.slow
 def test_raw_completion(qwen3):
     reply = qwen3.client.completions.create(model="tiny", prompt="Once upon a", max_tokens=6)
     assert reply.choices[0].finish_reason in ("stop", "length")
@@ -546,6 +558,7 @@ def test_bad_requests_are_400_naming_the_parameter(qwen3, body, param):
     assert err["param"] == param
 
 
+@pytest.mark.slow
 def test_malformed_json_and_template_refusals_are_400(qwen3, qwen35):
     with qwen3.http() as http:
         error_of(
@@ -592,6 +605,7 @@ def test_an_internal_failure_is_500_without_a_traceback(qwen3):
     assert any("secret internals" in line and "Traceback" in line for line in qwen3.logs)
 
 
+@pytest.mark.slow
 def test_api_key(tiny_models):
     with serving(tiny_models("qwen3moe", steer=1), api_key="s3cret") as running:
         with running.http() as http:
@@ -606,6 +620,7 @@ def test_api_key(tiny_models):
         assert keyed.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
 
 
+@pytest.mark.slow
 def test_oversized_body_is_413(tiny_models):
     with serving(tiny_models("qwen3moe", steer=1), max_body=4096) as running:
         big = {"messages": [{"role": "user", "content": "x" * 5000}]}
@@ -619,6 +634,7 @@ def test_oversized_body_is_413(tiny_models):
             error_of(http.post("/v1/chat/completions", content=chunks()), 413)
 
 
+@pytest.mark.slow
 def test_loading_server_answers_503(tiny_models):
     state = ServerState("tiny", Worker(2))
     with Server(state, bind("127.0.0.1", 0)) as server, httpx.Client(base_url=server.url) as http:
@@ -629,6 +645,7 @@ def test_loading_server_answers_503(tiny_models):
         assert resp.headers["Retry-After"]
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_503_with_retry_after(tiny_models):
     with serving(tiny_models("qwen3moe", steer=2), ctx=16384, max_waiting=0) as running:
         body = {"messages": USER, "max_tokens": 15000, "stream": True}
@@ -645,6 +662,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_models):
 # ---- clients that leave, clients that share
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_cancels_its_generation(endless):
     body = {"messages": USER, "max_tokens": 15000, "stream": True}
     with endless.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -676,6 +694,7 @@ def wait_for(found: Callable[[], list[str]], timeout: float = TIMEOUT) -> list[s
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_two_concurrent_clients_are_served_one_after_the_other(qwen3):
     results: dict[int, Any] = {}
     errors: list[BaseException] = []
@@ -712,6 +731,7 @@ class _Plain(render.PlainRenderer):
     pass
 
 
+@pytest.mark.slow
 def test_remote_turns_are_the_same_events_as_local_ones(qwen35):
     import io
 
@@ -750,6 +770,7 @@ def test_loopback_addresses():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
 
 
+@pytest.mark.slow
 def test_the_repl_runs_unchanged_on_a_server(qwen3):
     import io
     from typing import cast
@@ -853,6 +874,7 @@ def test_bodies_nested_too_deeply_or_with_huge_numbers_are_400(qwen3, body):
     assert not any("Traceback" in ln for ln in qwen3.logs[before:])
 
 
+@pytest.mark.slow
 def test_a_bug_in_a_handler_is_a_500_logged_once_with_its_status(capsys):
     # A state the card cannot be read from stands in for any bug in a handler's own code
     # (one on the engine's thread is `test_an_internal_failure_is_500_without_a_traceback`).
@@ -974,6 +996,7 @@ def test_a_stopping_server_answers_a_whole_request_in_flight_with_503(tiny_model
     assert " 503 " in line and "→" in line and "cut off: the server is stopping" in line
 
 
+@pytest.mark.slow
 def test_a_model_argument_matches_the_file_a_server_chose():
     # A server started without MODEL serves as `default`, one started with a reference
     # without a quant as that reference; `run MODEL --server` still names it by what it

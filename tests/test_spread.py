@@ -29,6 +29,7 @@ def _facts(spec: catalog.ModelSpec, quant: str) -> ModelFacts:
     return opt.facts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(24, 24), (24, 12), (16, 8, 8)])
 def test_each_gpu_stays_within_its_own_budget(sizes):
     hw = machine(None, 128)

@@ -202,6 +202,7 @@ def one_layer_30b(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, objec
     return path, shape, peak
 
 
+@pytest.mark.slow
 def test_written_file_reads_back_as_planned(one_layer_30b):
     path, shape, peak = one_layer_30b
     plan = sm.plan_tensors(shape)
@@ -237,6 +238,7 @@ def test_written_file_reads_back_as_planned(one_layer_30b):
     assert peak < 32 << 20
 
 
+@pytest.mark.slow
 def test_written_experts_dequantize_across_chunk_boundaries(one_layer_30b):
     path, _, _ = one_layer_30b
     reader = gguf.GGUFReader(path)

@@ -625,6 +625,7 @@ def mutate(text: str, rng: random.Random) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_fuzz_never_crashes_and_never_depends_on_the_cuts() -> None:
     rng = random.Random(20)
     sources = [v.text for v in VECTORS.values()]

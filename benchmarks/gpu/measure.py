@@ -290,7 +290,7 @@ _ONE = re.compile(r"^blk\\\.(\d+)\\\.ffn_(\w+?)\.\*$")
 
 def fit_layout(args: FitArgs, n_layer: int, base: Layout) -> Layout:
     """--fit's override list in the planner's terms: a run of whole layers, the boundary
-    layer's single tensors (as tests/test_speed_model.py reads the H200 run's)."""
+    layer's single tensors (as tests/test_speed.py reads the H200 run's)."""
     layers, tensors = [], []
     for pattern, _buft in args.overrides:
         if m := _ONE.match(pattern):

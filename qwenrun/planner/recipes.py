@@ -5,7 +5,8 @@ IQ4_XS, Q3_K_M, …) follow its `llama_tensor_get_type` (src/llama-quant.cpp) ru
 counters included, and its rule for which tensors are quantized at all; bartowski's `_L`/`_XL`
 and unsloth's `UD-` quants are approximations on top (see RECIPES). Block sizes come from the
 `gguf` package's tables. `estimate(spec, quant)` turns the result into a `GGUFInfo` marked
-`estimated=True`, so a catalog model can be planned before any byte is downloaded; nothing
+`estimated=True` (brought to the published size where the catalog has one, by scaling the
+routed experts), so a catalog model can be planned before any byte is downloaded; nothing
 here reads a file or knows about devices.
 """
 
@@ -84,7 +85,7 @@ def _q8_dense(ftype: str) -> QuantRecipe:
 
 # unsloth's dynamic "UD-" quants choose types per tensor and per layer from their own
 # measurements and change between uploads, so no rule reproduces them. The approximation,
-# calibrated on the published sizes in reference/catalog.md §2.2 (tests/test_gguf_info.py
+# calibrated on the published sizes in reference/catalog.md §2.2 (tests/test_header.py
 # holds the table and the error of each): the routed experts as the llama.cpp mix of the
 # same class, everything else at Q8_0 (the parsed Qwen3.6 UD-Q4_K_XL header shows attention,
 # DeltaNet, shared experts, embeddings and output all at Q8_0). Below 3 bits unsloth keeps

@@ -170,12 +170,14 @@ def render(extra: dict[str, object] | None = None, *, thinking: bool = True, msg
     )
 
 
+@pytest.mark.slow
 def test_template_thinks_by_default_and_can_turn_it_off():
     assert detect_thinking_kind(ChatTemplate(template_text("qwen3.8"))) == "hybrid"
     assert render().endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n")
     assert render(thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+@pytest.mark.slow
 def test_reasoning_effort_levels_and_a_bad_one():
     default, xhigh = render(), render({"reasoning_effort": "xhigh"})
     medium, low = render({"reasoning_effort": "medium"}), render({"reasoning_effort": "low"})

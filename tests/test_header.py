@@ -272,6 +272,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Served, str]]:
         yield served, base
 
 
+@pytest.mark.slow
 def test_read_remote_fetches_only_the_header(server: tuple[Served, str]) -> None:
     served, base = server
     # A header of about 3 MiB (the vocab) over 24 MiB of tensor data: like a real Qwen GGUF,
@@ -329,6 +330,7 @@ def test_read_hub_reads_a_quant_in_a_repo_folder(monkeypatch, tiny_models) -> No
         assert len(gets) == 2 and all((r.range or "").startswith("bytes=0-") for r in gets)
 
 
+@pytest.mark.slow
 def test_read_remote_from_a_server_that_ignores_range(server: tuple[Served, str]) -> None:
     served, base = server
     served.honour_range = False
@@ -563,6 +565,7 @@ def test_estimate_of_an_unknown_quant_is_a_usage_error() -> None:
         estimate(lookup("qwen3-30b-a3b"), "Q9_Z")
 
 
+@pytest.mark.slow
 def test_every_ladder_quant_has_a_recipe_and_sizes_fall_down_the_ladder() -> None:
     ladder = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K", "IQ2_XXS", "IQ1_S"]
     for spec in catalog.CATALOG:

@@ -1,15 +1,13 @@
-"""From flags and a machine (a HardwareProfile value) to what `run`/`chat` load and pull."""
+"""`Wishes` (planner/wishes.py): the user's settings, their one check, and how the planner fits
+a load around them on a machine given as a `HardwareProfile` value."""
 
 from __future__ import annotations
 
 import pytest
 
-from qwenrun import catalog, errors, offload
+from qwenrun import errors, offload
 from qwenrun.engine import loadconfig
-from qwenrun.hub.listing import HubFile, QuantFiles, RepoListing
-from qwenrun.hub.refs import parse_ref
 from qwenrun.offload import Wishes
-from qwenrun.planner import recipes
 from qwenrun.testing.hardware import machine
 
 # ---- the plan of a load: the planner fits around the user's wishes
@@ -34,6 +32,7 @@ def test_flags_fix_the_placement_and_the_plan_fits_the_context(tiny_models):
     assert every.load.placement.override_patterns() == [(loadconfig.EXPS_REGEX, "CPU")]
 
 
+@pytest.mark.slow
 def test_threads_reach_the_load(tiny_models):
     path = tiny_models("qwen3moe")
     p = offload.plan_for_file(path, machine(None, 16), Wishes(threads=3))
@@ -72,47 +71,3 @@ def test_one_context_rule_for_every_command(tiny_models):
     with pytest.raises(errors.UsageError, match="--ctx 100 is too small") as info:
         offload.plan_for_file(tiny_models("qwen3moe"), machine(None, 16), Wishes(n_ctx=100))
     assert info.value.hint == "use at least 256"
-
-
-# ---- which quant to download: the planner's pick among what the repo holds
-
-
-def listing(spec: catalog.ModelSpec, quants: list[str]) -> RepoListing:
-    files = []
-    for q in quants:
-        size = recipes.estimate(spec, q).total_bytes
-        files.append(QuantFiles(q, (HubFile(f"{spec.display}-{q}.gguf", size, "0" * 64, None),)))
-    return RepoListing(spec.repos[0], "main", tuple(files), ())
-
-
-def test_planner_chooses_what_fits_the_machine():
-    spec = catalog.lookup("qwen3-30b-a3b")
-    ref = parse_ref(spec.name)
-    offer = listing(spec, ["Q8_0", "Q4_K_M", "Q2_K"])
-    small = offload.planner_chooser(machine(8, 24))(ref, offer)
-    big = offload.planner_chooser(machine(80, 128))(ref, offer)
-    assert small.quant == "Q4_K_M"
-    assert big.quant == "Q8_0"
-
-
-def test_nothing_fits_is_said_before_any_download():
-    spec = catalog.lookup("qwen3-235b-a22b")
-    with pytest.raises(errors.DoesNotFitError):
-        offload.planner_chooser(machine(None, 16))(parse_ref(spec.name), listing(spec, ["Q4_K_M"]))
-
-
-# ---- the model `qwenrun chat` picks when none is named
-
-
-def test_default_model_grows_with_the_machine():
-    laptop, _, why = offload.default_model(machine(8, 32))
-    workstation, _, _ = offload.default_model(machine(80, 256))
-    size = {s.name: s.params_total for s in catalog.CATALOG}
-    assert size[workstation] > size[laptop]
-    assert catalog.lookup(laptop).thinking == "hybrid"
-    assert why and "fits this machine" in why[0]
-
-
-def test_default_model_refuses_a_machine_too_small():
-    with pytest.raises(errors.DoesNotFitError, match="no Qwen MoE model"):
-        offload.default_model(machine(None, 4))

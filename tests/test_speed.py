@@ -71,6 +71,7 @@ def test_first_and_last_layers_read_the_same_bytes(facts):
     assert first.expert_hops == last.expert_hops == 18
 
 
+@pytest.mark.slow
 def test_fitting_from_generic_priors_recovers_the_calibration(facts):
     fitted = speed.fit(
         h200.measurements(facts),
@@ -82,6 +83,7 @@ def test_fitting_from_generic_priors_recovers_the_calibration(facts):
     assert all(0.7 <= r <= 1.3 for r in ratios.values())
 
 
+@pytest.mark.slow
 def test_a_few_runs_of_a_slower_machine_move_the_prediction(facts):
     # Three runs of a machine whose CPU side is half as fast: the fit should learn it and
     # carry it to the placements it did not see.

@@ -89,12 +89,14 @@ def server(tiny_models, tmp_path_factory) -> Iterator[tuple[str, Path, ServeProc
         serve.stop()
 
 
+@pytest.mark.slow
 def test_serve_prints_the_plan_and_the_address(server):
     _url, model, serve = server
     serve.wait_for(r"context 1,024 tokens")
     serve.wait_for(rf"serves it as {re.escape(model.stem)}")
 
 
+@pytest.mark.slow
 def test_run_through_the_server(server):
     url, model, serve = server
     proc = run_qwenrun("run", str(model), "hello", "--server", url, "--max-tokens", "8")
@@ -113,6 +115,7 @@ def test_run_through_the_server(server):
     assert doc["server"] == url
 
 
+@pytest.mark.slow
 def test_run_with_another_model_or_load_flags_is_refused(server):
     url, _model, _serve = server
     proc = run_qwenrun("run", "qwen3-30b-a3b", "hi", "--server", url)
@@ -121,11 +124,13 @@ def test_run_with_another_model_or_load_flags_is_refused(server):
     assert "--ctx" in error_line(proc, 2)
 
 
+@pytest.mark.slow
 def test_run_without_a_server_there(tmp_path):
     proc = run_qwenrun("run", "x.gguf", "hi", "--server", "http://127.0.0.1:9")
     assert "no qwenrun server" in error_line(proc, 6)
 
 
+@pytest.mark.slow
 def test_ps_shows_what_the_server_has_loaded(server):
     url, model, _serve = server
     proc = run_qwenrun("ps", "--server", url)
@@ -135,6 +140,7 @@ def test_ps_shows_what_the_server_has_loaded(server):
     assert doc["models"][0]["qwenrun"]["n_ctx"] == 1024
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_a_one_line_error(server, tiny_models):
     url, model, _serve = server
     port = url.rsplit(":", 1)[1]
@@ -142,6 +148,7 @@ def test_a_taken_port_is_a_one_line_error(server, tiny_models):
     assert "cannot listen" in error_line(proc, 2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_cleanly(tiny_models, tmp_path):
     model = str(tiny_models("qwen3moe", steer=1))
     serve = ServeProcess(model, "--port", "0", "--ctx", "512", home=tmp_path)
@@ -266,6 +273,7 @@ def test_the_model_id_is_the_same_while_loading_and_once_ready(tiny_models, tmp_
     assert {model_id for _, model_id in seen} == {model.stem}
 
 
+@pytest.mark.slow
 def test_ps_without_a_server_says_how_to_start_one():
     proc = run_qwenrun("ps", "--server", "http://127.0.0.1:9")
     line = error_line(proc, 6)

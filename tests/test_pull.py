@@ -93,6 +93,7 @@ def test_unsafe_repo_paths_are_refused(bad):
 # ------------------------------------------------------------------------------ listing
 
 
+@pytest.mark.slow
 def test_list_quants_groups_the_repo(hub):
     found = listing.list_repo(REPO)
     assert found.revision == hub.repos[REPO].commit
@@ -161,6 +162,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(hub):
     assert content_gets(hub, SINGLE) == [None, f"bytes={cut}-"]
 
 
+@pytest.mark.slow
 def test_interrupted_pull_resumes_in_the_next_run(hub):
     cut = 400_000
     hub.cut_after(REPO, SINGLE, cut, times=None)  # every attempt dies at the same byte
@@ -213,6 +215,7 @@ def test_wrong_sha256_fails_and_nothing_is_used(hub):
     assert cache.find_cached([REPO], "Q4_K_M") is None
 
 
+@pytest.mark.slow
 def test_verified_file_is_not_hashed_again_until_it_changes(hub):
     pull.pull(f"{REPO}:Q4_K_M", retry=FAST)
     phases: list[str] = []
@@ -298,6 +301,7 @@ def test_files_fetched_by_huggingface_hub_are_reused(hub):
 # ------------------------------------------------------------------------------ auth
 
 
+@pytest.mark.slow
 def test_token_required_gives_a_clear_auth_error(hub, monkeypatch):
     hub.token = "hf_secret_value"
     with pytest.raises(errors.AuthError) as info:
@@ -393,6 +397,7 @@ def test_removal_frees_the_quant_and_keeps_the_others(hub):
     assert not scan_cache_dir(cache_dir()).warnings
 
 
+@pytest.mark.slow
 def test_removal_never_touches_another_repo_with_the_same_commit(hub):
     # The loopback hub's commit is a hash of the files: repos with the same files share it.
     # Real commits are unique, but a deletion must not depend on that. (huggingface_hub's
@@ -435,6 +440,7 @@ def test_local_split_file_brings_its_shards(tiny_models):
     ]
 
 
+@pytest.mark.slow
 def test_catalog_model_is_found_in_its_next_repo(monkeypatch, tiny_models):
     from qwenrun import catalog
 

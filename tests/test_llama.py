@@ -13,6 +13,9 @@ from qwenrun.engine.llama import Engine
 from qwenrun.engine.loadconfig import LoadConfig, Placement
 from qwenrun.engine.values import SamplingParams
 
+# Every test here loads a model into llama.cpp.
+pytestmark = pytest.mark.slow
+
 EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"

@@ -28,6 +28,7 @@ def _foreign_gguf(path: Path, arch: str = "foo") -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_an_unknown_architecture_is_refused_in_one_line(tmp_path):
     model = _foreign_gguf(tmp_path / "foo.gguf")
     line = error_line(run_qwenrun("plan", str(model)), 3)
@@ -65,6 +66,7 @@ def test_threads_beyond_the_machine_are_clamped(tiny_models):
     assert p.load.n_threads == hw.logical_cores
 
 
+@pytest.mark.slow
 def test_run_says_what_it_clamped_without_verbose(tiny_models):
     model = tiny_models("qwen3moe", steer=2)
     proc = run_qwenrun(
