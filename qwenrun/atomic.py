@@ -5,9 +5,11 @@ temporary file beside `path` (same folder, so the same file system), then rename
 `path`: a reader sees the old content or the new, never half of either, and a crash leaves at
 worst a hidden `.NAME.PID.THREAD.tmp` that nothing reads. The folder is created when missing.
 `durable=True` also flushes the data to the disk before the rename (what a transcript or a
-prompt-cache entry needs to survive a power cut); `mode` sets the new file's permissions (a
-replaced file keeps its own). On any `OSError` the temporary file is removed and the error
-raised: callers for whom a note that cannot be kept is no failure suppress it themselves.
+prompt-cache entry needs to survive a power cut); `mode` sets the new file's permissions
+(without it they are a new file's, even over an old one: `transcript` passes the old file's mode
+to keep it). On any failure (an `OSError`, or an interrupt) the temporary file is removed and
+the error raised: callers for whom a note that cannot be kept is no failure suppress it
+themselves.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 Contract: pure data and pure functions, no third-party imports and no I/O. For each model:
 canonical name, display name and short aliases, the shape numbers the planner needs (the
-config.json values, in GGUF terms), the thinking kind, Qwen's sampling presets per mode and
-the hub repos that carry its GGUFs (preferred first). Also: the quant quality ladder
-(`QUANT_LADDER`, `quant_rank`, `normalize_quant`; `hub/names.py` reads quants in file names)
-and the tensor layout a model's shape implies (`tensor_layout`, `param_counts`), which the
-size estimate in `planner/recipes.py` and the invariants test share. This module downloads
-nothing, reads no file and knows nothing about the machine. Facts come from
+config.json values, in GGUF terms), the thinking kind, Qwen's sampling presets per mode and the
+hub repos that carry its GGUFs (preferred first); `lookup` finds one by any of its names (an
+unknown name is a `ModelNotFoundError` that suggests near ones). Also: the quant quality ladder
+(`QUANT_LADDER`, `quant_rank`, `normalize_quant`; `hub/names.py` reads quants in file names) and
+the tensor layout a model's shape implies (`tensor_layout`, `param_counts`), which the size
+estimate in `planner/recipes.py` and the invariants test share. This module downloads nothing,
+reads no file and knows nothing about the machine. Facts come from
 ../shared/reference/catalog.md (§1 shapes, §2 repos, §3 tensors, §4 sampling) and qwen38.md
 (Qwen3.8); where sources disagree, the comment says which way this file goes and why.
 """

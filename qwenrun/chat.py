@@ -1,18 +1,18 @@
 """A conversation with a loaded model, and one turn of it as a stream of events.
 
-Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's
-own chat template (`template.ChatTemplate`, `enable_thinking` set per turn, and the
-`reasoning_effort` asked for when the template has one: `set_effort`), picks the
-sampling preset for the turn's mode, and saves and loads JSON transcripts; thinking text is
-kept for the transcript but never sent back to the model (Qwen's guidance). Turns and the
-transcript file format are `transcript.py`'s (a save is all or nothing and a load that fails
-changes nothing); the settings' names and ranges are the sampling table's (`sampling.py`).
+Contract: `Conversation` holds the system prompt and the turns, renders them with the GGUF's own
+chat template (`template.ChatTemplate`, `enable_thinking` set per turn, and the
+`reasoning_effort` asked for when the template has one: `set_effort`), picks the sampling preset
+for the turn's mode, and saves and loads JSON transcripts; thinking text is kept for the
+transcript but never sent back to the model (Qwen's guidance). Turns and the transcript file
+format are `transcript.py`'s (a save is all or nothing and a load that fails changes nothing);
+the settings' names and ranges are the sampling table's (`sampling.py`).
 `stream_turn(engine, conv, text)` runs one turn and yields what happens as plain events
-(notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the
-shape of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL
-and one-shot `qwenrun run` drive turns this way, on a loaded engine or on a `TurnServer` (a
-model behind `qwenrun serve`, which yields the same events); the server generates through
-`Reply`, the same thinking split, budget and clock as a turn here.
+(notices, thinking text, the end of thinking, answer text, the finished `TurnResult`), the shape
+of mlx-lm's `stream_generate`; `run_turn` hands those events to a `Renderer`. The REPL and
+one-shot `qwenrun run` drive turns this way, on a loaded engine or on a `TurnServer` (a model
+behind `qwenrun serve`, which yields the same events); the server generates through `Reply`, the
+same thinking split, budget and clock as a turn here.
 
 It does not load models or choose placements (launch/offload do), print anything (renderers
 in `ui/` do), or touch llama.cpp (the engine does). The only state it keeps besides the

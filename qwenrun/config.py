@@ -1,10 +1,11 @@
 """Paths and defaults, read from the environment each time they are asked for.
 
-Contract: functions here only read environment variables and build paths; they create
-nothing on disk unless the name says so (`ensure_home`). Reading at call time (not import
-time) lets tests point `QWENRUN_HOME` at a temporary folder with `monkeypatch.setenv`.
-The Hugging Face cache is not ours: its location follows huggingface_hub's own variables
-(`HF_HOME`, `HF_HUB_CACHE`), which the downloader honours by asking huggingface_hub itself.
+Contract: functions here only read environment variables and build paths; they create nothing on
+disk unless the name says so (`ensure_home`). Reading at call time (not import time) lets tests
+point `QWENRUN_HOME` at a temporary folder with `monkeypatch.setenv`. The Hugging Face cache is
+not ours: `hf_hub_cache()` finds it from huggingface_hub's own variables (`HF_HUB_CACHE`, then
+`HF_HOME`, then `XDG_CACHE_HOME`), in the order huggingface_hub resolves them, so the
+downloader, `list` and `rm` use the folder it would.
 """
 
 from __future__ import annotations

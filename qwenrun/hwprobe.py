@@ -1,18 +1,20 @@
 """What this machine has: GPUs, RAM, CPU, disk, memory bandwidth — as one frozen value.
 
-Contract: `probe()` is the only code in qwenrun that reads the machine (NVML through
-nvidia-ml-py, `nvidia-smi` as a fallback, psutil, /proc/cpuinfo, the cgroup memory limit,
-the disk of the Hugging Face cache). Everything else takes a `HardwareProfile` value, so
-tests and `qwenrun plan --gpu-mem 24GiB` can describe machines that do not exist. A
+Contract: `probe()` is where qwenrun reads the machine's hardware (NVML through nvidia-ml-py,
+`nvidia-smi` as a fallback, psutil, /proc/cpuinfo, the cgroup memory limit, the disk of the
+Hugging Face cache); llama.cpp's own view of its devices is `engine/devices.py`'s, and a
+download checks its disk itself (`hub/transfer.py`). Everything else takes a `HardwareProfile`
+value, so tests and `qwenrun plan --gpu-mem 24GiB` can describe machines that do not exist. A
 missing driver, library or tool means "none of that here", never an exception.
 `measure_cpu_bandwidth()` runs a short multi-threaded copy test and caches the figure in
-QWENRUN_HOME; `probe()` uses a cached figure when it was measured on this CPU model.
-Whether the installed llama.cpp can offload to a GPU is asked of `engine.native` (the only
-llama_cpp importer) and only when `probe(check_backend=True)` finds a GPU, because it loads
-llama.cpp. What qwenrun learns about the machine by running things on it (whether
-llama.cpp's extra CPU kernels work, the speed `qwenrun bench` measured) is not read here:
-`machine.py` adds it to the profile. `with_memory` describes another machine's memory for
-`qwenrun plan`. This module plans nothing and prints nothing.
+QWENRUN_HOME; `probe()` uses a cached figure when it was measured on this CPU model. Whether the
+installed llama.cpp can offload to a GPU is asked of `engine.native` (the only llama_cpp
+importer) and only when `probe(check_backend=True)` finds a GPU, because it loads llama.cpp.
+What qwenrun learns about the machine by running things on it (whether llama.cpp's extra CPU
+kernels work, the speed `qwenrun bench` measured) is not read here: `machine.py` adds it to the
+profile, with the `--rpc` workers' devices (`WorkerInfo`). `with_memory` describes another
+machine for `qwenrun plan`: its GPUs' memory, its RAM, and hypothetical workers (`--worker`).
+This module plans nothing and prints nothing.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The one start-up: a model reference and the user's wishes in, a loaded engine out.
 
-Contract: `start(model, wishes, hooks=...)` is what `run`, `chat`, `serve` and `bench` do
-before the first token: read the machine once (`machine.machine`); with no model, take the
-planner's default for it (`offload.model_for_this_machine`; when the hub cannot be reached
-and that one is not downloaded, the best model the cache holds that fits, said in a
-notice); resolve the reference to local GGUF files, pulling a missing model after
-`hooks.confirm_pull` (the quant chosen by the planner, `offload.planner_chooser`); plan the
-load with `offload.plan_for_file` (the wishes are constraints; what `qwenrun bench`
-measured for the file is handed over from `bench.store`); load the engine, retrying once
-with every routed expert on the CPU when a GPU load runs out of memory. All planning is the
-planner's; this module only sequences. It prints nothing: questions, progress and notices
-go to the caller's `Hooks`, and what was decided comes back as reasons.
+Contract: `start(model, wishes, hooks=...)` is what `run`, `chat` and `serve` do before the
+first token (`bench` shares its `resolve_model` and loads each placement itself): read the
+machine once (`machine.machine`); with no model, take the planner's default for it
+(`offload.model_for_this_machine`; when the hub cannot be reached and that one is not
+downloaded, the best model the cache holds that fits, said in a notice); resolve the reference
+to local GGUF files, pulling a missing model after `hooks.confirm_pull` (the quant chosen by the
+planner, `offload.planner_chooser`); plan the load with `offload.plan_for_file` (the wishes are
+constraints; what `qwenrun bench` measured for the file is handed over from `bench.store`); load
+the engine, retrying once with every routed expert on the CPU when a GPU load runs out of
+memory. All planning is the planner's; this module only sequences. It prints nothing: questions,
+progress and notices go to the caller's `Hooks`, and what was decided comes back as reasons.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """This machine as qwenrun plans for it: what `hwprobe` reads, plus what running things taught.
 
-Contract: `machine(backend=..., measure=...)` is the one way commands get the machine: the
-`HardwareProfile` of `hwprobe.probe`, with, when `backend` is asked for, the verdict on
-llama.cpp's extra CPU kernels (`engine.crash.cpu_check`, a child process once per machine on
-CPUs with AMX), and the speed model `qwenrun bench` fitted here (`bench.store`). The probe
-stays a reader of the machine; the verdict and the calibration are handed to it here, by the
-start-up, so neither the probe nor the planner reaches into the engine. With `rpc` (the
-`--rpc` workers), each worker is checked and registered with llama.cpp (`engine.rpc`), its
-devices and their free memory are read, and its round trip is measured: they join the
-profile as `WorkerInfo`s (a worker serves its GPUs first and its RAM last).
+Contract: `machine(backend=..., measure=...)` is how the commands that plan get the machine
+(`doctor`, `worker` and `bench --show` call `hwprobe.probe` alone): the `HardwareProfile` of
+`hwprobe.probe`, with, when `backend` is asked for, the verdict on llama.cpp's extra CPU kernels
+(`engine.crash.cpu_check`, a child process once per machine on CPUs with AMX), and the speed
+model `qwenrun bench` fitted here (`bench.store`). The probe stays a reader of the machine; the
+verdict and the calibration are handed to it here, by the start-up, so neither the probe nor the
+planner reaches into the engine. With `rpc` (the `--rpc` workers), each worker is checked and
+registered with llama.cpp (`engine.rpc`), its devices and their free memory are read, and its
+round trip is measured: they join the profile as `WorkerInfo`s (a worker serves its GPUs first
+and its RAM last).
 """
 
 from __future__ import annotations

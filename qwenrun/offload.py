@@ -8,12 +8,17 @@ planner decide X" starts here:
 |---|---|
 | what the user fixed, and the one check of it (`Wishes`) | `planner/wishes.py` |
 | what a GGUF holds, per layer (`ModelFacts`) | `planner/facts.py` |
-| what llama.cpp allocates on each device for a layout | `planner/costs.py` |
-| which context and placement fit, fastest first (`Budget`, `fit_option`) | `planner/search.py` |
-| how fast a placement decodes and prefills | `planner/speed.py` |
+| one quant's tensors, files and size (`QuantOption`) | `planner/options.py` |
+| the devices a plan may fill, each with its share (`Target`) | `planner/targets.py` |
+| all of them together, and whether a layout fits (`Budget`) | `planner/budget.py` |
+| what llama.cpp allocates on each device for a layout (`Layout`) | `planner/costs.py` |
+| which context and placement fit, fastest first (`fit_option`) | `planner/search.py` |
+| the placement over several GPUs or workers (`place_spread`) | `planner/spread.py` |
+| how fast a placement decodes and prefills | `planner/speed.py`, `planner/spreadspeed.py` |
 | which quant `--prefer` takes among those that fit | `planner/policy.py` |
 | whether a `qwenrun bench` measurement beats the search | `planner/measured.py` |
 | the plan of one model: quants in, `Plan` or `DoesNotFitError` out | `planner/decide.py` |
+| the plan as values (`Plan`, `DevicePlan`) | `planner/result.py` |
 | the plan in words | `planner/explain.py` |
 | quants of a local file, a catalog model, a hub repo, the cache | `planner/sources.py` |
 | `qwenrun plan MODEL`, and the quant a pull downloads | `planner/reference.py` |

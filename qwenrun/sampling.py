@@ -4,7 +4,7 @@ Contract: `SETTINGS` holds one `Setting` per setting: its name (`/set temp`, `--
 field it fills (`SamplingParams.temperature`, a transcript's `"temperature"`), its type and
 range, the value the engine uses when neither the user nor the model's preset gives one, its
 help text, the request fields the server reads it from, and the REPL command that sets it.
-The command line's options (`cli.ChatFlags`), the REPL's `/set` and `/budget` and its
+The command line's options (`flags.ChatFlags`), the REPL's `/set` and `/budget` and its
 completion, `/stats`, transcripts, the server's request checks and model card, the `--server`
 client and the copy of the catalog's presets all read this table, so a new setting is one row
 here, plus its use in the engine (a `SamplingParams` field and the sampler chain; and a

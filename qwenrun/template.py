@@ -1,15 +1,17 @@
 """A model's chat template, and what it tells about the model: thinking kind and presets.
 
 Contract: `ChatTemplate` renders a GGUF's `tokenizer.chat_template` the way llama.cpp's Jinja
-formatter does (jinja2's immutable sandbox, `enable_thinking` passed per render), so a
-template can never touch the machine; a template that fails is the model's problem, reported
-as an `InvalidModelError`. `detect_thinking_kind` learns by rendering whether the model is
-hybrid, thinking-only (its template always opens `<think>`, or refuses
-`enable_thinking=false`, as Qwen3.8-2.4T-A95B's does) or direct-only; `reasoning_efforts`
-learns which `reasoning_effort` values the template takes (Qwen3.8-Flash-Next: xhigh, medium,
-low), `check_effort` refuses any other in one line; `model_profile` adds Qwen's sampling
-presets per mode (the catalog's, or Qwen3's defaults for a GGUF the catalog does not know).
-Nothing here tokenizes, runs the model or keeps a conversation (`chat.py` does).
+formatter does (jinja2's immutable sandbox, `enable_thinking` passed per render), so a template
+can never touch the machine; a template that fails is the model's problem, reported as an
+`InvalidModelError`. `detect_thinking_kind` learns by rendering whether the model is hybrid,
+thinking-only (its template always opens `<think>`, or refuses `enable_thinking=false`, as
+Qwen3.8-2.4T-A95B's does) or direct-only; `reasoning_efforts` learns which `reasoning_effort`
+values the template takes (Qwen3.8-Flash-Next: xhigh, medium, low), `check_effort` refuses any
+other in one line; `model_profile` adds Qwen's sampling presets per mode (the catalog's, or
+Qwen3's defaults for a GGUF the catalog does not know). `match_catalog` finds the catalog entry
+a GGUF's metadata names; `fallback_template` is Qwen3's own template (the copy in
+`synthetic/templates/`) for a GGUF that carries none, the one file read here. Nothing here
+tokenizes, runs the model or keeps a conversation (`chat.py` does).
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """A conversation as values and as a file: its turns, its settings, the JSON transcript.
 
-Contract: `Turn` is one exchange (the user's message, the answer, its thinking, the mode, cut
-or not). A transcript's settings (its "settings" object and its "budget") are checked by the
-one sampling table (`sampling.SETTINGS`), under any of their names, with the same ranges as
-`/set`, the command line and the server. `write_file_atomically` writes all of
+Contract: `Turn` is one exchange (the user's message, the answer, its thinking, the mode, cut or
+not). A transcript's settings (its "settings" object and its "budget") are checked by the one
+sampling table (`sampling.SETTINGS`), under any of their names, with the same ranges as `/set`,
+the command line and the server; its reasoning "effort" need only be text here (the conversation
+checks it against the model's template when it loads one). `write_file_atomically` writes all of
 a file or nothing (a temporary file renamed over it) and creates no folder; `read_transcript`
-checks a whole transcript before anything uses it, so a bad file changes nothing and the
-error names the message and field at fault; its texts pass `text.clean` (what is not valid
-Unicode, such as a JSON "\\ud800", becomes U+FFFD) and `Transcript.replaced` counts them.
-Every problem with a file is a one-line `UsageError`, never an OSError or a ValueError.
-Nothing here renders prompts or runs a model (`chat.py`).
+checks a whole transcript before anything uses it, so a bad file changes nothing and the error
+names the message and field at fault; its texts pass `text.clean` (what is not valid Unicode,
+such as a JSON "\\ud800", becomes U+FFFD) and `Transcript.replaced` counts them. Every problem
+with a file is a one-line `UsageError`, never an OSError or a ValueError. Nothing here renders
+prompts or runs a model (`chat.py`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """`qwenrun worker`: this machine's GPUs and RAM, served to other qwenrun processes over RPC.
 
-Contract: `serve(settings, out, err)` checks what it can before listening (an IPv4 address,
-a port that is free, a llama.cpp built with RPC), says (through `out`) the endpoint, the
-devices it serves and their memory, and (through `err`) a warning when it listens beyond
-loopback; then it runs llama.cpp's RPC server (`ggml_backend_rpc_start_server`) in a
-thread until Ctrl-C or SIGTERM, when it says so and ends the process with status 0. That
-server has no stop call, serves one client at a time, keeps weights over 10 MiB in the cache
-folder by hash (a second load of the same model skips sending them), and has no
-authentication: it listens on 127.0.0.1 unless `--host` says otherwise, with a warning then.
+Contract: `serve(settings, out, err)` checks what it can before listening (an IPv4 address, a
+port that is free, a llama.cpp built with RPC), says (through `out`) the endpoint, the devices
+it serves and their memory, and (through `err`) a warning when it listens beyond loopback; then
+it runs llama.cpp's RPC server (`ggml_backend_rpc_start_server`) in a thread until Ctrl-C or
+SIGTERM, when it says so and ends the process with status 0. That server has no stop call,
+serves one client at a time, keeps weights over 10 MiB in the cache folder by hash when it has
+one (`QWENRUN_HOME/rpc-cache` by default: a second load of the same model then skips sending
+them), and has no authentication: it listens on 127.0.0.1 unless `--host` says otherwise, with a
+warning then.
 
 Devices are served in this order: the GPUs (as llama.cpp numbers them), then the CPU, always
 last, so a client reaches this machine's RAM as the worker's last device (`RPCn[host:port]`

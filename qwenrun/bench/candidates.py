@@ -1,13 +1,14 @@
 """Which placements `qwenrun bench` measures: the plan's own and its neighbours.
 
 Contract: pure. From the plan of a model on this machine (its `Layout`, the model's
-`ModelFacts`, the `Budget`), `candidates(...)` lists the placements worth measuring, each
-with a short label and its `LoadConfig`: with a GPU and routed experts in RAM, one CPU-expert
-layer more and one fewer, the other run of layers (first N ↔ last N), and a few thread counts
-(the physical cores; one fewer, for the CUDA driver's thread; the logical cores); with every
-expert on the GPU, or a plan over several devices, thread counts only; on a CPU-only machine,
-thread counts and memory-mapped or loaded weights. Only placements that fit the budget are
-listed. Nothing is loaded here.
+`ModelFacts`, the `Budget`), `candidates(...)` lists the placements worth measuring, each with a
+short label and its `LoadConfig`, the plan's own first: with a GPU and routed experts in RAM,
+one CPU-expert layer more and one fewer, the other run of layers (first N ↔ last N), the default
+micro-batch of 512 when the plan grew it, and a few thread counts (the physical cores; one
+fewer, for the CUDA driver's thread; the logical cores); with every expert on the GPU, or a plan
+over several devices, thread counts only; on a CPU-only machine, thread counts and memory-mapped
+or loaded weights. Only placements that fit the budget are listed, at most `MAX_CANDIDATES`.
+Nothing is loaded here.
 """
 
 from __future__ import annotations

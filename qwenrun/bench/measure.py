@@ -1,10 +1,11 @@
 """One `qwenrun bench`: from a model reference to measured, stored, learned-from results.
 
 Contract: `measure(model, wishes, settings, hooks, on_progress)` resolves the model as `run`
-does (pulling after the hooks' confirmation), plans it, lists the candidates around the plan
-(`candidates`), runs them (`runner`), stores every run and refits this machine's speed model
-(`store`), and returns a `Report`. `stored(hw)` gives the results kept for this machine. It
-prints nothing; the CLI renders the report.
+does (none named: the planner's default; pulling after the hooks' confirmation), plans it, lists
+the candidates around the plan (`candidates`), runs them (`runner`), stores every run and refits
+this machine's speed model (`store`), and returns a `Report`; a store that cannot be written
+leaves the runs in the report and says why (`Report.not_kept`). `stored(hw)` gives the results
+kept for this machine (`bench --show`). It prints nothing; the CLI renders the report.
 """
 
 from __future__ import annotations

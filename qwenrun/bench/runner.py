@@ -21,7 +21,8 @@ from pathlib import Path
 
 from qwenrun import errors
 from qwenrun.bench.candidates import Candidate
-from qwenrun.engine.llama import Engine, SamplingParams
+from qwenrun.engine.llama import Engine
+from qwenrun.engine.values import SamplingParams
 
 # A fixed text, repeated to the prompt length: the same tokens for every candidate and run.
 _PROMPT_TEXT = (

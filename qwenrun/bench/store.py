@@ -14,9 +14,10 @@ settings, llama.cpp's numbers and the date. From them this module
   with the decode speed of every run, as plain values for the planner (`planner.measured`
   decides whether one beats its own pick).
 
-A line that does not parse (a half-written file, another version's format) is skipped.
-Writes raise `OSError` when the home cannot take them; reads of a missing or unreadable
-store give nothing.
+Runs of a plan over several devices are kept (and shown by `bench --show`) but take part in
+neither: the speed model they would fit is the one-GPU one. A line that does not parse (a
+half-written file, another version's format) is skipped. Writes raise `OSError` when the home
+cannot take them; reads of a missing or unreadable store give nothing.
 """
 
 from __future__ import annotations

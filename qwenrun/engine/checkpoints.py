@@ -1,12 +1,13 @@
 """Context checkpoints: where a hybrid model's recurrent state can be taken back to.
 
-Contract: the hybrid Qwen models (qwen35moe, qwen3next) keep, besides an attention KV cache,
-a recurrent state (Gated DeltaNet) that llama.cpp cannot roll back: `llama_memory_seq_rm`
-refuses to drop the end of the sequence. A `CheckpointStore` keeps copies of that state
-(`llama_state_seq_get_data_ext` with `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`: the recurrent part
-only, a fixed size per model, 63 MiB for Qwen3.5-35B-A3B) taken at chosen positions, and puts
-one back later in the one order llama.cpp accepts: restore the partial state first, then trim
-the attention KV past it (`seq_rm(n, -1)`, which succeeds once the recurrent part is at n-1).
+Contract: the hybrid Qwen models (qwen3next, qwen35moe, qwen4exp) keep, besides an attention
+KV cache, a recurrent state (Gated DeltaNet) that llama.cpp cannot roll back:
+`llama_memory_seq_rm` refuses to drop the end of the sequence. A `CheckpointStore` keeps
+copies of that state (`llama_state_seq_get_data_ext` with `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`:
+the recurrent part only, a fixed size per model, 63 MiB for Qwen3.5-35B-A3B) taken at chosen
+positions, and puts one back later in the one order llama.cpp accepts: restore the partial
+state first, then trim the attention KV past it (`seq_rm(n, -1)`, which succeeds once the
+recurrent part is at n-1).
 
 The store keeps at most `max_count` checkpoints and `max_bytes` bytes (the oldest, i.e. the
 earliest positions, go first) and reuses the buffer of an evicted checkpoint for the next

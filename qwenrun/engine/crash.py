@@ -19,13 +19,16 @@ Contract, two parts:
   `QWENRUN_EXTRA_BUFFERS=0` (or `1`) overrides the check. A CPU without AMX is not probed
   (verdict "no-amx"); a probe that cannot tell (a timeout, a broken install) gives
   "unchecked", with the reason, and is not remembered.
-- `supervise(main)`: on Linux, the command runs in a forked child while the parent waits.
-  When the child dies by a signal (SIGILL, SIGSEGV, SIGBUS, SIGABRT, a SIGKILL from the OOM
-  killer), the parent prints one line saying what happened and what to try, and exits
-  128 + the signal's number as a shell would. Signals sent to the parent by another process
-  are forwarded to the child; those the terminal sends (Ctrl-C) reach the child directly, so
-  the parent ignores them (it tells the two apart by `si_code`). An abort while the child used
-  RPC workers is said as a lost worker (`engine/rpcrecord.py`: `death_line`).
+- `supervise(main)`: on Linux, the command runs in a forked child while the parent waits. When
+  the child dies by a signal (SIGILL, SIGSEGV, SIGBUS, SIGABRT, a SIGKILL from the OOM killer),
+  the parent prints one line saying what happened and what to try, and exits 128 + the signal's
+  number as a shell would (a signal a user sends on purpose, such as SIGINT, SIGTERM or SIGPIPE,
+  exits so without a line). Signals sent to the parent by another process are forwarded to the
+  child; those the terminal sends (Ctrl-C) reach the child directly, so the parent ignores them
+  (it tells the two apart by `si_code`); the child gets SIGTERM if the parent dies. An abort
+  while the child used RPC workers is said as a lost worker (`engine/rpcrecord.py`:
+  `death_line`). Elsewhere than Linux, or with `QWENRUN_NO_SUPERVISOR` set, the command simply
+  runs in this process.
 
 Nothing here plans or prints besides that one line.
 """

@@ -1,11 +1,11 @@
 """llama.cpp's log: one router for the process, and what the engine reads from it.
 
-Contract: llama.cpp's log callback is process-global, so `LOG` is the one router; it keeps
-every line (all levels) and echoes them to stderr when verbose. An engine marks where its
-load began and reads the lines after that mark. From those lines this module reads what
-llama.cpp actually did (`PlacementReport`: overridden tensors, buffer sizes, offloaded
-layers, tensors left in the file) and turns a failed load into an error a user can act on.
-It never calls llama.cpp.
+Contract: llama.cpp's log callback is process-global, so `LOG` is the one router; it keeps every
+line (all levels) and echoes them to stderr when verbose. An engine marks where its load began
+and reads the lines after that mark. From those lines this module reads what llama.cpp actually
+did (`PlacementReport`: overridden tensors, buffer sizes, offloaded layers, tensors left in the
+file) and turns a failed load into an error a user can act on. It calls llama.cpp only to set
+the log callback (`LOG.install`, which `native` calls with the bindings it loaded).
 
 How the buffer lines read: a `model` line with mmap (`CPU_Mapped`) is the span of the file
 that buffer's tensors lie in, which can take in bytes another buffer holds (a tensor copied

@@ -1,12 +1,13 @@
 """llama-cpp-python's bindings, loaded once, and the ctypes pieces they lack.
 
-Contract: the only module that imports `llama_cpp`, and only when `bindings()` is first
-called, so `qwenrun --help` and the planner never pay for it. On first use it initialises
-llama.cpp's backend, routes its log to `llamalog.LOG`, and binds the few ggml functions the
-Python package does not (the device registry, buffer types, the RPC backend's entry points and
-ggml's abort hook). It builds the NULL-terminated arrays placement needs (tensor buffer-type
-overrides, the device list; llama-cpp-python declares both fields as untyped pointers). It
-loads no model and keeps no state besides the bindings.
+Contract: the only module that imports `llama_cpp`, and only when `bindings()` is first called,
+so `qwenrun --help` and the planner never pay for it. On first use it initialises llama.cpp's
+backend, routes its log to `llamalog.LOG`, and binds the few ggml functions the Python package
+does not (the device registry, buffer types, the RPC backend's entry points and ggml's abort
+hook). It builds the NULL-terminated arrays placement needs (tensor buffer-type overrides, the
+device list; llama-cpp-python declares both fields as untyped pointers), and says what the build
+can do (`supports_gpu_offload`: a local GPU device, `supports_rpc`). It loads no model and keeps
+no state besides the bindings.
 """
 
 from __future__ import annotations

@@ -1,25 +1,28 @@
 """RPC workers from the client's side: checked, registered once, and never a silent death.
 
 Contract:
-- `connect(endpoints)` makes `qwenrun worker`s (llama.cpp's ggml-rpc servers) usable by the
-  next model load: each endpoint is checked here first, over a socket of our own (reachable
-  within `CONNECT_TIMEOUT_S`, answering ggml-rpc's HELLO within `REPLY_TIMEOUT_S`, with the
-  same major protocol version and no newer minor one), because llama.cpp aborts the whole
-  process on any of those failures (ggml-rpc.cpp: `rpc_dispatcher::start`). Then it is
-  registered with llama.cpp (`ggml_backend_rpc_add_server`, `ggml_backend_register`), once per
-  process per endpoint, and its devices are listed as `devices.Device` values. A failure is a
-  `WorkerError` with one line and a hint; a build without RPC is one too, with the command that
-  rebuilds llama-cpp-python with it. `round_trips(endpoint)` measures a worker's round trip on
-  the wire, for a speed model to price hand-offs with.
+- `connect(endpoints)` makes `qwenrun worker`s (llama.cpp's ggml-rpc servers) usable by the next
+  model load: each endpoint is checked here first, over a socket of our own (reachable within
+  `CONNECT_TIMEOUT_S`, answering ggml-rpc's HELLO within `REPLY_TIMEOUT_S`, with the same major
+  protocol version and no newer minor one), because llama.cpp aborts the whole process on any of
+  those failures (ggml-rpc.cpp: `rpc_dispatcher::start`). Then it is registered with llama.cpp
+  (`ggml_backend_rpc_add_server`, `ggml_backend_register`), once per process per endpoint, and
+  its devices are listed as `devices.Device` values. A failure is a `WorkerError` with one line
+  and a hint; a build without RPC is one too, with the command that rebuilds llama-cpp-python
+  with it. `prepare(placement, mparams)` is what a load calls: the placement's workers
+  connected, then its devices and split set (`devices.apply`). `parse_endpoints` reads `--rpc`;
+  `round_trips(endpoint)` measures a worker's round trip on the wire, for a speed model to price
+  hand-offs with.
 - Once a worker is registered, a worker lost later (killed, its machine gone) makes llama.cpp
   abort: ggml-rpc has no error path, a failed send or receive is `GGML_ABORT`. The abort hook
   installed here turns that into one `error:` line naming the lost worker and exit status
   `LOST_EXIT_CODE` (the one `cli` gives a `WorkerError`), instead of ggml's message, backtrace
   and SIGABRT. A dead worker's socket fails at once (the kernel resets the connection); a
   machine that vanishes from the network would leave a receive waiting forever, so
-  `harden_connections` sets TCP keepalive and a user timeout on the connections llama.cpp
-  holds after a load: such a worker is declared lost within about `DEAD_PEER_S` seconds.
-  A worker that is alive but stuck (stopped, swapping) is waited for.
+  `harden_connections` sets TCP keepalive and a user timeout on the connections llama.cpp holds
+  after a load: such a worker is declared lost within about `DEAD_PEER_S` seconds. A worker that
+  is alive but stuck (stopped, swapping) is waited for. `when_lost(keep)` lets a caller save its
+  work first (the REPL's conversation), its words going into the hint.
 - The endpoints in use are also written where the supervising parent (`engine/crash.py`) can
   read them by the child's pid (`engine/rpcrecord.py`), so an abort that the hook did not see
   still ends with a line that names the workers.

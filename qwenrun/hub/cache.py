@@ -4,14 +4,15 @@ Contract: this module knows huggingface_hub's cache layout (`models--owner--repo
 `snapshots/<commit>/<path>` relative links, `refs/<branch>`) and writes it the way
 huggingface_hub does (`write_ref`, `link`, `remove_blob`). It reads the cache through
 `scan_cache_dir`, so files fetched by other tools count, grouping files into quants with
-`names.group_files`. It keeps two kinds of notes under `QWENRUN_HOME`: verification records
-(a blob whose sha256 was checked, keyed by its path, size and mtime, so a 100 GB file is
-hashed once) and pull records (which files a started `pull` wants, so a partial download can
-be listed and resumed). It plans the removal of files through huggingface_hub's own
-deletion strategy (per file, so blobs another revision uses are kept); what that leaves
-empty (a snapshot folder, the refs to it, the repo folder) it removes itself, inside the
-folder of the repo named, never by a bare commit hash, which other repos may share. It never
-touches the network.
+`names.group_files`; `matching` (with `find_cached`, `partial_for`) is the one lookup of cached
+models by repo and quant, which `run`, `rm`, `plan` and the default model all use. It keeps two
+kinds of notes under `QWENRUN_HOME`: verification records (a blob whose sha256 was checked,
+keyed by its path, size and mtime, so a 100 GB file is hashed once) and pull records (which
+files a started `pull` wants, so a partial download can be listed and resumed). It plans the
+removal of files through huggingface_hub's own deletion strategy (per file, so blobs another
+revision uses are kept); what that leaves empty (a snapshot folder, the refs to it, the repo
+folder) it removes itself, inside the folder of the repo named, never by a bare commit hash,
+which other repos may share. It never touches the network.
 """
 
 from __future__ import annotations

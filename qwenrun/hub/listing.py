@@ -1,11 +1,11 @@
 """What a hub repo offers: its GGUF files grouped into quants, and which quant to fetch.
 
 Contract: `list_repo` makes one hub request (the repo's files with sizes and LFS sha256) and
-groups the files into quants with `names.group_files` (split sets in shard order, `mmproj`
-files apart). `plan_pull` turns a model reference into a `PullTarget` — one quant of one
-repo at one commit — trying a catalog model's repos in order; which quant, when the user
-names none, is the caller's `Chooser` (the planner's, `launch.planner_chooser`, which reads
-real headers for repos outside the catalog) or, without one, `choose_quant`'s fixed rule.
+groups the files into quants with `names.group_files` (split sets in shard order, `mmproj` files
+apart). `plan_pull` turns a model reference into a `PullTarget` — one quant of one repo at one
+commit — trying a catalog model's repos in order; which quant, when the user names none, is the
+caller's `Chooser` (the planner's, `offload.planner_chooser` in `planner/reference.py`, which
+reads real headers for repos outside the catalog) or, without one, `choose_quant`'s fixed rule.
 It downloads no file and writes nothing.
 """
 
@@ -145,7 +145,7 @@ DEFAULT_QUANTS = ("UD-Q4_K_XL", "Q4_K_M")
 def choose_quant(ref: ModelRef, listing: RepoListing) -> QuantFiles:
     """The quant to pull when the user names none and the caller gives no `Chooser`.
 
-    The commands pass `launch.planner_chooser`, which plans from tensor sizes instead; this
+    The commands pass `offload.planner_chooser`, which plans from tensor sizes instead; this
     fixed rule needs no machine and no header: a 4-bit default when the repo has one, else
     the best quant smaller than Q4_K_M, else the smallest.
     """

@@ -1,11 +1,12 @@
 """GGUF file names: split shards, the quant a name carries, vision projectors, quant groups.
 
-Contract: pure functions over names and paths (no I/O except `local_shards`, which checks
-that a split model's siblings exist). One shard rule for the whole program, llama.cpp's
-`gguf-split` naming: `<base>-00001-of-00003.gguf`, 1-based, five digits. One quant rule:
-the last quant token of the file name (`…-UD-Q4_K_XL-00001-of-00003.gguf` → `UD-Q4_K_XL`),
-else of the nearest folder that names one (`Q4_K_M/model-00001-of-00002.gguf`). It knows
-nothing of the hub's API or the cache's layout; `listing`, `cache`, `header` and `refs` ask it.
+Contract: pure functions over names and paths (no I/O except `local_shards`, which checks that a
+split model's siblings exist). One shard rule for the whole program, llama.cpp's `gguf-split`
+naming: `<base>-00001-of-00003.gguf`, 1-based, five digits. One quant rule: the last quant token
+of the file name (`…-UD-Q4_K_XL-00001-of-00003.gguf` → `UD-Q4_K_XL`), else of the nearest folder
+that names one (`Q4_K_M/model-00001-of-00002.gguf`). It knows nothing of the hub's API or the
+cache's layout; the hub modules, the planner, the prompt cache, bench's store and the server ask
+it.
 """
 
 from __future__ import annotations

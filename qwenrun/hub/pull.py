@@ -1,17 +1,19 @@
 """Pulling a quant into the Hugging Face cache, and finding a model's files for `run`.
 
 Contract: `pull(ref)` lists the repo, picks the quant (the caller's `Chooser`), asks the
-caller's `confirm` before the first byte, then fetches every file verified and resumable
-into the standard cache layout (`blobs/`, `snapshots/<commit>/<path>` links, `refs/<branch>`),
-so other tools find them; a `confirm` that says no is `errors.Declined` (a choice, not an
-error). A disk that fills up mid-pull is one `DiskSpaceError` saying what is on disk and what
-is missing; the partial file stays, so the same command resumes. `resolve_local(ref)` gives
-`run` and `chat` local paths: a file as it is (all shards of a split model, first first), a
-complete cached copy without asking the hub (hashed once), or a pull. Offline
-(`HF_HUB_OFFLINE`, or the hub unreachable) a complete cached copy still works, and a missing
-one is an `OfflineError` naming what is missing. Nothing here prints: progress and questions
-go to the caller's callbacks, and progress only for real work (a download, or the first hash
-of a cached file), never for a copy already verified.
+caller's `confirm` before the first byte, then fetches every file verified and resumable into
+the standard cache layout (`blobs/`, `snapshots/<commit>/<path>` links, `refs/<branch>`), so
+other tools find them, each blob under huggingface_hub's own lock (two pulls, or a pull and
+`hf download`, never write one file at once); a `confirm` that says no is `errors.Declined` (a
+choice, not an error). A disk that fills up mid-pull is one `DiskSpaceError` saying what is on
+disk and what is missing; the partial file stays, so the same command resumes.
+`resolve_local(ref)` gives `run` and `chat` local paths: a file as it is (all shards of a split
+model, first first), a complete cached copy without asking the hub (hashed once), or a pull.
+Offline (`HF_HUB_OFFLINE`, or the hub unreachable) a complete cached copy still works; a missing
+one is an `OfflineError` naming what is missing (with the hub unreachable, its
+`HubUnreachableError`). Nothing here prints: progress and questions go to the caller's
+callbacks, and progress only for real work (a download, or the first hash of a cached file),
+never for a copy already verified.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 Contract: every environment variable that changes how qwenrun talks to the hub is read here,
 when a function is called (huggingface_hub reads some of them once, at import): `HF_ENDPOINT`,
 `HF_HUB_OFFLINE` (and `TRANSFORMERS_OFFLINE`), `HF_TOKEN` through huggingface_hub's own token
-lookup. `hub_errors` turns huggingface_hub's and httpx2's exceptions into `QwenrunError`s that
-name the repo and say what to do. The token goes only to the hub's own origin
-(`headers_for`); nothing here logs or prints it.
+lookup (the cache's place is `config.hf_hub_cache`'s; the download timeout,
+`HF_HUB_DOWNLOAD_TIMEOUT`, huggingface_hub's own, which `transfer` asks for). `hub_errors` turns
+huggingface_hub's and httpx2's exceptions into `QwenrunError`s that name the repo and say what
+to do (a hub that cannot be reached at all is a `HubUnreachableError`: the cache may do). The
+token goes only to the hub's own origin (`headers_for`); nothing here logs or prints it.
 """
 
 from __future__ import annotations

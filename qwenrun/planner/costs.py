@@ -1,9 +1,11 @@
 """The planner's model of llama.cpp's memory: bytes per device for one layout.
 
-Contract: pure arithmetic over `ModelFacts`, no third-party imports and no I/O.
-`usage(facts, layout, ...)` prices a layout in O(1) (suffix sums kept on the facts), so the
-search can try every split cheaply. It decides nothing: which layout to pick is
-`search.py`'s job, how fast it runs `speed.py`'s.
+Contract: pure arithmetic over `ModelFacts`, no third-party imports and no I/O. The layout
+values the planner searches over are defined here (`Layout`; `Spread` and its `Stage`s for
+several devices). `usage(facts, layout, ...)` prices a layout in O(1) (suffix sums kept on the
+facts), so the search can try every split cheaply; a `Spread` is priced per device
+(`spread_usage`). It decides nothing: which layout to pick is `search.py`'s job (with
+`spread.py` for several devices), how fast it runs `speed.py`'s (`spreadspeed.py`'s).
 
 What llama.cpp does, as modelled here (llama-cpp-python 0.3.36's vendored llama.cpp,
 src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, ggml-backend.cpp):

@@ -2,12 +2,13 @@
 
 Contract: pure. `plan(quants, hw, wishes, spec, measured)` takes the candidate quants of one
 model (`QuantOption`s: exact bytes from a header, or a catalog estimate), a `HardwareProfile`
-value, the user's `Wishes` and what `qwenrun bench` measured for this file here, and returns
-the `Plan` of the quant the preference chooses among those that fit (`policy`), placed by
-the search (`search`), priced (`costs`, `speed`), explained (`explain`); or raises
-`DoesNotFitError` saying what the smallest option needs, what the machine has, and the
-nearest options that do fit. `load_config` turns a searched `Layout` into the engine's
-`LoadConfig`.
+value, the user's `Wishes` and what `qwenrun bench` measured for this file here, and returns the
+`Plan` of the quant the preference chooses among those that fit (`policy`), placed by the search
+(`search`; `spread` over several devices), priced (`costs`; `speed`, or `spreadspeed` for a
+spread), explained (`explain`); or raises `DoesNotFitError` saying what the smallest option
+needs, what the machine has, and the nearest options that do fit. `load_config` turns a searched
+`Layout` into the engine's `LoadConfig` (a spread's into one block of layers per device and the
+workers to register: `spread_placement`); `planned_threads` is the thread count every plan uses.
 
 Rules (each stated in the plan's reasons when it matters):
 

@@ -2,12 +2,13 @@
 
 Contract: `default_model(hw)` is the catalog model and quant for this machine, and why: among
 the hybrid models (they both think and answer directly) whose catalog entry is verified (a
-download nobody asked for is never chosen from sizes that are guesses:
-`ModelSpec.unverified`) and whose best plan runs at a usable speed with a quant of 3 bits or
-more, the most parameters, then the better quant, then the newest.
-`model_for_this_machine(hw, wishes)` is the reference the start-up uses: that one,
-unless offline and not downloaded, then `cached_instead`: the best complete model in the
-cache that fits. Both plan through `sources`; they read the cache through `hub.cache`.
+download nobody asked for is never chosen from sizes that are guesses: `ModelSpec.unverified`)
+and whose best plan runs at a usable speed with a quant of 3 bits or more, the most parameters,
+then the better quant, then the newest. `model_for_this_machine(hw, wishes)` is the reference
+the start-up uses: that one, unless offline and not downloaded, then `cached_instead`: the best
+complete model in the cache that fits (the start-up also asks it when the hub cannot be reached,
+`launch.start`). They plan through `sources` and read the cache through `hub.cache`; nothing
+here prints.
 """
 
 from __future__ import annotations

@@ -1,31 +1,29 @@
 """The search: for one quant, the context and placement that fit, fastest first.
 
-Contract: pure. `fit_option(facts, budget, wishes, cpu_flags)` tries contexts from the
-largest wanted down (the native context capped at `DEFAULT_CTX_CAP`, halved while it does not
-fit, never below the floor given) and, at each, the fastest placement that fits the
+Contract: pure. `fit_option(facts, budget, wishes, flags, least_ctx, score)` tries contexts
+from the largest wanted down (the native context capped at `DEFAULT_CTX_CAP`, halved while it
+does not fit, never below `least_ctx`) and, at each, the fastest placement that fits the
 `Budget`: every routed expert on the GPU if it can; else the fewest layers' experts on the
 CPU (`n_cpu_moe`, bisected), with the VRAM left over filled by single expert tensors of the
 boundary layer (as llama.cpp's own fitter does); only when even that does not fit do whole
-layers leave the GPU. What the user fixed in `Wishes` (context, KV type, `--cpu-moe`,
-`--n-cpu-moe`, GPU layers) is kept and the rest fitted around it. When every expert sits on
-the GPU the context grows (doubling, up to the native one) while it still fits there. An
-n-gram table (Qwen3.8-Flash-Next) is placed last, unless `--ngram-table` fixed it: the
-search runs with the table left in the file, then reads it into RAM when it fits beside
-everything the placement put there (before a bigger micro-batch may take that room). What a
-layout costs is `costs.usage`'s answer; this module only searches.
+layers leave the GPU. With several devices (two or more GPUs, or workers) the placement is
+`spread.place_spread`'s, weighed by `score`. What the user fixed in `Wishes` (context, KV
+type, `--cpu-moe`, `--n-cpu-moe`, GPU layers) is kept and the rest fitted around it. When
+every expert sits on the GPU the context grows (doubling, up to the native one) while it
+still fits there. An n-gram table (Qwen3.8-Flash-Next) is placed last, unless
+`--ngram-table` fixed it: the search runs with the table left in the file, then reads it
+into RAM when it fits beside everything the placement put there. Last, with experts in RAM,
+VRAM the placement left unused takes a bigger micro-batch (faster prefill). What a layout
+costs is `costs.usage`'s answer; this module only searches.
 
-Budgets: free VRAM minus `CUDA_CONTEXT_BYTES` (CUDA context, cuBLAS workspace: not in
-llama.cpp's buffer logs) and `GPU_MARGIN_BYTES` (what llama.cpp's `--fit` leaves) per GPU,
-several GPUs pooled (llama.cpp splits layers by free memory); RAM available now minus the
-OS's share, max(2 GiB, 10 % of RAM). Swap never counts: weights paged out to disk would run
-at disk speed.
+Budgets are `planner/budget.py`'s: each device's free memory less its reserve
+(`planner/targets.py`). Swap never counts: weights paged out to disk would run at disk speed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.planner import spread
@@ -34,9 +32,6 @@ from qwenrun.planner.costs import Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
 from qwenrun.planner.spread import Score
 from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_CTX_CAP = 32768
 PREFERRED_MIN_CTX = 16384

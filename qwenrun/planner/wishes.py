@@ -2,11 +2,11 @@
 
 Contract: pure values. A `Wishes` holds every setting a command can hand the planner (quant,
 context, KV type, where the experts go, GPU layers, where an n-gram table lives, threads, the
-quant preference, and the memory of a hypothetical machine); None or False means "choose for
-me". `validate()` is the
-only check of them, one rule per setting, each message naming the flag; every command (run,
-chat, serve, bench, plan) goes through it before anything is probed, pulled or loaded.
-`fixed_cpu_moe` and `cpu_moe_order` read the expert settings the way the search needs them.
+quant preference, the `--rpc` workers, and a hypothetical machine's memory and workers); None or
+False means "choose for me". `validate()` is the only check of them, one rule per setting, each
+message naming the flag; every command (run, chat, serve, bench, plan) goes through it before
+anything is probed, pulled or loaded. `fixed_cpu_moe` and `cpu_moe_order` read the expert
+settings the way the search needs them.
 """
 
 from __future__ import annotations

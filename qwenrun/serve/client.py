@@ -1,15 +1,16 @@
 """`run` and `chat` through a `qwenrun serve`: the same turns, the model loaded elsewhere.
 
-Contract: `RemoteModel.connect(url)` asks a server what it runs (`GET /v1/models`, waiting
-while it loads) and is then a `chat.TurnServer`: `chat.stream_turn(remote, conv, text)`
-sends the conversation as one OpenAI chat completion (streamed, with the conversation's
-mode as `chat_template_kwargs.enable_thinking`, its reasoning effort as `reasoning_effort`,
-its budget, sampling settings and token cap)
-and yields the events a local turn yields: `ThinkingText`, `ThinkingDone`, `AnswerText`,
-`TurnDone` with a `TurnResult` whose stats come from the server's usage and timings (the
-time to first token is measured here: what the user waited). So the renderers and the REPL
-show a remote turn as a local one. `conversation()` makes the `chat.Conversation` with the
-server's template and presets. `list_models(url)` is `qwenrun ps`.
+Contract: `RemoteModel.connect(url)` asks a server what it runs (`GET /v1/models`, waiting while
+it loads) and is then a `chat.TurnServer`: `chat.stream_turn(remote, conv, text)` sends the
+conversation as one OpenAI chat completion (streamed, with the conversation's mode as
+`chat_template_kwargs.enable_thinking`, its reasoning effort as `reasoning_effort`, its budget,
+sampling settings and token cap) and yields the events a local turn yields: `ThinkingText`,
+`ThinkingDone`, `AnswerText`, `TurnDone` with a `TurnResult` whose stats come from the server's
+usage and timings (the time to first token is measured here: what the user waited). So the
+renderers and the REPL show a remote turn as a local one. `conversation()` makes the
+`chat.Conversation` with the server's template and presets; `tokenize` and `cache_report` answer
+the REPL's `/stats` from the server; `check_model(MODEL)` refuses a MODEL that names another
+model than the server runs. `list_models(url)` is `qwenrun ps`.
 
 Only the standard library's `http.client` is used (no extra dependency for a client). A
 server that is busy or loading is waited for; a missing one, a refused key, a bad request

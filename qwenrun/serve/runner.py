@@ -1,15 +1,16 @@
 """One request's generation, run on the engine's thread: an OpenAI request in, output events out.
 
 Contract: `run_chat(model, request, cancel, emit)` renders the request's messages (and tools)
-through the model's own chat template with `enable_thinking` as asked, tokenizes it (reusing
-the exact ids of the previous request's prompt and answer when the new prompt starts with
-them), generates through `chat.Reply` (the same thinking splitter, budget and clock as a
-terminal turn) and hands `emit` plain events: `Accepted` once the prompt fits, then
-`ThinkingText`, `ThinkingDone`, `AnswerText` (chat's events) and `ToolCallDelta` as the model
-writes, and `Finished` with the finish reason, usage, timings and the whole calls.
-`run_completion` does the same for a raw prompt. Request problems raise `RequestError` or a
-`QwenrunError` before `Accepted`; nothing here knows HTTP. The engine is used from one thread
-at a time (the caller's worker).
+through the model's own chat template with `enable_thinking` as asked, tokenizes it (reusing the
+exact ids of the previous request's prompt and answer when the new prompt starts with them),
+generates through `chat.Reply` (the same thinking splitter, budget and clock as a terminal turn)
+and hands `emit` plain events: `Accepted` once the prompt fits, then `ThinkingText`,
+`ThinkingDone`, `AnswerText` (chat's events) and `ToolCallDelta` as the model writes, and
+`Finished` with the finish reason, usage, timings and the whole calls. `run_completion` does the
+same for a raw prompt, `run_tokenize` answers `/tokenize`; the model they take is a
+`ServedModel` (the engine, its template and presets, the token ids its cache holds, its API id
+and card). Request problems raise `RequestError` or a `QwenrunError` before `Accepted`; nothing
+here knows HTTP. The engine is used from one thread at a time (the caller's worker).
 
 Qwen specifics handled here:
 

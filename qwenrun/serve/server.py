@@ -1,18 +1,18 @@
 """Running `qwenrun serve`: bind, answer `/health` while the model loads, serve, stop.
 
-Contract: `bind(host, port)` makes the listening socket (a taken port, a port outside 0 to
-65535 or an unknown host is a one-line `UsageError` before anything loads; port 0 gives a
-free one, for tests). `listening(sock)` says where it listens: the address it is bound to,
-and for every interface (0.0.0.0, ::) the URLs that reach it from this machine and from
-others. `served_id(model)` is the model's id in the API, decided from MODEL before
-anything loads so that it never changes. `Server(state, sock)` runs the app of
-`app.build_app` on uvicorn in a thread of its own, so the caller's main thread stays free
-for what `run` and `chat` do there: the start-up's questions and progress bars
-(`launch.start`), and Ctrl-C. `serve_forever` then waits for Ctrl-C or SIGTERM; `stop`
+Contract: `bind(host, port)` makes the listening socket (a taken port, a port outside 0 to 65535
+or an unknown host is a one-line `UsageError` before anything loads; port 0 gives a free one,
+for tests). `listening(sock)` says where it listens: the address it is bound to, and for every
+interface (0.0.0.0, ::) the URLs that reach it from this machine and from others.
+`served_id(model)` is the model's id in the API, decided from MODEL before anything loads so
+that it never changes. `Server(state, sock)` runs the app of `app.build_app` on uvicorn in a
+thread of its own, so the caller's main thread stays free for the start-up it runs meanwhile
+(`launch.start`: its questions and progress bars, the load, while `/health` answers that the
+model is loading) and for Ctrl-C. `serve_forever` then waits for Ctrl-C or SIGTERM; `stop`
 cancels the running and waiting generations (their answers say that the server stopped:
-`replies`, `endpoints`), lets uvicorn finish sending them (each request gets its log line)
-and shuts the server down; the engine thread is stopped and the engine closed. Nothing
-here prints: the request log and notices go to the state's `log`.
+`replies`, `endpoints`), lets uvicorn finish sending them (each request gets its log line) and
+shuts the server down; the engine thread is stopped and the engine closed. Nothing here prints:
+the request log and notices go to the state's `log`.
 """
 
 from __future__ import annotations

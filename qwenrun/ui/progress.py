@@ -1,16 +1,16 @@
 """Progress and questions during start-up: loading weights, downloads, confirmations.
 
-Contract: presentation only. `load_progress` and `pull_progress` are context managers that
-yield callbacks for the engine and the downloader (bars on a terminal stderr, a line per
-file elsewhere); `pull_progress` draws nothing until the downloader reports work, and the
-downloader reports only real work (bytes moving, or a cached file hashed for the first
-time: "verifying"), so a model already there and verified shows no bar. `confirm_pull` says
-on stderr what will be fetched and its size, before the first byte, and, when asked to,
-asks. `check_status` is a spinner on a terminal while the once-per-machine CPU kernel check
-runs (seconds of silence otherwise). `StartupHooks` bundles them for `launch.start`, which
-prints nothing itself. Whether a model is already downloaded is decided by the downloader
-(`PullTarget.cached`), not here. `bench_progress` shows each bench run's speeds as it
-finishes and an estimate of the time left.
+Contract: presentation only. `load_progress` and `pull_progress` are context managers that yield
+callbacks for the engine and the downloader (bars on a terminal stderr; elsewhere nothing while
+loading and a line per file while pulling); `pull_progress` draws nothing until the downloader
+reports work, and the downloader reports only real work (bytes moving, or a cached file hashed
+for the first time: "verifying"), so a model already there and verified shows no bar.
+`confirm_pull` says on stderr what will be fetched and its size, before the first byte, and,
+when asked to, asks. `check_status` is a spinner on a terminal while the once-per-machine CPU
+kernel check runs (seconds of silence otherwise). `StartupHooks` bundles them for
+`launch.start`, which prints nothing itself. Whether a model is already downloaded is decided by
+the downloader (`PullTarget.cached`), not here. `bench_progress` shows each bench run's speeds
+as it finishes and an estimate of the time left.
 """
 
 from __future__ import annotations

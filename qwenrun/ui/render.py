@@ -1,15 +1,18 @@
 """Turn renderers: how one streamed turn looks in a terminal, in a pipe, and as JSON.
 
-Contract: presentation only. The answer goes to stdout, and only the answer; thinking,
-stats and notices go to stderr. Three renderers implement `chat.Renderer`, so the REPL and
-one-shot `qwenrun run` show a turn the same way:
+Contract: presentation only. The answer goes to stdout, and only the answer; thinking, stats and
+notices go to stderr (except as JSON: one object on stdout holds them all). Three renderers
+implement `chat.Renderer`, so the REPL and one-shot `qwenrun run` show a turn the same way:
 
 - `TTYRenderer` (stdout is a terminal): thinking streams dim under a "Thinking" header and is
   folded to one line when it ends (`Thought for 4.2 s · 312 tokens`) unless shown; the answer
   streams; a dim stats line follows.
 - `PlainRenderer` (stdout is a pipe or file): the answer on stdout with no escape codes;
   thinking on stderr only when asked for; stats on stderr only when asked for.
-- `JsonRenderer`: nothing while streaming, then one JSON object on stdout.
+- `JsonRenderer`: nothing while streaming, then one JSON object on stdout (the answer, the
+  thinking, the stats, and the turn's notices); nothing for a turn that failed.
+
+`make_renderer` picks the one for where stdout goes.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """The interactive chat loop: read a line, run a slash command or a turn, repeat.
 
-Contract: `repl(engine, conv, out)` runs until /exit, /bye or Ctrl-D and returns the exit
-status. Every command and every turn leaves the session alive: a `QwenrunError` is reported
-in one line and the loop goes on. Each line read passes `text.clean` (bytes that were not
-UTF-8 become U+FFFD, said once); a command that takes nothing refuses what follows it.
-Turns go through `chat.run_turn`; Ctrl-C during an answer cancels it (`chat.sigint_sets`),
-at the prompt it says how to leave. `/save` and `/load`
-go through the conversation's transcript functions (a failed one changes nothing). `/stats`
-shows the last answer's numbers, the context the conversation takes (the next prompt before
-the message, whatever the engine's cache still holds), the sampling in force, how many
-prompt tokens were reused and from where, and what the checkpoints and the prompt cache on
-disk hold; its lines are built one fact each (`_stat`), so new facts are one more line.
+Contract: `repl(engine, conv, out)` runs until /exit, /bye, /quit or Ctrl-D and returns the exit
+status. A `QwenrunError` from a command or a turn is reported in one line and the loop goes on,
+and so is a bug in a command (the conversation is intact); any other failure of a turn ends the
+session, since the engine may be left in any state. Each line read passes `text.clean` (bytes
+that were not UTF-8 become U+FFFD, said once); a command that takes nothing refuses what follows
+it. Turns go through `chat.run_turn`; Ctrl-C during an answer cancels it (`chat.sigint_sets`),
+at the prompt it says how to leave. `/save` and `/load` go through the conversation's transcript
+functions (a failed one changes nothing). `/stats` shows the last answer's numbers, the context
+the conversation takes (the next prompt before the message, whatever the engine's cache still
+holds), the sampling in force, how many prompt tokens were reused and from where, and what the
+checkpoints and the prompt cache on disk hold; its lines are built one fact each (`_stat`), so
+new facts are one more line.
 """
 
 from __future__ import annotations

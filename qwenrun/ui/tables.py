@@ -1,9 +1,12 @@
-"""Tables on stdout: the machine, a plan, the best plan per model, the cached models.
+"""Tables on stdout: the machine, a plan, the best plan per model, the cached models, bench
+results, a server's models.
 
-Contract: turns `HardwareProfile`, `Plan` and cache values into rich renderables (or plain
-rows) and prints them to stdout. It decides nothing and reads nothing from the machine. When
-stdout is not a terminal (a pipe, a file), rich writes plain text with no escape codes, at a
-fixed width so that lines do not wrap at 80 columns.
+Contract: turns `HardwareProfile`, `Plan`, cache, bench and served-model values into rich
+renderables (or plain rows) and prints them to stdout; the one-line verdict under a bench table
+is chrome, on stderr. It decides nothing (the bench table's star follows the planner's rule,
+`offload.clearly_faster`) and reads nothing from the machine. When stdout is not a terminal (a
+pipe, a file), rich writes plain text with no escape codes, at a fixed width so that lines do
+not wrap at 80 columns.
 """
 
 from __future__ import annotations
@@ -434,18 +437,18 @@ def show_bench_stored(groups: Sequence[StoredGroup]) -> None:
 def print_served(url: str, models: Sequence[dict[str, Any]]) -> None:
     """`qwenrun ps`: each model a server has loaded, and what it is doing."""
     for card in models:
-        info = card.get("qwenrun") or {}
-        busy = "generating" if info.get("busy") else "idle"
-        if info.get("waiting"):
-            busy += f", {info['waiting']} waiting"
-        print(f"{card.get('id')} · {info.get('status', 'ready')} · {url}")
+        served = card.get("qwenrun") or {}
+        busy = "generating" if served.get("busy") else "idle"
+        if served.get("waiting"):
+            busy += f", {served['waiting']} waiting"
+        print(f"{card.get('id')} · {served.get('status', 'ready')} · {url}")
         rows = [
-            ("model", info.get("name")),
-            ("context", f"{info['n_ctx']:,} tokens" if info.get("n_ctx") else None),
-            ("placement", info.get("placement_text")),
+            ("model", served.get("name")),
+            ("context", f"{served['n_ctx']:,} tokens" if served.get("n_ctx") else None),
+            ("placement", served.get("placement_text")),
             ("requests", busy),
-            ("uptime", f"{info['uptime_s']:.0f} s" if "uptime_s" in info else None),
-            ("file", info.get("path")),
+            ("uptime", f"{served['uptime_s']:.0f} s" if "uptime_s" in served else None),
+            ("file", served.get("path")),
         ]
         for key, value in rows:
             if value:

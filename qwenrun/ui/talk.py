@@ -1,13 +1,15 @@
 """`run` and `chat` on the command line around the conversation, so that `cli.py` stays wiring.
 
-Contract: `read_prompt` is `run`'s prompt (piped stdin, then the argument) and `given` any
-other text the command line hands over (`--system`): both pass through `text.clean`, so bytes
-that are not UTF-8 become U+FFFD, said once on stderr (`text.notice`). `plan_facts` and
-`remote_facts` are the few facts of the start-up line (`console.show_startup`): the quant,
-where the experts are, the expected speed, the context; the plan's reasons go under that line
-only with `--verbose` (and in `qwenrun plan`). `answer_once` (`run`) and `chat_here` (`chat`)
-are the two commands on a model loaded here: the conversation with the user's settings, the
-start-up line, the renderer for where stdout goes, the turn or the REPL, the engine closed.
+Contract: `read_prompt` is `run`'s prompt (piped stdin, then the argument) and `given` any other
+text the command line hands over (`--system`): both pass through `text.clean`, so bytes that are
+not UTF-8 become U+FFFD, said once on stderr (`text.notice`). `plan_facts` and `remote_facts`
+are the few facts of the start-up line (`console.show_startup`): the quant, where the experts
+are, the expected speed, the context; the plan's reasons go under that line only with
+`--verbose` (and in `qwenrun plan`). `answer_once` (`run`) and `chat_here` (`chat`) are the two
+commands on a model loaded here: the conversation with the user's settings, the start-up line,
+the renderer for where stdout goes, the turn or the REPL, the engine closed. With RPC workers, a
+worker lost mid-chat ends the process, so `chat_here` first has the conversation saved under
+`QWENRUN_HOME/chats/` (`rpc.when_lost`) and the error line says where.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def remote_facts(remote: RemoteModel) -> list[str]:
 
 
 class Talk(Protocol):
-    """How to talk, as the command line gave it (`cli.ChatFlags`)."""
+    """How to talk, as the command line gave it (`flags.ChatFlags`)."""
 
     @property
     def show_thinking(self) -> bool: ...
