@@ -23,7 +23,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import signal
 import socket
 import sys
 import threading
@@ -31,12 +30,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import NoReturn, TextIO
 
 from qwenrun import config, errors, units
 from qwenrun.engine import native, rpc
 from qwenrun.engine.devices import Device
+from qwenrun.signals import sigterm_interrupts
 
 LOOPBACK = "127.0.0.1"
 
@@ -173,7 +172,7 @@ def serve(
             daemon=True,
         )
         server.start()
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             try:
                 while server.is_alive():
                     server.join(0.5)
@@ -199,20 +198,6 @@ def _end(code: int) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a service manager's stop) stops the worker as Ctrl-C does."""
-
-    def _handler(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # llama.cpp's server prints its own banner and a line per connection on the C stdout. A

@@ -197,6 +197,20 @@ class DeviceBytes:
     def used(self) -> int:
         return self.weights + self.kv + self.rs + self.compute + self.output + self.ngram_table
 
+    @staticmethod
+    def total(parts: Iterable[DeviceBytes]) -> DeviceBytes:
+        """Several devices' shares together (repacked copies are one RAM's and stay out)."""
+        items = list(parts)
+        return DeviceBytes(
+            weights_dense=sum(b.weights_dense for b in items),
+            weights_experts=sum(b.weights_experts for b in items),
+            kv=sum(b.kv for b in items),
+            rs=sum(b.rs for b in items),
+            compute=sum(b.compute for b in items),
+            output=sum(b.output for b in items),
+            ngram_table=sum(b.ngram_table for b in items),
+        )
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -456,14 +470,7 @@ def spread_usage(
                 ngram_table=table_in_ram(facts, layout) if i == ram else 0,
             )
         )
-    others = [b for i, b in enumerate(out) if i != ram]
-    gpu = DeviceBytes(
-        weights_dense=sum(b.weights_dense for b in others),
-        weights_experts=sum(b.weights_experts for b in others),
-        kv=sum(b.kv for b in others),
-        rs=sum(b.rs for b in others),
-        compute=sum(b.compute for b in others),
-    )
+    gpu = DeviceBytes.total(b for i, b in enumerate(out) if i != ram)
     on_devices = sum(
         len(r) - min(st.host_layers, len(r))
         for st, r in zip(spread.stages, ranges, strict=True)

@@ -118,14 +118,7 @@ class Plan:
         gpus = [d for d in self.devices if d.kind == "gpu"]
         if len(gpus) <= 1:
             return gpus[0] if gpus else None
-        b = [g.bytes for g in gpus]
-        total = DeviceBytes(
-            weights_dense=sum(x.weights_dense for x in b),
-            weights_experts=sum(x.weights_experts for x in b),
-            kv=sum(x.kv for x in b),
-            rs=sum(x.rs for x in b),
-            compute=sum(x.compute for x in b),
-        )
+        total = DeviceBytes.total(g.bytes for g in gpus)
         names = " + ".join(g.name for g in gpus)
         capacity = sum(g.capacity for g in gpus)
         return DevicePlan("gpu", names, total, capacity, sum(g.reserved for g in gpus))
@@ -150,15 +143,7 @@ class Plan:
             key = "CPU" if d.kind == "cpu" else "GPU" if d.kind == "gpu" else str(d.endpoint)
             groups.setdefault(key, []).append(d)
         for name, devs in groups.items():
-            b = DeviceBytes(
-                weights_dense=sum(d.bytes.weights_dense for d in devs),
-                weights_experts=sum(d.bytes.weights_experts for d in devs),
-                kv=sum(d.bytes.kv for d in devs),
-                rs=sum(d.bytes.rs for d in devs),
-                compute=sum(d.bytes.compute for d in devs),
-                output=sum(d.bytes.output for d in devs),
-                ngram_table=sum(d.bytes.ngram_table for d in devs),
-            )
+            b = DeviceBytes.total(d.bytes for d in devs)
             model = b.weights + b.ngram_table + (self.repack_bytes if name == "CPU" else 0)
             for kind, n in (
                 ("model", model),

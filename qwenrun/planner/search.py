@@ -22,11 +22,11 @@ Budgets are `planner/budget.py`'s: each device's free memory less its reserve
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.planner import spread
+from qwenrun.planner.bisection import smallest
 from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, Usage, usage
 from qwenrun.planner.facts import ModelFacts, pad_ctx
@@ -68,19 +68,6 @@ def _fits(facts: ModelFacts, layout: Layout, budget: Budget, flags: frozenset[st
     return use if budget.fits(use) else None
 
 
-def _smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
-    """The smallest x in [lo, hi] with ok(x), for a predicate false then true; None if none."""
-    if lo > hi or not ok(hi):
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def _place(
     facts: ModelFacts, base: Layout, budget: Budget, wishes: Wishes, flags: frozenset[str]
 ) -> tuple[Layout, Usage] | None:
@@ -106,7 +93,7 @@ def _place(
     def gpu_fits(k: int) -> bool:  # k = n_gpu_layers: the output layer and k - 1 blocks
         return usage(facts, replace(trunk, n_gpu_layers=k), flags).gpu.used <= budget.gpu
 
-    dropped = _smallest(0, top - 1, lambda j: gpu_fits(top - j))
+    dropped = smallest(0, top - 1, lambda j: gpu_fits(top - j))
     if dropped is None:
         # Not even the output layer fits: the GPU cannot help this model.
         cpu_only = replace(base, use_gpu=False, n_gpu_layers=0, n_cpu_moe=0)
@@ -129,7 +116,7 @@ def _place_experts(
     def gpu_fits(n: int) -> bool:
         return usage(facts, replace(base, n_cpu_moe=n), flags).gpu.used <= budget.gpu
 
-    n = _smallest(0, facts.n_layer, gpu_fits)
+    n = smallest(0, facts.n_layer, gpu_fits)
     if n is None:
         return None
     layout = replace(base, n_cpu_moe=n)

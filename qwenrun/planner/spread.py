@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from qwenrun import errors
+from qwenrun.planner.bisection import smallest
 from qwenrun.planner.budget import Budget
 from qwenrun.planner.costs import Layout, Spread, Stage, Usage, spread_usage
 from qwenrun.planner.facts import ModelFacts
@@ -236,7 +237,7 @@ class _Placer:
             return False
         # Whole layers go to the machine's RAM only while its GPUs cannot take the run's
         # dense part: the fewest such layers (GPU bytes fall as layers leave: a bisection).
-        ram_layers = _smallest(0, count, lambda r: self._gpu_stages(m, count - r, last) is not None)
+        ram_layers = smallest(0, count, lambda r: self._gpu_stages(m, count - r, last) is not None)
         if ram_layers is None:
             return False
         placed = self._gpu_stages(m, count - ram_layers, last)
@@ -287,7 +288,7 @@ class _Placer:
         if self.all_on_host or not self.facts.is_moe:
             h = n if self.facts.is_moe else 0
             return stage(h) if gpu_ok(h) else None
-        least = _smallest(0, n, gpu_ok)
+        least = smallest(0, n, gpu_ok)
         if least is None:
             return None
         h = least
@@ -363,16 +364,3 @@ def _split(count: int, shares: Sequence[float]) -> list[int]:
     for i in sorted(range(len(raw)), key=lambda i: -(raw[i] - parts[i]))[: count - sum(parts)]:
         parts[i] += 1
     return parts
-
-
-def _smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
-    """The smallest x in [lo, hi] with ok(x), for a predicate false then true; None if none."""
-    if lo > hi or not ok(hi):
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -33,6 +30,7 @@ import uvicorn
 from qwenrun import errors
 from qwenrun.serve.app import build_app
 from qwenrun.serve.state import ServerState
+from qwenrun.signals import sigterm_interrupts
 
 STARTUP_TIMEOUT_S = 60.0
 MAX_PORT = 65535
@@ -201,7 +199,7 @@ class Server:
 
     def serve_forever(self) -> None:
         """Wait until Ctrl-C or SIGTERM (then stop), or until the server stops by itself."""
-        with _sigterm_interrupts(), contextlib.suppress(KeyboardInterrupt):
+        with sigterm_interrupts(), contextlib.suppress(KeyboardInterrupt):
             self._done.wait()
         self.stop()
 
@@ -228,20 +226,3 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While inside, SIGTERM (a service manager's stop) stops the server as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _handler(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
