@@ -71,6 +71,9 @@ class ServeProcess:
             self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # What the server said is what tells why it did not stop.
+            raise AssertionError("did not stop:\n" + "\n".join(self.lines)) from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
