@@ -180,7 +180,8 @@ def test_chat_completion_not_streamed(qwen3):
     assert usage.prompt_tokens_details is not None
     timings = (reply.model_extra or {})["timings"]
     assert timings["predicted_n"] == usage.completion_tokens
-    assert any("POST /v1/chat/completions 200" in line for line in qwen3.logs)
+    # The request's log line is written once its answer has gone out: wait for it.
+    assert wait_for(lambda: [ln for ln in qwen3.logs if "POST /v1/chat/completions 200" in ln])
 
 
 def test_chat_completion_streamed(qwen3):
@@ -602,7 +603,9 @@ def test_an_internal_failure_is_500_without_a_traceback(qwen3):
     finally:
         del qwen3.served.engine.generate
     assert "secret" not in err["message"]
-    assert any("secret internals" in line and "Traceback" in line for line in qwen3.logs)
+    assert wait_for(
+        lambda: [ln for ln in qwen3.logs if "secret internals" in ln and "Traceback" in ln]
+    )
 
 
 @pytest.mark.slow
