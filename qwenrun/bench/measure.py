@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qwenrun import hwprobe, launch, offload
+from qwenrun import launch, offload
 from qwenrun.bench import candidates, runner, store
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.machine import machine
@@ -55,6 +55,7 @@ def measure(
     from qwenrun.hub import header
     from qwenrun.planner.budget import Budget
     from qwenrun.planner.facts import ModelFacts
+    from qwenrun.planner.wishes import planned_machine
 
     wishes.validate()
     settings.validate()
@@ -68,7 +69,7 @@ def measure(
     cands = candidates.candidates(
         plan,
         facts,
-        Budget.from_hw(hwprobe.with_memory(hw, wishes.gpu_mem_bytes, wishes.ram_bytes)),
+        Budget.from_hw(planned_machine(hw, wishes)),
         wishes,
         physical_cores=hw.physical_cores,
         logical_cores=hw.logical_cores,

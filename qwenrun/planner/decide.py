@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwenrun import errors, hwprobe
+from qwenrun import errors
 from qwenrun.engine.loadconfig import ExpertHome, LoadConfig, Placement
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.planner import explain, policy
@@ -46,16 +46,10 @@ from qwenrun.planner.result import DevicePlan, Plan
 from qwenrun.planner.search import MIN_CTX, PREFERRED_MIN_CTX, Fit, cannot_fit, fit_option
 from qwenrun.planner.speed import Speed, cpu_bandwidth, gpu_bandwidth, predict, with_table_reads
 from qwenrun.planner.spreadspeed import predict_spread
-from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe
+from qwenrun.planner.wishes import Wishes, cpu_moe_order, fixed_cpu_moe, planned_machine
 
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
-
-
-def _apply_wishes(hw: HardwareProfile, wishes: Wishes) -> HardwareProfile:
-    return hwprobe.with_memory(
-        hw, gpu_bytes=wishes.gpu_mem_bytes, ram_bytes=wishes.ram_bytes, workers=wishes.workers
-    )
 
 
 def speed_of(
@@ -84,7 +78,7 @@ def plan(
     """
     wishes = wishes or Wishes()
     wishes.validate()
-    hw = _apply_wishes(hw, wishes)
+    hw = planned_machine(hw, wishes)
     budget = Budget.from_hw(hw)
     name = spec.display if spec is not None else None
     ordered = policy.ordered(quants, wishes)

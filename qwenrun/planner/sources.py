@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwenrun import catalog, errors, hwprobe
+from qwenrun import catalog, errors
 from qwenrun.hwprobe import HardwareProfile
 from qwenrun.planner.budget import Budget
 from qwenrun.planner.decide import plan
@@ -33,7 +33,7 @@ from qwenrun.planner.measured import MeasuredPlacement
 from qwenrun.planner.options import QuantOption, quant_name_for
 from qwenrun.planner.result import Plan
 from qwenrun.planner.search import PREFERRED_MIN_CTX
-from qwenrun.planner.wishes import Wishes
+from qwenrun.planner.wishes import Wishes, planned_machine
 
 if TYPE_CHECKING:
     from qwenrun.catalog import ModelSpec
@@ -186,9 +186,7 @@ def plan_listing(
         raise errors.ModelNotFoundError(
             f"{listing.repo} holds no GGUF files", hint="name a repo that has .gguf files"
         )
-    budget = Budget.from_hw(
-        hwprobe.with_memory(hw, gpu_bytes=wishes.gpu_mem_bytes, ram_bytes=wishes.ram_bytes)
-    )
+    budget = Budget.from_hw(planned_machine(hw, wishes))
     room = budget.gpu + budget.ram
     read: list[QuantOption] = []
     for q in candidates:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qwenrun import errors
+from qwenrun import errors, hwprobe
 from qwenrun.engine.loadconfig import KV_TYPES
+from qwenrun.hwprobe import HardwareProfile
 from qwenrun.planner.costs import CpuMoeFrom, NgramPlace
 from qwenrun.planner.facts import ModelFacts
 
@@ -124,6 +125,14 @@ class Wishes:
         if self.ngram_table is not None:
             out.append(f"--ngram-table {self.ngram_table}")
         return out
+
+
+def planned_machine(hw: HardwareProfile, wishes: Wishes) -> HardwareProfile:
+    """The machine a plan is for: `hw`, with the memory and workers the wishes describe
+    (`--gpu-mem`, `--ram`, `--worker`) in place of its own."""
+    return hwprobe.with_memory(
+        hw, gpu_bytes=wishes.gpu_mem_bytes, ram_bytes=wishes.ram_bytes, workers=wishes.workers
+    )
 
 
 def fixed_cpu_moe(facts: ModelFacts, wishes: Wishes) -> int | None:
