@@ -74,10 +74,9 @@ SAME_QWENRUN = "run the same qwenrun (and llama-cpp-python build) on every machi
 
 @dataclass(frozen=True)
 class Worker:
-    """A registered worker: its endpoint, the protocol it spoke, and its devices."""
+    """A registered worker: its endpoint and its devices."""
 
     endpoint: str
-    protocol: tuple[int, int, int]
     devices: tuple[devices.Device, ...]
 
 
@@ -112,6 +111,11 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# The HELLO command: its id, the size of what follows, and the transport capabilities (none:
+# plain TCP).
+_HELLO_REQUEST = bytes([_HELLO]) + struct.pack("<Q", _CAPS) + bytes(_CAPS)
+
+
 def hello(
     endpoint: str,
     *,
@@ -119,9 +123,15 @@ def hello(
     reply_timeout: float = REPLY_TIMEOUT_S,
 ) -> tuple[int, int, int]:
     """The RPC protocol version a worker speaks; a `WorkerError` if it cannot be asked."""
+    with _open(endpoint, connect_timeout) as sock:
+        return _handshake(sock, endpoint, reply_timeout)
+
+
+def _open(endpoint: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    """A connection to the worker at `endpoint`; a `WorkerError` when none can be made."""
     host, port = parse_endpoint(endpoint)
     try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        return socket.create_connection((host, port), timeout=connect_timeout)
     except socket.gaierror:
         raise errors.WorkerError(
             f"worker {endpoint}: the host name {host!r} does not resolve",
@@ -137,24 +147,27 @@ def hello(
             f"worker {endpoint} is unreachable ({exc.strerror or exc})",
             hint=f"start `qwenrun worker --port {port}` there, or check the address",
         ) from None
-    with sock:
-        sock.settimeout(reply_timeout)
-        try:
-            sock.sendall(bytes([_HELLO]) + struct.pack("<Q", _CAPS) + bytes(_CAPS))
-            size = struct.unpack("<Q", _recv_exactly(sock, 8))[0]
-            reply = _recv_exactly(sock, min(size, 1 << 16)) if size >= 3 else b""
-        except TimeoutError:
-            raise errors.WorkerError(
-                f"worker {endpoint} accepted the connection but did not answer within "
-                f"{reply_timeout:g} s",
-                hint="a worker serves one client at a time: is another qwenrun using it?",
-            ) from None
-        except (OSError, EOFError):
-            raise errors.WorkerError(
-                f"{endpoint} closed the connection at the handshake: not a qwenrun worker, or "
-                "one that speaks another RPC protocol version",
-                hint=SAME_QWENRUN,
-            ) from None
+
+
+def _handshake(sock: socket.socket, endpoint: str, reply_timeout: float) -> tuple[int, int, int]:
+    """Send HELLO on `sock` and check the worker's version (see `hello`)."""
+    sock.settimeout(reply_timeout)
+    try:
+        sock.sendall(_HELLO_REQUEST)
+        size = struct.unpack("<Q", _recv_exactly(sock, 8))[0]
+        reply = _recv_exactly(sock, min(size, 1 << 16)) if size >= 3 else b""
+    except TimeoutError:
+        raise errors.WorkerError(
+            f"worker {endpoint} accepted the connection but did not answer within "
+            f"{reply_timeout:g} s",
+            hint="a worker serves one client at a time: is another qwenrun using it?",
+        ) from None
+    except (OSError, EOFError):
+        raise errors.WorkerError(
+            f"{endpoint} closed the connection at the handshake: not a qwenrun worker, or "
+            "one that speaks another RPC protocol version",
+            hint=SAME_QWENRUN,
+        ) from None
     if len(reply) < 3:
         raise errors.WorkerError(
             f"{endpoint} answered the handshake with {size} bytes: not a qwenrun worker",
@@ -176,26 +189,22 @@ def round_trips(endpoint: str, calls: int = 200) -> list[float]:
     answers without work) on one connection after the HELLO: the network and the worker's
     dispatch, the floor of what a hand-off between devices costs. Ask before a model is
     loaded over the worker: it serves one client at a time. `WorkerError` as `hello`."""
-    hello(endpoint)  # a clear error first; the connection below then speaks the same version
-    host, port = parse_endpoint(endpoint)
     request = bytes([_GET_ALIGNMENT]) + struct.pack("<QI", 4, 0)  # device 0
     times = []
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
-            sock.settimeout(REPLY_TIMEOUT_S)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(bytes([_HELLO]) + struct.pack("<Q", _CAPS) + bytes(_CAPS))
-            _recv_exactly(sock, 8 + _HELLO_REPLY)
+    with _open(endpoint) as sock:
+        _handshake(sock, endpoint, REPLY_TIMEOUT_S)  # a clear error first, as `hello` gives
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
             for _ in range(calls):
                 t0 = time.perf_counter()
                 sock.sendall(request)
                 _recv_exactly(sock, 8 + 8)  # size, then the u64 alignment
                 times.append(time.perf_counter() - t0)
-    except (OSError, EOFError) as exc:
-        raise errors.WorkerError(
-            f"worker {endpoint} stopped answering while its round trip was measured ({exc})",
-            hint="check that it still runs",
-        ) from None
+        except (OSError, EOFError) as exc:
+            raise errors.WorkerError(
+                f"worker {endpoint} stopped answering while its round trip was measured ({exc})",
+                hint="check that it still runs",
+            ) from None
     return times
 
 
@@ -244,14 +253,14 @@ def connect(endpoints: Iterable[str]) -> tuple[Worker, ...]:
         for endpoint in wanted:
             if endpoint in _registered:
                 continue
-            version = hello(endpoint)
+            hello(endpoint)  # llama.cpp would abort on a worker it cannot use: ask first
             _install_abort_hook()
             rpcrecord.record(endpoint)
             handles = native.rpc_add_server(endpoint)
             if not handles:
                 raise errors.WorkerError(f"worker {endpoint} serves no device")
             found = tuple(d for d in devices.list_devices() if d.endpoint == endpoint)
-            _registered[endpoint] = Worker(endpoint, version, found)
+            _registered[endpoint] = Worker(endpoint, found)
         return tuple(_registered[e] for e in wanted)
 
 
@@ -276,11 +285,7 @@ def harden_connections(endpoints: Iterable[str]) -> int:
         return 0
     import psutil
 
-    wanted = set()
-    for endpoint in endpoints:
-        host, port = parse_endpoint(endpoint)
-        with contextlib.suppress(OSError):
-            wanted.add((socket.gethostbyname(host), port))
+    wanted = _addresses(endpoints)
     done = 0
     for conn in psutil.Process().net_connections(kind="tcp4"):
         if conn.fd < 0 or not conn.raddr or (conn.raddr.ip, conn.raddr.port) not in wanted:
@@ -378,14 +383,18 @@ def _gone(endpoints: Sequence[str], settle_s: float = 1.0) -> list[str]:
     killed a moment ago may still accept for a few microseconds). A worker whose machine does
     not answer at all is not declared gone here (unknown)."""
     closed = _closed_by_peer(endpoints)
-    gone = [e for e in endpoints if e in closed]
-    deadline = time.monotonic() + settle_s
-    while not gone:
-        gone = [e for e in endpoints if rpcrecord.refuses(e)]
-        if gone or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    return gone
+    return [e for e in endpoints if e in closed] or rpcrecord.refusing(endpoints, settle_s)
+
+
+def _addresses(endpoints: Iterable[str]) -> dict[tuple[str, int], str]:
+    """Each endpoint by its (IPv4 address, port), as the connections of this process show
+    them; one whose host does not resolve is left out."""
+    out = {}
+    for endpoint in endpoints:
+        host, port = parse_endpoint(endpoint)
+        with contextlib.suppress(OSError):
+            out[(socket.gethostbyname(host), port)] = endpoint
+    return out
 
 
 def _closed_by_peer(endpoints: Sequence[str]) -> set[str]:
@@ -395,11 +404,7 @@ def _closed_by_peer(endpoints: Sequence[str]) -> set[str]:
         conns = psutil.Process().net_connections(kind="tcp4")
     except Exception:  # psutil cannot read this process's sockets here: probe instead
         return set()
-    addrs = {}
-    for e in endpoints:
-        host, port = parse_endpoint(e)
-        with contextlib.suppress(OSError):
-            addrs[(socket.gethostbyname(host), port)] = e
+    addrs = _addresses(endpoints)
     return {
         addrs[(c.raddr.ip, c.raddr.port)]
         for c in conns

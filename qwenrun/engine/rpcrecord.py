@@ -80,7 +80,7 @@ def death_line(pid: int, signum: int, settle_s: float = 1.0) -> str | None:
     endpoints = recorded(pid)
     if not endpoints or signum != signal.SIGABRT:
         return None
-    gone = _refusing(endpoints, settle_s)
+    gone = refusing(endpoints, settle_s)
     if gone:
         return (
             f"error: llama.cpp aborted (SIGABRT): lost {', '.join(f'worker {e}' for e in gone)}"
@@ -92,9 +92,10 @@ def death_line(pid: int, signum: int, settle_s: float = 1.0) -> str | None:
     )
 
 
-def _refusing(endpoints: Sequence[str], settle_s: float) -> list[str]:
-    # A worker killed a moment ago may still accept for a few microseconds (the kernel closes
-    # its sockets one by one): ask again for up to `settle_s`.
+def refusing(endpoints: Sequence[str], settle_s: float) -> list[str]:
+    """The endpoints nothing listens at any more (`refuses`). A worker killed a moment ago
+    may still accept for a few microseconds (the kernel closes its sockets one by one): ask
+    again for up to `settle_s`."""
     deadline = time.monotonic() + settle_s
     while True:
         gone = [e for e in endpoints if refuses(e)]
