@@ -331,8 +331,8 @@ def ps_command(
     server: str | None = typer.Option(
         None,
         "--server",
-        envvar="QWENRUNSERVER",
-        help="The server to ask (URL, or $QWENRUNSERVER; default http://127.0.0.1:8080).",
+        envvar="QWENRUN_SERVER",
+        help="The server to ask (URL, or $QWENRUN_SERVER; default http://127.0.0.1:8080).",
     ),
     as_json: bool = stdio.json_option("One JSON object instead of text."),
 ) -> None:

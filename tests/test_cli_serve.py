@@ -141,6 +141,10 @@ def test_ps_shows_what_the_server_has_loaded(server):
     assert model.stem in proc.stdout and "ready" in proc.stdout and "1,024" in proc.stdout
     doc = json.loads(run_qwenrun("ps", "--server", url, "--json").stdout)
     assert doc["models"][0]["qwenrun"]["n_ctx"] == 1024
+    # $QWENRUN_SERVER names the server, as for run and chat.
+    proc = run_qwenrun("ps", "--json", env={"QWENRUN_SERVER": url})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["server"] == url
 
 
 @pytest.mark.slow
