@@ -173,7 +173,9 @@ def run(
         remote = _connect(server, model, place, load)
         conv = remote.conversation(**talk.conversation())
         if load.verbose:
-            console.show_startup(conv.profile.name, remote.describe())
+            console.show_startup(
+                conv.profile.name, remote.reasons(), facts=here.remote_facts(remote)
+            )
         out = render.make_renderer(
             as_json=as_json,
             show_thinking=talk.show_thinking,
@@ -205,7 +207,7 @@ def chat_command(
     if server:
         remote = _connect(server, model, place, load)
         conv = remote.conversation(**talk.conversation())
-        lines, facts = remote.describe() if load.verbose else (), here.remote_facts(remote)
+        lines, facts = remote.reasons() if load.verbose else (), here.remote_facts(remote)
         console.show_startup(conv.profile.name, lines, facts=facts)
         out = render.make_renderer(
             show_thinking=talk.show_thinking, show_stats=True if load.verbose else None

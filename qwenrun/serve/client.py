@@ -324,15 +324,10 @@ class RemoteModel:
         value = self.info.get("placement")
         return dict(value) if isinstance(value, Mapping) else {}
 
-    def describe(self) -> list[str]:
-        """Start-up lines: where the model runs, then the server's own reasons."""
-        lines = [f"served by {self.url} as {self.id}"]
-        if self.info.get("placement_text"):
-            lines.append(str(self.info["placement_text"]))
-        lines += [str(r) for r in self.info.get("reasons") or ()]
-        if self._n_ctx:
-            lines.append(f"context {self._n_ctx:,} tokens")
-        return lines
+    def reasons(self) -> list[str]:
+        """The server's own reasons for its model and plan (shown with --verbose; the facts
+        of the start-up line are `ui.talk.remote_facts`')."""
+        return [str(r) for r in self.info.get("reasons") or ()]
 
     def close(self) -> None:
         pass  # every turn has its own connection
