@@ -108,8 +108,9 @@ def _save_error(path: Path, exc: OSError) -> errors.UsageError:
     hint = "the conversation is still here: save it somewhere else"
     if exc.errno == 28:  # ENOSPC
         hint = "free some disk space and save again, or save somewhere else"
-    if exc.filename is not None and Path(exc.filename) != path:
-        # The temporary file beside it failed (/proc, /sys): the file itself may well exist.
+    if exc.filename is not None and exc.filename2 is None and Path(exc.filename) != path:
+        # The temporary file beside it could not be made (/proc, /sys): the file itself may
+        # well exist. (A failed rename names both files, and is said as the system says it.)
         where = f"no new file can be made in {path.parent} ({_reason(exc)})"
         return errors.UsageError(f"cannot save to {path}: {where}", hint=hint)
     return errors.UsageError(f"cannot save to {path}: {_reason(exc)}", hint=hint)
