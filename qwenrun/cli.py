@@ -442,8 +442,9 @@ def doctor_command(
     import json
 
     from qwenrun.engine import doctor
+    from qwenrun.ui import progress
 
-    diagnosis = doctor.collect()
+    diagnosis = doctor.collect(checking=progress.check_status)
     if as_json:
         print(json.dumps(diagnosis.as_dict(), indent=2))
     else:
@@ -467,9 +468,9 @@ def probe_command(
     """Show this machine, and the best plan for each catalog model on it."""
     from qwenrun import offload
     from qwenrun.machine import machine
-    from qwenrun.ui import console, tables
+    from qwenrun.ui import console, progress, tables
 
-    hw = machine(measure=measure)
+    hw = machine(measure=measure, checking=progress.check_status)
     rows = tables.model_rows(offload.plan_catalog(hw))
     if as_json:
         print(tables.probe_json(hw, rows))
@@ -510,6 +511,7 @@ def plan_command(
     from qwenrun import offload, units
     from qwenrun.bench import store
     from qwenrun.machine import machine
+    from qwenrun.ui import progress
 
     wishes = place.wishes(
         quant=quant,
@@ -519,7 +521,9 @@ def plan_command(
     )
     wishes.validate()
     # A question about another GPU does not need to know whether this build can use one.
-    hw = machine(backend=wishes.gpu_mem_bytes is None, rpc=wishes.rpc)
+    hw = machine(
+        backend=wishes.gpu_mem_bytes is None, rpc=wishes.rpc, checking=progress.check_status
+    )
     plan = offload.plan_reference(model, wishes, hw, functools.partial(store.measured, hw))
     if as_json:
         import json
@@ -561,7 +565,9 @@ def pull_command(
             on_progress=on_progress,
             confirm=lambda t: progress.confirm_pull(t, ask=ask),
             # The machine is read only when there is a quant to choose.
-            choose=lambda ref, listing: offload.planner_chooser(machine())(ref, listing),
+            choose=lambda ref, listing: offload.planner_chooser(
+                machine(checking=progress.check_status)
+            )(ref, listing),
         )
     console.info(
         f"ready: {len(paths)} file{'s' if len(paths) > 1 else ''} in the Hugging Face cache"

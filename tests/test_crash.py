@@ -306,9 +306,14 @@ def test_run_with_an_unwritable_home_keeps_the_guard(kquant_model, decode_here, 
 
 def _start_on_a_terminal(model: Path, **env: str) -> str:
     """`qwenrun run` on a pseudo-terminal; what it showed."""
+    return _on_a_terminal(["run", str(model), "hi", "--max-tokens", "2"], **env)
+
+
+def _on_a_terminal(args: list[str], **env: str) -> str:
+    """A qwenrun command on a pseudo-terminal; what it showed."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "qwenrun", "run", str(model), "hi", "--max-tokens", "2"],
+        ["-m", "qwenrun", *args],
         env=child_env({"TERM": "xterm-256color", **env}),
         encoding="utf-8",
         timeout=120,
@@ -327,6 +332,13 @@ def test_the_first_start_on_a_terminal_says_it_checks_the_cpu_kernels_once(tiny_
     # Said while the check runs, which only a CPU with AMX needs; the verdict is then kept.
     assert (crash.CHECKING in first) == _has_amx()
     assert crash.CHECKING not in second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["probe"], ["plan", "qwen3-30b-a3b"], ["doctor"]])
+def test_every_command_that_checks_the_cpu_kernels_says_so_on_a_terminal(command, tmp_path):
+    shown = _on_a_terminal(command, QWENRUN_HOME=str(tmp_path / "home"))
+    assert (crash.CHECKING in shown) == _has_amx()
 
 
 @pytest.mark.slow

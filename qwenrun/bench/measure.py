@@ -59,7 +59,7 @@ def measure(
 
     wishes.validate()
     settings.validate()
-    hw = machine(rpc=wishes.rpc)
+    hw = machine(rpc=wishes.rpc, checking=hooks.checking)
     if model is None:
         name, quant, _why = offload.default_model(hw)
         model = f"{name}:{quant}"

@@ -20,6 +20,8 @@ release). In a source checkout without metadata it falls back to the installed v
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -302,15 +304,16 @@ def render_text(d: Diagnosis) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect() -> Diagnosis:
-    """Read this machine and diagnose it (the only function here with side effects)."""
+def collect(checking: Callable[[str], AbstractContextManager[object]] | None = None) -> Diagnosis:
+    """Read this machine and diagnose it (the only function here with side effects);
+    `checking(text)` is entered while the CPU kernel check runs its child."""
     from qwenrun import hwprobe
 
     version = installed_llama_version()
     hw = hwprobe.probe(check_backend=version is not None)
     # With llama.cpp installed, also check its CPU kernels (on AMX CPUs: once, in a child;
     # again on each call where the home cannot keep the verdict).
-    kernels = crash.cpu_check(hw.cpu_model, hw.cpu_flags) if version else None
+    kernels = crash.cpu_check(hw.cpu_model, hw.cpu_flags, checking=checking) if version else None
     offload, error = _check_offload() if version else (None, None)
     rpc = _check_rpc() if version and error is None else None
     return diagnose(hw, version, offload, offload_error=error, rpc=rpc, kernels=kernels)
