@@ -158,10 +158,10 @@ SETTINGS: tuple[Setting, ...] = (
             help="Random seed for reproducible sampling."),
     # The turn's own limits: not the sampler's.
     Setting("max-tokens",       "max_tokens",       int,   1,    10_000_000,    None,
-            server=("max_tokens", "max_completion_tokens"), sampler=False,  # OpenAI's old, new
+            server=("max_completion_tokens", "max_tokens"), sampler=False,  # OpenAI's new, old
             help="Stop after this many tokens."),
     Setting("budget",           "budget",           int,   0,    10_000_000,    None,
-            server=("thinking_budget", "reasoning_budget"), sampler=False,  # Qwen's, llama.cpp's
+            server=("reasoning_budget", "thinking_budget"), sampler=False,  # llama.cpp's, Qwen's
             command="/budget",
             help="Stop thinking after N tokens."),
 )

@@ -383,3 +383,20 @@ def test_chat_server_sends_every_setting_under_the_tables_field(server):
         sampling.BY_KEY["max-tokens"].hi,
         sampling.BY_KEY["budget"].hi,
     )
+
+
+def test_of_two_names_for_one_limit_the_newer_wins_in_a_request():
+    # OpenAI's max_completion_tokens replaces max_tokens; llama.cpp's reasoning_budget is read
+    # after Qwen's thinking_budget, as the server read them before the table.
+    from qwenrun.serve import protocol
+
+    req = protocol.parse_chat(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "max_completion_tokens": 5,
+            "thinking_budget": 7,
+            "reasoning_budget": 9,
+        }
+    )
+    assert (req.max_tokens, req.budget) == (5, 9)
