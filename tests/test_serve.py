@@ -1000,6 +1000,31 @@ def test_a_stopping_server_answers_a_whole_request_in_flight_with_503(tiny_model
 
 
 @pytest.mark.slow
+def test_a_stopping_server_refuses_a_waiting_tokenize_instead_of_counting_nothing(tiny_models):
+    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, logs):
+        result: dict[str, httpx.Response] = {}
+
+        def generate() -> None:
+            body = {"messages": USER, "max_tokens": 15000}
+            with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+                result["chat"] = http.post("/v1/chat/completions", json=body)
+
+        def count() -> None:  # queued behind the answer when the server stops
+            with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+                result["tokens"] = http.post("/tokenize", json={"content": "hello"})
+
+        asking, counting = threading.Thread(target=generate), threading.Thread(target=count)
+        asking.start()
+        wait_for(lambda: ["busy"] if busy(server) else [])
+        counting.start()
+        wait_for(lambda: ["waiting"] if server.state.worker.waiting else [])
+        server.stop()
+        asking.join(TIMEOUT)
+        counting.join(TIMEOUT)
+    assert error_of(result["tokens"], 503)["code"] == "server_stopping"
+
+
+@pytest.mark.slow
 def test_a_model_argument_matches_the_file_a_server_chose():
     # A server started without MODEL serves as `default`, one started with a reference
     # without a quant as that reference; `run MODEL --server` still names it by what it

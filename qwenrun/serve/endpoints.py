@@ -131,6 +131,8 @@ class Endpoints:
         await job.rest([])
         if job.error is not None:
             raise error_for(job.error)
+        if job.stopped:  # still waiting when the server stopped: no tokens were counted
+            raise stopping()
         return JSONResponse({"tokens": tokens})
 
 
