@@ -26,6 +26,7 @@ from qwenrun.serve.apierror import error_for, stopping
 from qwenrun.serve.enginethread import Job
 from qwenrun.serve.runner import Finished, ToolCallDelta
 from qwenrun.serve.sse import SSE_DONE, sse, stream_items
+from qwenrun.serve.toolcalls import tool_call_to_openai
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,7 @@ async def chat_stream(
 def chat_whole(items: Sequence[Any], meta: Meta, note: dict[str, Any]) -> dict[str, Any]:
     fin = next(i for i in items if isinstance(i, Finished))
     note_finished(note, fin)
-    calls = [
-        {
-            "id": c.id,
-            "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments},
-        }
-        for c in fin.tool_calls
-    ]
+    calls = [tool_call_to_openai(c) for c in fin.tool_calls]
     ends = [i for i in items if isinstance(i, ThinkingDone)]
     doc = {
         "id": meta.rid,

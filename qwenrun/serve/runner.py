@@ -48,7 +48,7 @@ from qwenrun.engine.values import GenStats, SamplingParams
 from qwenrun.serve import protocol
 from qwenrun.serve.answer_router import AnswerRouter
 from qwenrun.serve.protocol import ChatRequest, CompletionRequest, RequestError
-from qwenrun.serve.toolcalls import CallArguments, CallDone, CallStarted, ToolCallParser
+from qwenrun.serve.toolcalls import CallArguments, CallDone, CallStarted, ToolCall, ToolCallParser
 from qwenrun.serve.toolcalls import Content as CallText
 from qwenrun.template import check_effort
 from qwenrun.thinking import CLOSE_TAG, ThinkingBudget, prompt_opens_thinking
@@ -167,23 +167,13 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True)
-class ToolCallOut:
-    """A whole call, as `Finished.tool_calls` lists it."""
-
-    index: int
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True)
 class Finished:
     finish_reason: str  # stop, length, tool_calls; cancelled when the client went away
     usage: dict[str, Any]
     timings: dict[str, Any]
     content: str = ""
     reasoning: str = ""
-    tool_calls: tuple[ToolCallOut, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 # The thinking and answer events are chat's own (`chat.ThinkingText`, `ThinkingDone`,
@@ -389,7 +379,7 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
     stop = StopMatcher(request.stop)
     parser = ToolCallParser(request.tools) if request.use_tools else None
     content: list[str] = []
-    calls: list[ToolCallOut] = []
+    calls: list[ToolCall] = []
 
     def answer(text: str, final: bool = False) -> None:
         if parser is None and not request.stop:  # the common case, once per token: short
@@ -419,8 +409,7 @@ def run_chat(model: ServedModel, request: ChatRequest, cancel: threading.Event, 
             elif isinstance(ev, CallArguments):
                 emit(ToolCallDelta(ev.index, ev.delta))
             elif isinstance(ev, CallDone):
-                call = ev.call
-                calls.append(ToolCallOut(ev.index, call.id, call.name, call.arguments_json))
+                calls.append(ev.call)
             # (CallAborted: nothing to send. The call's arguments, as streamed, never close;
             # its text follows as content, and the whole response never lists it.)
 

@@ -79,8 +79,8 @@ llama.cpp's chat parsers) disagree, the reading taken here, and why:
   twice and JSON readers keep the last (vLLM's non-streaming path keeps the last, its streaming
   path sends both, as here).
 
-Thinking is not split here (feed the answer only); `serve.runner` decides whether a
-`<tool_call>` written inside thinking belongs to the answer.
+Thinking is not split here (feed the answer only); `serve.answer_router.AnswerRouter` decides
+whether a `<tool_call>` written inside thinking belongs to the answer.
 """
 
 from __future__ import annotations
