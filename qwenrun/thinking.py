@@ -58,7 +58,7 @@ class State(Enum):
     ANSWER = "answer"
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -159,7 +159,7 @@ class ThinkSplitter:
             self.state = State.ANSWER_START
             return True
         # Hold back a possible start of `</think>` and, before it, trailing whitespace.
-        keep = _partial_suffix(buf, CLOSE_TAG)
+        keep = partial_suffix(buf, CLOSE_TAG)
         body = buf[: len(buf) - keep]
         stripped = body.rstrip(_WS)
         if stripped:

@@ -1,7 +1,8 @@
 """The server's thinking splitter: which text is thinking and which is the answer, when a
 Qwen model may write a tool call inside its thinking.
 
-Contract: pure and incremental, standard library and `qwenrun.thinking` only.
+Contract: pure and incremental: the standard library, `qwenrun.thinking` and the tags of
+`serve.toolcalls_xml` only.
 `AnswerRouter(opened=…, divert_tool_calls=…)` is a `chat.Splitter` (`feed(piece)`, `flush()`,
 `in_thinking`) around `thinking.ThinkSplitter`; without `divert_tool_calls` it is exactly that
 splitter (plus `on_answer`, called once when the model closes its thinking with `</think>`:
@@ -41,13 +42,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qwenrun.thinking import Answer, Thinking, ThinkSplitter
+from qwenrun.serve.toolcalls_xml import CLOSE_TAG, FUNCTION_TAG, OPEN_TAG, skip_ws
+from qwenrun.thinking import Answer, Thinking, ThinkSplitter, partial_suffix
 
 __all__ = ["AnswerRouter"]
 
-TOOL_OPEN = "<tool_call>"
-TOOL_CLOSE = "</tool_call>"
-FUNCTION_TAG = "<function="
 _WS = " \t\r\n"
 
 
@@ -123,9 +122,9 @@ class AnswerRouter:
             self._hold(out)
             return
         text = self._held + text
-        at = text.find(TOOL_OPEN)
+        at = text.find(OPEN_TAG)
         if at < 0:
-            keep = _partial_suffix(text, TOOL_OPEN)
+            keep = partial_suffix(text, OPEN_TAG)
             body = text[: len(text) - keep].rstrip(_WS)
             self._held = text[len(body) :]
             if body:
@@ -136,7 +135,7 @@ class AnswerRouter:
             out.append(Thinking(before))
         self._holding = True
         self._held = text[len(before) :]  # the whitespace before the tag stays with the call
-        self._form = at - len(before) + len(TOOL_OPEN)
+        self._form = at - len(before) + len(OPEN_TAG)
         self._after = -1
         self._hold(out)
 
@@ -147,7 +146,7 @@ class AnswerRouter:
             if self._form >= 0:
                 # Only a call's own form may follow `<tool_call>` (as vLLM checks for
                 # `<function`): the tag named in prose is thinking at once.
-                j = self._form = _skip_ws(held, self._form)
+                j = self._form = skip_ws(held, self._form)
                 if j == len(held) or FUNCTION_TAG.startswith(held[j:]):
                     return
                 if not (held.startswith("{", j) or held.startswith(FUNCTION_TAG, j)):
@@ -158,37 +157,22 @@ class AnswerRouter:
                     return
                 self._form, self._scan = -1, j
             if self._after < 0:
-                close = held.find(TOOL_CLOSE, self._scan)
+                close = held.find(CLOSE_TAG, self._scan)
                 if close < 0:
                     # Only where a new `</tool_call>` could start is looked at next time.
-                    self._scan = max(self._scan, len(held) - len(TOOL_CLOSE) + 1)
+                    self._scan = max(self._scan, len(held) - len(CLOSE_TAG) + 1)
                     return
-                self._after = close + len(TOOL_CLOSE)
-            j = self._after = _skip_ws(held, self._after)
+                self._after = close + len(CLOSE_TAG)
+            j = self._after = skip_ws(held, self._after)
             if j == len(held):
                 return
-            if held.startswith(TOOL_OPEN, j):
-                self._form, self._after = j + len(TOOL_OPEN), -1  # another call: hold on
+            if held.startswith(OPEN_TAG, j):
+                self._form, self._after = j + len(OPEN_TAG), -1  # another call: hold on
                 continue
-            if TOOL_OPEN.startswith(held[j:]):
+            if OPEN_TAG.startswith(held[j:]):
                 return
             # Other text after the calls: the model thinks on; the calls were drafts.
             self._holding, self._held = False, ""
             out.append(Thinking(held[:j]))
             self._think(held[j:], out)
             return
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
-def _skip_ws(text: str, i: int) -> int:
-    n = len(text)
-    while i < n and text[i] in _WS:
-        i += 1
-    return i

@@ -50,14 +50,14 @@ from qwenrun.serve.answer_router import AnswerRouter
 from qwenrun.serve.protocol import ChatRequest, CompletionRequest, RequestError
 from qwenrun.serve.toolcalls import CallArguments, CallDone, CallStarted, ToolCall, ToolCallParser
 from qwenrun.serve.toolcalls import Content as CallText
+from qwenrun.serve.toolcalls_xml import OPEN_TAG as CALL_OPEN
 from qwenrun.template import check_effort
-from qwenrun.thinking import CLOSE_TAG, ThinkingBudget, prompt_opens_thinking
+from qwenrun.thinking import CLOSE_TAG, ThinkingBudget, partial_suffix, prompt_opens_thinking
 
 if TYPE_CHECKING:
     from qwenrun.engine.llama import Engine
     from qwenrun.template import ChatTemplate, Mode, ModelProfile
 
-TOOL_OPEN = "<tool_call>"
 ASSISTANT_MARKER = "<|im_start|>assistant"
 
 
@@ -206,21 +206,13 @@ class StopMatcher:
             self.matched = True
             self._held = ""
             return text[:cut]
-        keep = max(_partial_suffix(text, s) for s in self.stops)
+        keep = max(partial_suffix(text, s) for s in self.stops)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep]
 
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self.matched else held
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def resolve_mode(profile: ModelProfile, enable_thinking: bool | None) -> tuple[Mode, int | None]:
@@ -239,12 +231,12 @@ def forced_call_opening(request: ChatRequest, fmt: Literal["json", "xml"]) -> st
     """The start of a tool call that `tool_choice` requires, in the template's format."""
     choice = request.tool_choice
     if choice == "required":
-        return TOOL_OPEN + "\n"
+        return CALL_OPEN + "\n"
     if isinstance(choice, tuple):
         name = choice[1]
         if fmt == "xml":
-            return f"{TOOL_OPEN}\n<function={name}>\n"
-        return f'{TOOL_OPEN}\n{{"name": "{name}", "arguments": '
+            return f"{CALL_OPEN}\n<function={name}>\n"
+        return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": '
     return None
 
 

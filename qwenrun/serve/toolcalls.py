@@ -106,7 +106,9 @@ from qwenrun.serve.toolcalls_xml import (
     OPEN_TAG,
     Outcome,
     XmlFunction,
+    is_partial,
     read_tag_name,
+    skip_ws,
 )
 
 __all__ = [
@@ -309,8 +311,7 @@ class ToolCallParser:
                     self._mode = _Mode.XML_BODY
                     return True
             elif not final and (
-                _is_partial(buf, lt, OPEN_TAG)
-                or (self._bare and _is_partial(buf, lt, FUNCTION_TAG))
+                is_partial(buf, lt, OPEN_TAG) or (self._bare and is_partial(buf, lt, FUNCTION_TAG))
             ):
                 return self._hold(events, lt)
             i = lt + 1
@@ -323,7 +324,7 @@ class ToolCallParser:
 
     def _opened(self, events: list[Event]) -> bool:
         buf = self._buf
-        i = self._pos = _skip_ws(buf, self._pos)
+        i = self._pos = skip_ws(buf, self._pos)
         if buf.startswith("{", i):
             self._mode = _Mode.JSON
             self._in_string = False
@@ -332,7 +333,7 @@ class ToolCallParser:
             self._pos = i + len(FUNCTION_TAG)
             self._mode = _Mode.XML_NAME
             return True
-        if i == len(buf) or (not self._finished and _is_partial(buf, i, FUNCTION_TAG)):
+        if i == len(buf) or (not self._finished and is_partial(buf, i, FUNCTION_TAG)):
             return False
         self._abandon(events, len(OPEN_TAG))  # `<tool_call>` in prose, or no form Qwen writes
         return True
@@ -369,7 +370,7 @@ class ToolCallParser:
             if buf.startswith(CLOSE_TAG, j):
                 self._json_close(events, j)
                 return True
-            if not self._finished and _is_partial(buf, j, CLOSE_TAG):
+            if not self._finished and is_partial(buf, j, CLOSE_TAG):
                 i = j
                 break
             i = j + 1
@@ -456,7 +457,7 @@ class ToolCallParser:
         """After `</function>`: the block's close, another function in the same block, or the
         model moving on; any of them makes the call whole."""
         buf = self._buf
-        i = self._pos = _skip_ws(buf, self._pos)
+        i = self._pos = skip_ws(buf, self._pos)
         if buf.startswith(CLOSE_TAG, i):
             # (For a bare call this is the orphan closer Qwen3-Coder writes: swallowed.)
             self._finish_xml(events, buf[i + len(CLOSE_TAG) :])
@@ -470,7 +471,7 @@ class ToolCallParser:
             return True
         # Nothing yet, or the start of a closer: wait (at the end, `finish` decides: the text
         # stopped before the model moved on).
-        if _is_partial(buf, i, CLOSE_TAG) or (self._wrapped and _is_partial(buf, i, FUNCTION_TAG)):
+        if is_partial(buf, i, CLOSE_TAG) or (self._wrapped and is_partial(buf, i, FUNCTION_TAG)):
             return False
         self._finish_xml(events, buf[i:])  # text after the call (or another `<tool_call>`)
         return True
@@ -648,15 +649,3 @@ def _arguments_mapping(arguments: Any, i: int) -> dict[str, Any]:
 
 
 # ---- small pieces
-
-
-def _is_partial(text: str, i: int, tag: str) -> bool:
-    """Whether `text[i:]` is a proper start of `tag` (the text ends inside it)."""
-    return len(text) - i < len(tag) and tag.startswith(text[i:])
-
-
-def _skip_ws(text: str, i: int) -> int:
-    n = len(text)
-    while i < n and text[i] in _WS:
-        i += 1
-    return i

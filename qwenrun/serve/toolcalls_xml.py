@@ -57,7 +57,17 @@ from qwenrun.serve.toolcalls_values import (
     is_string_only,
 )
 
-__all__ = ["FUNCTION_END", "FUNCTION_TAG", "Outcome", "XmlFunction", "read_tag_name"]
+__all__ = [
+    "CLOSE_TAG",
+    "FUNCTION_END",
+    "FUNCTION_TAG",
+    "OPEN_TAG",
+    "Outcome",
+    "XmlFunction",
+    "is_partial",
+    "read_tag_name",
+    "skip_ws",
+]
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
@@ -95,12 +105,13 @@ def read_tag_name(buf: str, start: int, limit: int, final: bool) -> tuple[str, i
     return name.strip(" \t"), gt + 1
 
 
-def _is_partial(buf: str, i: int, tag: str) -> bool:
+def is_partial(buf: str, i: int, tag: str) -> bool:
     """Whether `buf[i:]` is a proper start of `tag` (the text ends inside it)."""
     return len(buf) - i < len(tag) and tag.startswith(buf[i:])
 
 
-def _skip_ws(buf: str, i: int) -> int:
+def skip_ws(buf: str, i: int) -> int:
+    """The first position from `i` on that is not whitespace (or the end)."""
     n = len(buf)
     while i < n and buf[i] in _WS:
         i += 1
@@ -175,7 +186,7 @@ class XmlFunction:
     # ---- between parameters
 
     def _params(self, buf: str, final: bool) -> Outcome | None:
-        i = self.pos = _skip_ws(buf, self.pos)
+        i = self.pos = skip_ws(buf, self.pos)
         if buf.startswith(PARAMETER_TAG, i):
             tag = read_tag_name(buf, i + len(PARAMETER_TAG), MAX_NAME, final)
             if tag is None:
@@ -197,7 +208,7 @@ class XmlFunction:
             return Outcome.BLOCK_END
         if i == len(buf) or (
             not final
-            and any(_is_partial(buf, i, t) for t in (PARAMETER_TAG, FUNCTION_END, CLOSE_TAG))
+            and any(is_partial(buf, i, t) for t in (PARAMETER_TAG, FUNCTION_END, CLOSE_TAG))
         ):
             return Outcome.WAIT
         return Outcome.BROKEN
@@ -258,16 +269,16 @@ class XmlFunction:
             if buf.startswith(FUNCTION_END, lt):
                 self._literal -= 1
                 return -1
-            if _is_partial(buf, lt, FUNCTION_END) and not final:
+            if is_partial(buf, lt, FUNCTION_END) and not final:
                 return None
             return self._nested_open(buf, lt, final)
-        if buf.startswith(_PARAMETER_STEM, lt) or _is_partial(buf, lt, _PARAMETER_STEM):
+        if buf.startswith(_PARAMETER_STEM, lt) or is_partial(buf, lt, _PARAMETER_STEM):
             return self._close_tag(buf, lt, final)
-        if buf.startswith(PARAMETER_TAG, lt) or _is_partial(buf, lt, PARAMETER_TAG):
+        if buf.startswith(PARAMETER_TAG, lt) or is_partial(buf, lt, PARAMETER_TAG):
             return self._next_parameter(buf, lt, final)
-        if buf.startswith(FUNCTION_END, lt) or _is_partial(buf, lt, FUNCTION_END):
+        if buf.startswith(FUNCTION_END, lt) or is_partial(buf, lt, FUNCTION_END):
             return self._follows(buf, lt, FUNCTION_END, (CLOSE_TAG, OPEN_TAG, FUNCTION_TAG), final)
-        if buf.startswith(CLOSE_TAG, lt) or _is_partial(buf, lt, CLOSE_TAG):
+        if buf.startswith(CLOSE_TAG, lt) or is_partial(buf, lt, CLOSE_TAG):
             return self._follows(buf, lt, CLOSE_TAG, (OPEN_TAG,), final)
         return self._nested_open(buf, lt, final)
 
@@ -296,7 +307,7 @@ class XmlFunction:
         if buf.startswith(FUNCTION_END, j) or buf.startswith(CLOSE_TAG, j):
             return end
         if not final and any(
-            _is_partial(buf, j, t) for t in (PARAMETER_TAG, FUNCTION_END, CLOSE_TAG)
+            is_partial(buf, j, t) for t in (PARAMETER_TAG, FUNCTION_END, CLOSE_TAG)
         ):
             return None
         return -1
@@ -305,7 +316,7 @@ class XmlFunction:
         """Rule 2: a line starting `<parameter=K>` for a parameter not given yet."""
         if lt == 0 or buf[lt - 1] != "\n":
             return -1
-        if _is_partial(buf, lt, PARAMETER_TAG):
+        if is_partial(buf, lt, PARAMETER_TAG):
             return -1 if final else None
         tag = read_tag_name(buf, lt + len(PARAMETER_TAG), MAX_NAME, final)
         if tag is None:
@@ -327,13 +338,13 @@ class XmlFunction:
             return self._at_end(lt, final)
         if any(buf.startswith(f, j) for f in followers):
             return lt
-        if not final and any(_is_partial(buf, j, f) for f in followers):
+        if not final and any(is_partial(buf, j, f) for f in followers):
             return None
         return -1
 
     def _nested_open(self, buf: str, lt: int, final: bool) -> int | None:
         """Rule 4: `<function=NAME>` ending a line opens a literal level."""
-        if _is_partial(buf, lt, FUNCTION_TAG):
+        if is_partial(buf, lt, FUNCTION_TAG):
             return -1 if final else None
         if not buf.startswith(FUNCTION_TAG, lt):
             return -1
@@ -360,7 +371,7 @@ class XmlFunction:
         """Skip whitespace from `start`, resuming where the last look at the tag at `lt` got
         to (a long run of whitespace arriving in pieces is skipped once)."""
         tag, got = self._look
-        j = _skip_ws(buf, got if tag == lt else start)
+        j = skip_ws(buf, got if tag == lt else start)
         self._look = (lt, j)
         return j
 
