@@ -317,7 +317,10 @@ class Engine:
         lc = bindings()
         # The last guard of `qwenrun.text`'s rule: text is cleaned (and the user told) where
         # it enters; one that slips through must still not kill the engine at `encode`.
-        data = clean(text)[0].encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            data = clean(text)[0].encode("utf-8")
         cap = len(data) + 8
         arr = (lc.llama_token * cap)()
         n = lc.llama_tokenize(self._vocab, data, len(data), arr, cap, False, special)

@@ -109,7 +109,7 @@ class Endpoints:
         note_replaced(request, req.replaced)
         served = state.require_model()
         job = state.worker.submit(lambda j: runner.run_chat(served, req, j.cancel, j.emit))
-        return await _respond(request, job, served, req.stream, chat_stream, chat_whole, req)
+        return await _respond(request, job, served, chat_stream, chat_whole, req)
 
     async def completions(self, request: Request) -> Response:
         state = self.state
@@ -117,7 +117,7 @@ class Endpoints:
         note_replaced(request, req.replaced)
         served = state.require_model()
         job = state.worker.submit(lambda j: runner.run_completion(served, req, j.cancel, j.emit))
-        return await _respond(request, job, served, req.stream, text_stream, text_whole, req)
+        return await _respond(request, job, served, text_stream, text_whole, req)
 
     async def tokenize(self, request: Request) -> Response:
         # llama-server's endpoint: what `chat --server` needs for /stats' context use.
@@ -172,7 +172,6 @@ async def _respond(
     request: Request,
     job: Job,
     served: ServedModel,
-    stream: bool,
     streamer: Callable[..., AsyncIterator[bytes]],
     whole: Callable[..., dict[str, Any]],
     req: Any,
@@ -186,7 +185,7 @@ async def _respond(
         raise error_for(error)
     note = request.scope["state"]
     meta = Meta.new(served.id, req)
-    if stream:
+    if req.stream:
         return EventStream(streamer(job, head, meta, note), lambda: _finish(job, note))
     items = await _or_disconnect(request, job, job.rest(head))
     if items is None:

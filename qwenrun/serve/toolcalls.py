@@ -259,7 +259,7 @@ class ToolCallParser:
         # Each round ends the open call (whole, or given back as text) and reads what is left.
         while self._mode is not _Mode.TEXT:
             if not (model_ended and self._whole_at_end(events)):
-                self._abandon(events, len(self._buf), rescan=False)
+                self._abandon(events, len(self._buf))
             self._run(events)
         self._emit(events, "".join(self._ws))
         self._ws = []
@@ -534,14 +534,12 @@ class ToolCallParser:
         self._block_ws = []
         self._after_call = True
 
-    def _abandon(self, events: list[Event], upto: int, *, rescan: bool = True) -> None:
+    def _abandon(self, events: list[Event], upto: int) -> None:
         """Not a call: its text up to `upto` is given back as text, and scanning goes on from
-        there (or, at the end, the whole text is given back)."""
+        there (at the end, `upto` is the whole text)."""
         if self._started is not None:
             events.append(CallAborted(self._started[0]))
         buf = self._buf
-        if not rescan:
-            upto = len(buf)
         held = "".join(self._block_ws)
         self._block_ws = []
         self._to_text(buf[upto:])
