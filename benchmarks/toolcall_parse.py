@@ -5,7 +5,9 @@ characters (by default) fed 4 at a time, as tokens arrive, then `finish()`. A pa
 re-scans its buffer from the start on each feed takes time quadratic in the length; one that
 only looks at what is new takes time linear in it. The first five shapes are those issue 20
 measured as quadratic; the rest are controls (a long value, plain prose, a long call that
-completes, a whole answer of calls).
+completes, a whole answer of calls). Then the same for the thinking router that every server
+request runs first (`serve.answer_router.AnswerRouter`, with tools: it holds back whitespace
+inside thinking until `</think>` or more text says where it goes).
 
     python benchmarks/toolcall_parse.py                 # 40,000 characters, median of 3 rounds
     python benchmarks/toolcall_parse.py --chars 80000   # twice as long: linear time doubles
@@ -88,6 +90,24 @@ def time_shape(parser_class: Any, text: str, step: int) -> float:
     return time.perf_counter() - t0
 
 
+# The thinking router, fed what a model writes inside its thinking.
+ROUTER_SHAPES: dict[str, Callable[[int], str]] = {
+    "whitespace in thinking (router)": lambda n: "a" + _repeat(" \n", n) + "b</think>ok",
+    "prose in thinking (router, control)": lambda n: _repeat("I think so. ", n) + "</think>",
+}
+
+
+def time_router(text: str, step: int) -> float:
+    from qwenrun.serve.answer_router import AnswerRouter
+
+    router = AnswerRouter(opened=True, divert_tool_calls=True)
+    t0 = time.perf_counter()
+    for i in range(0, len(text), step):
+        router.feed(text[i : i + step])
+    router.flush()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chars", type=int, default=40_000, help="length of each input")
@@ -115,6 +135,10 @@ def main() -> None:
     for name, make in SHAPES.items():
         text = make(args.chars)
         runs = [time_shape(parser_class, text, args.step) for _ in range(args.rounds)]
+        print(f"{name:<38} {statistics.median(runs):>9.3f}")
+    for name, make in ROUTER_SHAPES.items():
+        text = make(args.chars)
+        runs = [time_router(text, args.step) for _ in range(args.rounds)]
         print(f"{name:<38} {statistics.median(runs):>9.3f}")
 
 

@@ -78,6 +78,9 @@ class ThinkSplitter:
     def __init__(self, *, in_thinking: bool = False) -> None:
         self.state = State.THINK_START if in_thinking else State.START
         self._buf = ""
+        # Whitespace held back while thinking, kept apart from `_buf`: it cannot hold
+        # `</think>`, so it is never searched again and feeding stays linear.
+        self._ws: list[str] = []
         self.saw_thinking = in_thinking
 
     @property
@@ -95,7 +98,8 @@ class ThinkSplitter:
     def flush(self) -> list[Event]:
         """The stream ended: whatever is held back is text of the current part."""
         events: list[Event] = []
-        rest, self._buf = self._buf, ""
+        rest, self._buf = "".join(self._ws) + self._buf, ""
+        self._ws = []
         if self.state is State.START:
             rest = rest.lstrip(_WS)
             if rest:
@@ -154,7 +158,8 @@ class ThinkSplitter:
         if at >= 0:
             body = buf[:at].rstrip(_WS)
             if body:
-                events.append(Thinking(body))
+                events.append(Thinking("".join(self._ws) + body))
+            self._ws = []  # whitespace just before `</think>` is dropped
             self._buf = buf[at + len(CLOSE_TAG) :]
             self.state = State.ANSWER_START
             return True
@@ -163,8 +168,11 @@ class ThinkSplitter:
         body = buf[: len(buf) - keep]
         stripped = body.rstrip(_WS)
         if stripped:
-            events.append(Thinking(stripped))
-        self._buf = body[len(stripped) :] + buf[len(buf) - keep :]
+            events.append(Thinking("".join(self._ws) + stripped))
+            self._ws = []
+        if len(stripped) < len(body):
+            self._ws.append(body[len(stripped) :])
+        self._buf = buf[len(buf) - keep :]
         return False
 
     def _answer_start(self) -> bool:

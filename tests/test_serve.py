@@ -1001,7 +1001,7 @@ def test_a_stopping_server_answers_a_whole_request_in_flight_with_503(tiny_model
 
 @pytest.mark.slow
 def test_a_stopping_server_refuses_a_waiting_tokenize_instead_of_counting_nothing(tiny_models):
-    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, logs):
+    with stoppable(tiny_models("qwen3moe", steer=2)) as (server, _logs):
         result: dict[str, httpx.Response] = {}
 
         def generate() -> None:
