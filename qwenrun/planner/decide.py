@@ -213,8 +213,10 @@ def _make_plan(
     sp = speed_of(facts, fit.layout, fit.use, hw, load.n_threads)
     devices = _devices(layout, use, budget, hw)
     gpu_expert_layers = use.gpu_expert_layers if layout.use_gpu else 0
+    table = explain.table_plan(facts, layout, use, budget, wishes, hw)
+    bandwidth = (gpu_bw, cpu_bw, cpu_bw_note)
     reasons = explain.reasons(
-        opt, facts, fit, hw, budget, wishes, rejected, load, sp, (gpu_bw, cpu_bw, cpu_bw_note)
+        opt, facts, fit, hw, budget, wishes, rejected, load, sp, bandwidth, table
     )
     if wishes.n_ctx is None and least_ctx < PREFERRED_MIN_CTX:
         reasons.insert(1, f"no quant fits with {PREFERRED_MIN_CTX:,} tokens of context or more")
@@ -238,7 +240,7 @@ def _make_plan(
         repack_bytes=use.cpu.repack if load.mmap_enabled() else 0,
         warnings=tuple(warnings),
         layout=layout,
-        ngram_table=explain.table_plan(facts, layout, use, budget, wishes, hw),
+        ngram_table=table,
         weight_classes=facts.weight_classes,
     )
 

@@ -3,7 +3,8 @@
 Contract: pure text from the values the search produced (`Fit`, `Usage`, `Speed`, `Budget`).
 `reasons(...)` gives the plan's reasons, one line each, in the order a reader asks them:
 quant, context, machine, placement, n-gram table, caches, speed, caveats; `table_plan(...)`
-says where an n-gram table lives and why (`result.TablePlan`). `does_not_fit(...)` builds the
+says where an n-gram table lives and why (`result.TablePlan`, which the planner computes
+once and hands to both the plan and `reasons`). `does_not_fit(...)` builds the
 `DoesNotFitError` that says what the smallest option needs, what the machine has, and the
 nearest changes that do fit (found by calling back into the planner through `replan`).
 It decides nothing.
@@ -48,6 +49,7 @@ def reasons(
     load: LoadConfig,
     sp: Speed,
     bandwidth: tuple[float, float, str],
+    table: TablePlan | None,
 ) -> list[str]:
     layout, use = fit.layout, fit.use
     gpu_bw, cpu_bw, cpu_bw_note = bandwidth
@@ -67,7 +69,6 @@ def reasons(
     out.append(f"context {layout.n_ctx:,} tokens: {fit.ctx_reason}")
     out.append(_machine_reason(hw, budget))
     out.extend(_placement_reasons(facts, layout, use, budget, hw))
-    table = table_plan(facts, layout, use, budget, wishes, hw)
     if table is not None:
         out.append(table.why)
         out.append(_classes_reason(facts))
