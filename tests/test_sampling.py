@@ -23,19 +23,15 @@ import pytest
 import typer.main
 
 from qwenrun import catalog, chat, cli, errors, sampling
-from qwenrun.engine.llama import Engine
-from qwenrun.engine.loadconfig import LoadConfig
 from qwenrun.engine.values import SamplingParams
 from qwenrun.sampling import SETTINGS, Setting, format_number
 from qwenrun.serve import client as remote_client
 from qwenrun.serve import protocol
-from qwenrun.serve.enginethread import Worker
 from qwenrun.serve.runner import ServedModel
-from qwenrun.serve.server import Server, bind
-from qwenrun.serve.state import ServerState
 from qwenrun.synthetic.tiny_gguf import template_text
 from qwenrun.template import ChatTemplate, ModelProfile, model_profile
 from qwenrun.testing.proc import error_line, run_qwenrun
+from qwenrun.testing.served import serving
 from qwenrun.transcript import read_transcript
 from qwenrun.ui import prompt, repl
 
@@ -284,14 +280,9 @@ CODER_LIKE = SamplingParams(
 
 @pytest.fixture(scope="module")
 def server(model) -> Iterator[tuple[str, ServedModel]]:
-    engine = Engine.load(model, LoadConfig(n_ctx=512, n_threads=1, prompt_cache=0))
-    logs: list[str] = []
-    state = ServerState("tiny", Worker(8, log=logs.append), log=logs.append)
-    served = ServedModel.from_engine(engine, "tiny")
-    served.profile = _profile({"think": CODER_LIKE, "direct": CODER_LIKE})
-    state.ready(served)
-    with Server(state, bind("127.0.0.1", 0)) as srv:
-        yield srv.url, served
+    with serving(model, ctx=512) as running:
+        running.served.profile = _profile({"think": CODER_LIKE, "direct": CODER_LIKE})
+        yield running.url, running.served
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,11 +32,11 @@ from qwenrun.serve import client as remote_client
 from qwenrun.serve.enginethread import Worker
 from qwenrun.serve.runner import AnswerRouter, ServedModel, StopMatcher
 from qwenrun.serve.server import Server, bind, is_loopback
-from qwenrun.serve.state import DEFAULT_MAX_BODY, ServerState
+from qwenrun.serve.state import ServerState
+from qwenrun.testing.served import TIMEOUT, Running, prefilled, serving
 from qwenrun.thinking import Answer, Thinking
 from qwenrun.ui import render
 
-TIMEOUT = 120.0  # generous: a loaded 2-core machine
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
     "type": "function",
@@ -51,47 +50,6 @@ WEATHER = {
         },
     },
 }
-
-
-@dataclass
-class Running:
-    served: ServedModel
-    state: ServerState
-    url: str
-    logs: list[str]
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=self.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
-        )
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=TIMEOUT)
-
-
-@contextmanager
-def serving(
-    path: Path,
-    *,
-    ctx: int = 1024,
-    api_key: str | None = None,
-    max_body: int = DEFAULT_MAX_BODY,
-    max_waiting: int = 8,
-) -> Iterator[Running]:
-    engine = Engine.load(path, LoadConfig(n_ctx=ctx, n_threads=1, prompt_cache=0))
-    logs: list[str] = []
-    state = ServerState(
-        "tiny",
-        Worker(max_waiting, log=logs.append),
-        api_key=api_key,
-        max_body=max_body,
-        log=logs.append,
-    )
-    served = ServedModel.from_engine(engine, "tiny")
-    state.ready(served)
-    with Server(state, bind("127.0.0.1", 0)) as server:
-        yield Running(served, state, server.url, logs)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +71,6 @@ def endless(tiny_models) -> Iterator[Running]:
     """A model that never stops, with room for a long answer: to be cut off."""
     with serving(tiny_models("qwen3moe", steer=2), ctx=16384) as running:
         yield running
-
-
-@contextmanager
-def prefilled(running: Running, text: str | None) -> Iterator[None]:
-    running.served.answer_prefill = lambda _req: text
-    try:
-        yield
-    finally:
-        running.served.answer_prefill = None
 
 
 @contextmanager

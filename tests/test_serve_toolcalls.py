@@ -2,7 +2,8 @@
 calls that should not exist, calls lost to content, arguments streamed as they are written.
 
 A tool call cannot come out of random weights, so the model is made to write a given text
-where its answer begins: `ServedModel.answer_prefill`, which the engine decodes token by token
+where its answer begins (`qwenrun.testing.served.prefilled`, through
+`ServedModel.answer_prefill`), which the engine decodes token by token
 (`Generation.force_text`) exactly as if it had sampled it. From there everything is real:
 llama.cpp's tokens, the thinking router, the stop strings, the tool-call parser, the finish
 reason and the SSE stream the `openai` client reads. The models end every answer right after
@@ -14,24 +15,15 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
-from qwenrun.engine.llama import Engine
-from qwenrun.engine.loadconfig import LoadConfig
-from qwenrun.serve.enginethread import Worker
-from qwenrun.serve.runner import ServedModel
-from qwenrun.serve.server import Server, bind
-from qwenrun.serve.state import ServerState
+from qwenrun.testing.served import TIMEOUT, Running, prefilled, serving
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT = 120.0
 USER = [{"role": "user", "content": "What is the weather in Dallas?"}]
 TOOLS = [
     {
@@ -58,59 +50,25 @@ TOOLS = [
 DIRECT = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-@dataclass
-class Served:
-    served: ServedModel
-    url: str
-    logs: list[str]
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=self.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0
-        )
-
-
-@contextmanager
-def serving(path: Path, ctx: int) -> Iterator[Served]:
-    engine = Engine.load(path, LoadConfig(n_ctx=ctx, n_threads=1, prompt_cache=0))
-    logs: list[str] = []
-    state = ServerState("tiny", Worker(8, log=logs.append), log=logs.append)
-    served = ServedModel.from_engine(engine, "tiny")
-    state.ready(served)
-    with Server(state, bind("127.0.0.1", 0)) as server:
-        yield Served(served, server.url, logs)
-
-
 @pytest.fixture(scope="module")
-def xml_model(tiny_models) -> Iterator[Served]:
+def xml_model(tiny_models) -> Iterator[Running]:
     """Qwen3.5's template (XML calls); every answer ends right after the forced text."""
     with serving(tiny_models("qwen35moe", steer=1, eos_bias=10.0), ctx=4096) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def json_model(tiny_models) -> Iterator[Served]:
+def json_model(tiny_models) -> Iterator[Running]:
     """Qwen3's template (JSON calls); every answer ends right after the forced text."""
     with serving(tiny_models("qwen3moe", steer=1, eos_bias=10.0), ctx=4096) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def endless_xml(tiny_models) -> Iterator[Served]:
+def endless_xml(tiny_models) -> Iterator[Running]:
     """Qwen3.5's template on a model that never stops by itself."""
     with serving(tiny_models("qwen35moe", steer=2), ctx=4096) as running:
         yield running
-
-
-@contextmanager
-def writes(running: Served, text: str) -> Iterator[None]:
-    """The model's answer begins with `text` (decoded by the engine, as if sampled)."""
-    running.served.answer_prefill = lambda _request: text
-    try:
-        yield
-    finally:
-        running.served.answer_prefill = None
 
 
 @dataclass
@@ -122,7 +80,7 @@ class Reply:
     partial: list[str]  # streamed: argument texts of calls that never completed
 
 
-def ask_whole(running: Served, **kw: Any) -> Reply:
+def ask_whole(running: Running, **kw: Any) -> Reply:
     reply = running.client.chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, extra_body=DIRECT, **kw
     )
@@ -137,7 +95,7 @@ def ask_whole(running: Served, **kw: Any) -> Reply:
     )
 
 
-def ask_streamed(running: Served, **kw: Any) -> Reply:
+def ask_streamed(running: Running, **kw: Any) -> Reply:
     stream = running.client.chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, extra_body=DIRECT, stream=True, **kw
     )
@@ -170,9 +128,9 @@ def ask_streamed(running: Served, **kw: Any) -> Reply:
     return Reply(content, reasoning, whole, finish, partial)
 
 
-def ask(running: Served, text: str, **kw: Any) -> Reply:
+def ask(running: Running, text: str, **kw: Any) -> Reply:
     """The same forced answer asked for whole and streamed: both must say the same."""
-    with writes(running, text):
+    with prefilled(running, text):
         whole = ask_whole(running, **kw)
         streamed = ask_streamed(running, **kw)
     assert (streamed.content, streamed.reasoning, streamed.calls, streamed.finish) == (
@@ -311,7 +269,7 @@ def test_string_arguments_arrive_while_the_model_still_writes(endless_xml):
         "<tool_call>\n<function=write_file>\n<parameter=path>\nnotes.txt\n</parameter>\n"
         "<parameter=content>\nDear diary, today"
     )
-    with writes(endless_xml, head):
+    with prefilled(endless_xml, head):
         stream = endless_xml.client.chat.completions.create(
             model="tiny",
             messages=USER,
