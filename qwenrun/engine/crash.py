@@ -203,13 +203,13 @@ def cpu_check(
     cpu_model: str,
     cpu_flags: frozenset[str],
     *,
-    probe: Callable[[], CpuCheck | None] | None = None,
+    probe: Callable[[], CpuCheck] | None = None,
     checking: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> CpuCheck:
     """The verdict for this CPU and llama.cpp build: remembered, or probed once (AMX only).
 
-    `probe` runs the check (default: `run_probe`, a child process); a result of None or
-    "unchecked" (a timeout, a probe that could not start) is not remembered. `checking(text)`
+    `probe` runs the check (default: `run_probe`, a child process); an "unchecked" result (a
+    timeout, a probe that could not start) is not remembered. `checking(text)`
     is entered while the probe runs, so a start-up can say why it waits. The check needs no
     writable home: when the verdict cannot be kept there, it still decides for this process
     and says so in `not_kept`.
@@ -229,8 +229,6 @@ def cpu_check(
     text = CHECKING_AGAIN.format(why=problem) if problem else CHECKING
     with checking(text) if checking is not None else contextlib.nullcontext():
         found = (probe or run_probe)()
-    if found is None:
-        return CpuCheck("unchecked", "the check could not finish")
     if found.status == "unchecked":
         return found
     problem = problem or remember(key, found)
