@@ -433,7 +433,8 @@ def _ram() -> tuple[int, int, int, str | None]:
     return total, available, int(psutil.swap_memory().total), note
 
 
-def _cores() -> tuple[int, int]:
+def cores() -> tuple[int, int]:
+    """(physical, logical) cores, without the rest of `probe()` (NVML, disks, CPU flags)."""
     import psutil
 
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
@@ -485,7 +486,7 @@ def measure_cpu_bandwidth(seconds: float = 0.4, threads: int | None = None) -> f
     """
     import numpy as np
 
-    n = threads or _cores()[0]
+    n = threads or cores()[0]
     elems = 32 * MIB // 8
     pairs = [(np.ones(elems), np.empty(elems)) for _ in range(n)]
     for src, dst in pairs:  # fault the pages in before timing
@@ -539,7 +540,7 @@ def probe(check_backend: bool = False, *, measure: bool = False) -> HardwareProf
     """Read this machine. `measure=True` runs (and caches) the CPU bandwidth test;
     `check_backend=True` asks the installed llama.cpp whether it can use the GPUs found."""
     cpu = _cpu_info()
-    physical, logical = _cores()
+    physical, logical = cores()
     total, available, swap, ram_note = _ram()
     notes = [ram_note] if ram_note else []
     if measure:

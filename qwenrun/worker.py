@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from qwenrun import config, errors, units
+from qwenrun import config, errors, hwprobe, units
 from qwenrun.engine import native, rpc
 from qwenrun.engine.devices import Device
 from qwenrun.signals import sigterm_interrupts
@@ -154,7 +154,8 @@ def serve(
         )
     check_port(settings.host, settings.port)
     handles, devs = served_devices()
-    threads = settings.threads or _physical_cores()
+    # The cores alone: a full `hwprobe.probe()` would start NVML and read disks for one number.
+    threads = settings.threads or hwprobe.cores()[0]
     if settings.cache_dir is not None:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
     warning = insecure_warning(settings)
@@ -184,12 +185,6 @@ def serve(
         f"llama.cpp could not listen on {endpoint}",
         hint="pick another --port, or stop what listens there",
     )
-
-
-def _physical_cores() -> int:
-    from qwenrun import hwprobe
-
-    return max(1, hwprobe.probe().physical_cores)
 
 
 def _end(code: int) -> NoReturn:
