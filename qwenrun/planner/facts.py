@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qwenrun.catalog import NGRAM_TABLE  # Qwen3.8-Flash-Next's n-gram hash table
 from qwenrun.engine.loadconfig import KV_TYPES, is_routed_expert
 
 if TYPE_CHECKING:
     from qwenrun.hub.header import GGUFInfo, TensorInfo
 
 HYBRID_ARCHES = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp"})
-NGRAM_TABLE = "per_layer_token_embd.weight"  # Qwen3.8-Flash-Next's n-gram hash table
 CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of 256
 
 
