@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from qwenrun.engine.loadconfig import N_OUTPUTS_MAX
-from qwenrun.planner.facts import ModelFacts, pad_ctx
+from qwenrun.planner.facts import ModelFacts, pad_ctx, range_sum
 from qwenrun.planner.targets import Target
 from qwenrun.units import MIB
 
@@ -280,10 +280,7 @@ def usage(facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozens
     gpu_compute, cpu_compute = compute_bytes(facts, layout, output_on_gpu, host_copy)
     repack = 0 if layout.use_gpu else repack_bytes(facts, cpu_flags, with_output=True)
 
-    ple_on_gpu = first <= facts.ple_layer < n  # (-1: no n-gram layer)
-    gpu_rs = s.recr_suffix[first] * facts.rs_bytes_per_layer + (
-        facts.ple_rs_bytes if ple_on_gpu else 0
-    )
+    gpu_rs = facts.rs_bytes_of(range(first, n))
     gpu = DeviceBytes(
         weights_dense=gpu_dense,
         weights_experts=gpu_experts,
@@ -384,10 +381,6 @@ def repack_bytes(
 # Several devices
 
 
-def _range_sum(suffix: tuple[int, ...], r: range) -> int:
-    return suffix[r.start] - suffix[r.stop] if r.stop > r.start else 0
-
-
 def spread_usage(
     facts: ModelFacts, layout: Layout, cpu_flags: frozenset[str] = frozenset()
 ) -> Usage:
@@ -412,8 +405,8 @@ def spread_usage(
 
     def put(t: int, r: range) -> None:
         """Layers `r` wholly on target `t` (their experts too)."""
-        acc[t]["dense"] += _range_sum(s.dense_suffix, r)
-        acc[t]["experts"] += _range_sum(s.expert_suffix, r)
+        acc[t]["dense"] += range_sum(s.dense_suffix, r)
+        acc[t]["experts"] += range_sum(s.expert_suffix, r)
         acc[t]["kv"] += sum(1 for i in r if i in attn) * kv_layer
         acc[t]["rs"] += facts.rs_bytes_of(r)
 
@@ -431,7 +424,7 @@ def spread_usage(
         moved = 0
         host_run = spread.host_range(i)
         if st.host is not None and len(host_run):
-            moved = _range_sum(s.expert_suffix, host_run)
+            moved = range_sum(s.expert_suffix, host_run)
         boundary = host_run.start - 1
         if st.host is not None and st.host_tensors and boundary in r:
             moved += _tensor_bytes(facts, boundary, st.host_tensors)

@@ -166,8 +166,9 @@ class ModelFacts:
         return len(self.recr_layers) * self.rs_bytes_per_layer + self.ple_rs_bytes
 
     def rs_bytes_of(self, layers: range) -> int:
-        """The recurrent state of the trunk layers in `layers` (the n-gram row included)."""
-        n = sum(1 for i in self.recr_layers if i in layers) * self.rs_bytes_per_layer
+        """The recurrent state of the trunk layers in `layers` (the n-gram row included), from
+        the cached sums: the search prices it for every layout it tries."""
+        n = range_sum(self.sums.recr_suffix, layers) * self.rs_bytes_per_layer
         return n + (self.ple_rs_bytes if self.ple_layer in layers else 0)
 
     @property
@@ -416,6 +417,11 @@ class _Sums:
     layer_max_prefix: tuple[int, ...]  # max over [0:i) of dense + experts
     expert_max_prefix: tuple[int, ...]  # max over [0:i) of experts
     expert_max_suffix: tuple[int, ...]  # max over [i:n) of experts
+
+
+def range_sum(suffix: tuple[int, ...], r: range) -> int:
+    """The sum over the layers of `r` (consecutive, within the trunk) of a `_Sums` suffix."""
+    return suffix[r.start] - suffix[r.stop] if r.stop > r.start else 0
 
 
 def _sums(facts: ModelFacts) -> _Sums:
