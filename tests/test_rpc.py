@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from qwenrun import cli, errors
-from qwenrun.engine import crash, devices, doctor, native, rpc
+from qwenrun.engine import crash, devices, doctor, native, rebuild, rpc
 from qwenrun.engine.llamalog import parse_placement
 from qwenrun.engine.loadconfig import ExpertHome, Placement
 from qwenrun.testing.proc import child_env
@@ -119,6 +119,14 @@ def test_the_load_log_of_a_worker_is_read_per_device_and_per_worker():
 def test_a_lost_worker_exits_with_the_status_cli_gives_worker_errors():
     assert cli.EXIT_CODES[errors.WorkerError] == rpc.LOST_EXIT_CODE
     assert cli.exit_code_for(errors.WorkerError("x")) == rpc.LOST_EXIT_CODE
+
+
+def test_a_rebuild_asks_for_cuda_where_a_gpu_is_used_or_waits_but_never_on_macos():
+    assert rebuild.keeps_cuda(True, platform="linux")  # a CUDA build stays one
+    assert rebuild.keeps_cuda(False, nvidia_gpu=True, platform="linux")  # a GPU it ignores
+    assert not rebuild.keeps_cuda(False, platform="linux")
+    assert not rebuild.keeps_cuda(True, platform="darwin")  # Metal is built in by default
+    assert not rebuild.keeps_cuda(False, nvidia_gpu=True, platform="darwin")
 
 
 def test_the_rebuild_command_asks_for_rpc_and_defeats_the_wheel_cache():

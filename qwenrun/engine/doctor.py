@@ -34,6 +34,7 @@ from qwenrun.engine.rebuild import (
     cpu_install_command,
     cuda_install_command,
     installed_llama_version,
+    keeps_cuda,
     pinned_llama_version,
     rpc_install_command,
 )
@@ -227,7 +228,7 @@ def _rpc_findings(
         ]
     # Not an error: one machine needs no RPC. The rebuild keeps a GPU build a GPU build (and
     # makes a CPU-only build with a GPU present a CUDA one, as the offload finding asks).
-    cuda = bool(gpu_offload) or bool(hw.gpus)
+    cuda = keeps_cuda(bool(gpu_offload), bool(hw.gpus))
     return [
         Finding(
             "ok",

@@ -1,7 +1,8 @@
 """The pip commands that install or rebuild llama-cpp-python with the backends qwenrun uses.
 
 Contract: pure strings from versions, plus two reads of installed metadata (the version
-qwenrun pins, the version installed), never importing llama_cpp. Every command builds the RPC
+qwenrun pins, the version installed), never importing llama_cpp; `keeps_cuda` is the one rule
+for whether a rebuild asks for CUDA. Every command builds the RPC
 backend in (`qwenrun worker`, workers), and CUDA where asked, and defeats pip's wheel cache:
 pip keeps the wheel it built from the sdist and hands it back for the same version whatever
 `CMAKE_ARGS` says now. `qwenrun doctor` (engine/doctor.py) and the RPC client's "no RPC in this
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from importlib import metadata
 
 LLAMA_DIST = "llama-cpp-python"
@@ -66,6 +68,13 @@ def cuda_install_command(version: str | None) -> str:
 def cpu_install_command(version: str | None) -> str:
     """The command that rebuilds llama-cpp-python for the CPU, with the RPC backend."""
     return _rebuild(RPC_FLAG, version)
+
+
+def keeps_cuda(gpu_offload: bool, nvidia_gpu: bool = False, platform: str = sys.platform) -> bool:
+    """Whether a rebuild that adds RPC should build CUDA in: the build offloads to a GPU now or
+    an NVIDIA GPU waits to be used, except on macOS, whose GPU backend (Metal) llama.cpp builds
+    in by default and where CUDA does not build."""
+    return platform != "darwin" and (gpu_offload or nvidia_gpu)
 
 
 def rpc_install_command(version: str | None, *, cuda: bool = False) -> str:

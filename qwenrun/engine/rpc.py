@@ -226,7 +226,7 @@ def rebuild_command() -> str:
     """The command that rebuilds this llama-cpp-python with RPC (and CUDA where it has a GPU
     backend now)."""
     version = rebuild.pinned_llama_version() or rebuild.installed_llama_version()
-    cuda = sys.platform != "darwin" and native.supports_gpu_offload()
+    cuda = rebuild.keeps_cuda(native.supports_gpu_offload())
     return rebuild.rpc_install_command(version, cuda=cuda)
 
 
