@@ -288,7 +288,7 @@ def _kernel_finding(
     if kernels is not None:
         return Finding(_KERNEL_LEVEL[kernels.status], topic, kernels.describe())
     if not hw.cpu_flags & AMX_FLAGS:
-        return Finding("ok", topic, "llama.cpp's CPU kernels: no AMX on this CPU, nothing to check")
+        return Finding("ok", topic, CpuCheck("no-amx").describe())
     why = "llama-cpp-python is not installed" if llama_version is None else "not asked"
     return Finding("ok", topic, f"llama.cpp's AMX kernels: not checked ({why})")
 
