@@ -280,9 +280,9 @@ class Placement:
         pats: list[tuple[str, str]] = []
         if self.cpu_moe_all:
             pats.append((EXPS_REGEX, "CPU"))
-        else:
-            pats.extend((layer_experts_pattern(i), "CPU") for i in self.expert_cpu_layers)
-            pats.extend((expert_tensor_pattern(t), "CPU") for t in self.expert_cpu_tensors)
+        else:  # this machine's RAM, as an expert home that comes first
+            home = ExpertHome("CPU", self.expert_cpu_layers, self.expert_cpu_tensors)
+            pats.extend(home.patterns())
         for home in self.expert_homes:
             pats.extend(home.patterns())
         pats.extend(self.extra_overrides)
