@@ -35,6 +35,7 @@ import gguf
 import numpy as np
 
 from qwenrun.synthetic.kquant import random_blocks
+from qwenrun.synthetic.weights import Weights
 
 ARCH = "qwen4exp"
 Q = gguf.GGMLQuantizationType
@@ -249,40 +250,17 @@ def add_hparams(
     writer.add_key_value(f"{a}.ple.head_vocab_sizes", sizes, arr, sub_type=u64)
 
 
-class _Random:
-    """Random weights in numpy order, with the lane kept clean when steering."""
-
-    def __init__(self, rng: np.random.Generator, dtype: type[np.floating], steer: int) -> None:
-        self.rng, self.dtype, self.steer = rng, dtype, steer
-
-    def matrix(self, *shape: int, lanes: tuple[int, ...] = (), scale: float = 0.02) -> np.ndarray:
-        """`lanes`: output rows (second-last axis) that would write the residual's lane."""
-        w = self.rng.normal(0.0, scale, size=shape).astype(np.float32)
-        if self.steer:
-            w[..., list(lanes), :] = 0.0
-        return w.astype(self.dtype)
-
-    def gamma(self, hc: int, n_embd: int, *, reads_residual: bool) -> np.ndarray:
-        """A grouped-norm gamma {n_embd, hc}: one row of n_embd per stream, folded to 1 + w."""
-        g = np.ones((hc, n_embd), dtype=np.float32)
-        if self.steer and reads_residual:
-            g[:, 0] = 0.0
-        return g
-
-
 def tensors(
     n_layer: int,
     dims: Qwen4ExpDims,
-    rng: np.random.Generator,
-    dtype: type[np.floating],
-    steer: int,
+    w: Weights,
     *,
     quantized: bool = False,
     seed: int = 0,
 ) -> list[Tensor]:
     """Every `qwen4exp` tensor except `token_embd` and `output` (tiny_gguf's, steered there)."""
     dims.check(n_layer, quantized)
-    d, w = dims, _Random(rng, dtype, steer)
+    d = dims
     E, hc, r = d.n_embd, d.hc, d.hc_rank
     stream_lanes = tuple(s * E for s in range(hc))  # channel 0 of every stream of hc·E
     out: list[Tensor] = [
@@ -296,11 +274,11 @@ def tensors(
     # Last in the file: a memory-mapped load maps the span of the other tensors as one
     # buffer, and a table lying inside that span would be counted there too when it is
     # read lazily (its own mapping), making llama.cpp's buffer sizes overstate the memory.
-    table = NgramTable(d.ple_rows, d.ple_row, d.table_type(quantized, dtype), seed + 1)
+    table = NgramTable(d.ple_rows, d.ple_row, d.table_type(quantized, w.dtype), seed + 1)
     return [*out, ("per_layer_token_embd.weight", table)]
 
 
-def _layer(i: int, d: Qwen4ExpDims, w: _Random) -> list[Tensor]:
+def _layer(i: int, d: Qwen4ExpDims, w: Weights) -> list[Tensor]:
     E, hc, r = d.n_embd, d.hc, d.hc_rank
     H, Hkv, D = d.n_head, d.n_head_kv, d.head_dim
     p = f"blk.{i}."
@@ -318,12 +296,12 @@ def _layer(i: int, d: Qwen4ExpDims, w: _Random) -> list[Tensor]:
             (p + "attn_k.weight", w.matrix(Hkv * D, E)),
             (p + "attn_v.weight", w.matrix(Hkv * D, E)),
             (p + "attn_output.weight", w.matrix(E, H * D, lanes=(0,))),
-            (p + "attn_q_norm.weight", np.ones(D, dtype=np.float32)),
-            (p + "attn_k_norm.weight", np.ones(D, dtype=np.float32)),
+            (p + "attn_q_norm.weight", w.norm(D)),
+            (p + "attn_k_norm.weight", w.norm(D)),
             (p + "indexer.q_proj.weight", w.matrix(d.idx_heads * d.idx_dim, E)),
             (p + "indexer.k_proj.weight", w.matrix(d.idx_dim, E)),
-            (p + "indexer.q_norm.weight", np.ones(d.idx_dim, dtype=np.float32)),
-            (p + "indexer.k_norm.weight", np.ones(d.idx_dim, dtype=np.float32)),
+            (p + "indexer.q_norm.weight", w.norm(d.idx_dim)),
+            (p + "indexer.k_norm.weight", w.norm(d.idx_dim)),
         ]
     else:
         dS, G, Rv, dC = d.ssm_state, d.ssm_groups, d.ssm_v_heads, d.ssm_conv
@@ -339,7 +317,7 @@ def _layer(i: int, d: Qwen4ExpDims, w: _Random) -> list[Tensor]:
             (f"blk.{i}.ssm_a", -w.rng.uniform(0.5, 1.5, size=Rv).astype(np.float32)),
             (p + "ssm_beta.weight", w.matrix(Rv, E)),
             (p + "ssm_alpha.weight", w.matrix(Rv, E)),
-            (p + "ssm_norm.weight", np.ones(dS, dtype=np.float32)),
+            (p + "ssm_norm.weight", w.norm(dS)),
             # Small: Qwen3.8's GDN gates with a sigmoid (about 1/2 here, where Qwen3.5's silu
             # gives about 0), and a residual grown by every block would drown the lane.
             (p + "ssm_out.weight", w.matrix(E, vd, lanes=(0,), scale=0.002)),

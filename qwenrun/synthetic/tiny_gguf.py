@@ -16,8 +16,9 @@ constant bias lane that no block reads or writes, and the output layer uses it t
 chosen tokens' logits far down. steer=1 bans the UTF-8 bytes 0x80-0xFF (completions are
 ASCII, `max_tokens` is honoured); steer=2 also bans the special tokens, so a completion
 always runs to `max_tokens`; steer=0 leaves the raw random model, which can emit endless
-UTF-8 lead bytes — the case the engine's `max_tokens` accounting must survive. `qwen4exp`
-has no plain norms; `qwen4exp.py` keeps the lane clean through its hyper-connections.
+UTF-8 lead bytes — the case the engine's `max_tokens` accounting must survive. The blocks'
+weights come from `weights.Weights`, which keeps the lane clean. `qwen4exp` has no plain
+norms; `qwen4exp.py` keeps the lane clean through its hyper-connections.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from qwenrun.synthetic import qwen4exp
 from qwenrun.synthetic.kquant import random_blocks
+from qwenrun.synthetic.weights import Weights
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
 
@@ -135,28 +137,6 @@ def _is_attention_layer(arch: str, layer: int, dims: Dims) -> bool:
     return (layer + 1) % dims.full_attention_interval == 0
 
 
-class _Weights:
-    """Random tensors in numpy order (reverse of ggml's ne), with the steering applied."""
-
-    def __init__(self, rng: np.random.Generator, dtype: str, steer: int) -> None:
-        self.rng = rng
-        self.dtype = np.float16 if dtype == "f16" else np.float32
-        self.steer = steer
-
-    def matrix(self, *shape: int, block_writes: bool = False) -> np.ndarray:
-        w = self.rng.normal(0.0, 0.02, size=shape).astype(np.float32)
-        if self.steer and block_writes:
-            # Row 0 of an output projection writes residual channel 0: keep the lane clean.
-            w[..., 0, :] = 0.0
-        return w.astype(self.dtype)
-
-    def norm(self, n: int, *, reads_residual: bool = False) -> np.ndarray:
-        w = np.ones(n, dtype=np.float32)
-        if self.steer and reads_residual:
-            w[0] = 0.0  # blocks must not read the bias lane
-        return w
-
-
 def add_tokenizer(writer: gguf.GGUFWriter, arch: str, vocab: Vocab, template: str) -> None:
     """Qwen's tokenizer keys: byte-level BPE, its specials, no BOS, `<|im_end|>` as EOS."""
     writer.add_tokenizer_model("gpt2")
@@ -205,7 +185,7 @@ def _add_hparams(writer: gguf.GGUFWriter, arch: str, n_layer: int, dims: Dims, c
         kv(f"{arch}.nextn_predict_layers", 0)
 
 
-def _layer_tensors(arch: str, i: int, dims: Dims, w: _Weights) -> list[tuple[str, np.ndarray]]:
+def _layer_tensors(arch: str, i: int, dims: Dims, w: Weights) -> list[tuple[str, np.ndarray]]:
     E, H, Hkv, D = dims.n_embd, dims.n_head, dims.n_head_kv, dims.head_dim
     X, Fx, Fs = dims.n_expert, dims.expert_ff, dims.shexp_ff
     p = f"blk.{i}."
@@ -217,7 +197,7 @@ def _layer_tensors(arch: str, i: int, dims: Dims, w: _Weights) -> list[tuple[str
             (p + "attn_q.weight", w.matrix(q_rows, E)),
             (p + "attn_k.weight", w.matrix(Hkv * D, E)),
             (p + "attn_v.weight", w.matrix(Hkv * D, E)),
-            (p + "attn_output.weight", w.matrix(E, H * D, block_writes=True)),
+            (p + "attn_output.weight", w.matrix(E, H * D, lanes=(0,))),
             (p + "attn_q_norm.weight", w.norm(D)),
             (p + "attn_k_norm.weight", w.norm(D)),
         ]
@@ -234,7 +214,7 @@ def _layer_tensors(arch: str, i: int, dims: Dims, w: _Weights) -> list[tuple[str
             # ssm_a holds -exp(A_log): negative, and it has no ".weight" suffix.
             (f"blk.{i}.ssm_a", -w.rng.uniform(0.5, 1.5, size=Rv).astype(np.float32)),
             (p + "ssm_norm.weight", w.norm(dS)),
-            (p + "ssm_out.weight", w.matrix(E, vd, block_writes=True)),
+            (p + "ssm_out.weight", w.matrix(E, vd, lanes=(0,))),
         ]
         if arch == "qwen35moe":
             out += [
@@ -251,27 +231,27 @@ def _layer_tensors(arch: str, i: int, dims: Dims, w: _Weights) -> list[tuple[str
         out += [
             (p + "ffn_gate.weight", w.matrix(dims.n_ff, E)),
             (p + "ffn_up.weight", w.matrix(dims.n_ff, E)),
-            (p + "ffn_down.weight", w.matrix(E, dims.n_ff, block_writes=True)),
+            (p + "ffn_down.weight", w.matrix(E, dims.n_ff, lanes=(0,))),
         ]
         return out
     out += [
         (p + "ffn_gate_inp.weight", w.matrix(X, E)),
         (p + "ffn_gate_exps.weight", w.matrix(X, Fx, E)),
         (p + "ffn_up_exps.weight", w.matrix(X, Fx, E)),
-        (p + "ffn_down_exps.weight", w.matrix(X, E, Fx, block_writes=True)),
+        (p + "ffn_down_exps.weight", w.matrix(X, E, Fx, lanes=(0,))),
     ]
     if hybrid:
         out += [
             (p + "ffn_gate_inp_shexp.weight", w.norm(E) * 0.02),
             (p + "ffn_gate_shexp.weight", w.matrix(Fs, E)),
             (p + "ffn_up_shexp.weight", w.matrix(Fs, E)),
-            (p + "ffn_down_shexp.weight", w.matrix(E, Fs, block_writes=True)),
+            (p + "ffn_down_shexp.weight", w.matrix(E, Fs, lanes=(0,))),
         ]
     return out
 
 
 def _global_tensors(
-    vocab: Vocab, n_embd: int, w: _Weights, steer: int, eos_bias: float
+    vocab: Vocab, n_embd: int, w: Weights, steer: int, eos_bias: float
 ) -> list[tuple[str, np.ndarray]]:
     E, V = n_embd, vocab.size
     embd = w.rng.normal(0.0, 0.02, size=(V, E)).astype(np.float32)
@@ -343,15 +323,15 @@ def write_model(
     path = dest / f"{stem}.gguf"
 
     quantize = dtype == "q4_k"
-    w = _Weights(np.random.default_rng(seed), "f32" if quantize else dtype, steer)
+    # q4_k: the matrices are drawn as f32 and then replaced by random blocks.
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+    w = Weights(np.random.default_rng(seed), np_dtype, steer)
     tensors: list[tuple[str, np.ndarray | qwen4exp.NgramTable]] = []
     if q4_dims is not None:
         # No output_norm: the final hyper-connection mixer is the output norm.
         embd = _global_tensors(vocab, q4_dims.n_embd, w, steer, eos_bias)
         tensors += [(t, a) for t, a in embd if t != "output_norm.weight"]
-        tensors += qwen4exp.tensors(
-            n_layer, q4_dims, w.rng, w.dtype, steer, quantized=quantize, seed=seed
-        )
+        tensors += qwen4exp.tensors(n_layer, q4_dims, w, quantized=quantize, seed=seed)
     else:
         tensors += _global_tensors(vocab, base.n_embd, w, steer, eos_bias)
         for i in range(n_layer):
