@@ -94,6 +94,11 @@ class Qwen4ExpDims:
     def n_embd(self) -> int:
         return self.ple_row * self.ple_heads
 
+    @property
+    def stream_lanes(self) -> tuple[int, ...]:
+        """The steering lane of every HC stream: channel 0 of each n_embd in hc·n_embd."""
+        return tuple(s * self.n_embd for s in range(self.hc))
+
     def is_attention_layer(self, layer: int) -> bool:
         return (layer + 1) % self.full_attention_interval == 0
 
@@ -262,12 +267,11 @@ def tensors(
     dims.check(n_layer, quantized)
     d = dims
     E, hc, r = d.n_embd, d.hc, d.hc_rank
-    stream_lanes = tuple(s * E for s in range(hc))  # channel 0 of every stream of hc·E
     out: list[Tensor] = [
         ("output_hc_norm.weight", w.gamma(hc, E, reads_residual=False)),
         ("output_hc_down.weight", w.matrix(r, hc * E)),
         # Its lane rows zero: the final gate is exactly 1/2 on the lane, whatever the input.
-        ("output_hc_up.weight", w.matrix(hc * E, r, lanes=stream_lanes)),
+        ("output_hc_up.weight", w.matrix(hc * E, r, lanes=d.stream_lanes)),
     ]
     for i in range(n_layer):
         out += _layer(i, d, w)
@@ -323,7 +327,6 @@ def _layer(i: int, d: Qwen4ExpDims, w: Weights) -> list[Tensor]:
             (p + "ssm_out.weight", w.matrix(E, vd, lanes=(0,), scale=0.002)),
         ]
     if i == d.ple_layer:
-        lanes = tuple(s * E for s in range(hc))
         out += [
             (p + "ple_key.weight", w.matrix(hc * E, E)),
             (p + "ple_value.weight", w.matrix(E, E, lanes=(0,))),
@@ -331,7 +334,10 @@ def _layer(i: int, d: Qwen4ExpDims, w: Weights) -> list[Tensor]:
             (p + "ple_norm_query.weight", w.gamma(hc, E, reads_residual=True)),
             (p + "ple_norm_conv.weight", w.gamma(hc, E, reads_residual=True)),
             # Small taps: the convolution adds straight to every stream of the residual.
-            (p + "ple_conv1d.weight", w.matrix(hc * E, d.ple_conv, lanes=lanes, scale=0.002)),
+            (
+                p + "ple_conv1d.weight",
+                w.matrix(hc * E, d.ple_conv, lanes=d.stream_lanes, scale=0.002),
+            ),
         ]
     X, Fx, Fs = d.n_expert, d.expert_ff, d.shexp_ff
     out += [
