@@ -193,8 +193,8 @@ class ModelFacts:
             tuple(map(make, layer)) for layer in data["expert_tensors"]
         )
         values["layer_types"] = tuple(tuple(map(tuple, layer)) for layer in data["layer_types"])
-        values["output_types"] = tuple(map(tuple, data.get("output_types", ())))
-        values["weight_classes"] = tuple(tuple(c) for c in data.get("weight_classes", ()))
+        values["output_types"] = tuple(map(tuple, data["output_types"]))
+        values["weight_classes"] = tuple(tuple(c) for c in data["weight_classes"])
         for key in ("attn_layers", "recr_layers", "dense_bytes", "expert_bytes"):
             values[key] = tuple(data[key])
         return cls(**values)
